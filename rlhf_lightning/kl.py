@@ -1,0 +1,115 @@
+"""Per-token KL estimators and the controllers that set the KL coefficient (pure torch).
+
+Estimators of KL(pi || pi_ref) from one sampled token ``x ~ pi``, with ``d = log pi(x) - log
+pi_ref(x)`` (J. Schulman, "Approximating KL Divergence", 2020 blog post):
+
+- ``k1 = d``: unbiased, high variance, negative for individual tokens.
+- ``abs = |d|``: never negative, biased.
+- ``k2 = d**2 / 2``: never negative, biased (low bias when the policies are close).
+- ``k3 = exp(-d) - 1 + d``: unbiased and never negative, low variance. Computed as
+  ``expm1(-d) + d`` for precision when ``d`` is small.
+
+They are values for a reward (classic RLHF puts ``-coef * k`` into every token's reward); their
+gradients are not the gradient of the KL.
+
+The coefficient is fixed (0.05 in Huang et al. 2024, "The N+ implementation details of RLHF with
+PPO") or adaptive (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"):
+``error = clip(kl / target - 1, -0.2, 0.2)`` and ``coef *= 1 + error * n_steps / horizon``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
+    """Per-token KL estimate, elementwise.
+
+    logprobs, ref_logprobs: same shape, e.g. (B, T), log-probabilities of the sampled tokens
+    under the policy and the reference -> same shape. ``kind`` is one of ``KL_ESTIMATORS``.
+    """
+    if logprobs.shape != ref_logprobs.shape:
+        raise ValueError(
+            f"logprobs {tuple(logprobs.shape)} and ref_logprobs "
+            f"{tuple(ref_logprobs.shape)} must have the same shape"
+        )
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "abs":
+        return log_ratio.abs()
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}; valid kinds are {KL_ESTIMATORS}")
+
+
+class _KLController:
+    """Holds the current coefficient ``value``; subclasses define ``update``."""
+
+    value: float
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "value" not in state:
+            raise KeyError(f"KL controller state needs a 'value' entry, got keys {list(state)}")
+        self.value = float(state["value"])
+
+
+class FixedKLController(_KLController):
+    """A coefficient that never changes; ``update`` does nothing."""
+
+    def __init__(self, coef: float) -> None:
+        if not coef >= 0:
+            raise ValueError(f"coef must be >= 0, got {coef}")
+        self.value = float(coef)
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        """No-op, so that callers treat both controllers alike."""
+
+
+class AdaptiveKLController(_KLController):
+    """Moves the coefficient so that the measured KL approaches ``target`` (Ziegler et al. 2019).
+
+    Each ``update`` multiplies the value by ``1 + clip(kl / target - 1, -0.2, 0.2) * n_steps /
+    horizon``: up when the KL is above target, down when below, and by a bounded step however far
+    off the KL is. ``n_steps`` is the number of samples (or steps) since the last update.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: float) -> None:
+        if not init_coef >= 0:
+            raise ValueError(f"init_coef must be >= 0, got {init_coef}")
+        if not target > 0:
+            raise ValueError(f"target must be > 0, got {target}")
+        if not horizon > 0:
+            raise ValueError(f"horizon must be > 0, got {horizon}")
+        self.value = float(init_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        kl = float(current_kl)
+        if not math.isfinite(kl):
+            raise ValueError(f"current_kl must be finite, got {kl}")
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        factor = 1.0 + error * n_steps / self.horizon
+        if factor <= 0:
+            raise ValueError(
+                f"n_steps={n_steps} is too large for horizon={self.horizon}: the update factor "
+                f"{factor} would make the coefficient non-positive"
+            )
+        self.value *= factor

@@ -1,0 +1,218 @@
+"""Tests for rlhf_lightning.losses: PPO policy/value losses, Bradley-Terry, explained variance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_lightning.losses import (
+    bradley_terry_loss,
+    explained_variance,
+    ppo_policy_loss,
+    value_loss,
+)
+from rlhf_lightning.ops import masked_mean
+
+# ----------------------------------------------------------------------------- PPO policy loss
+
+# Four real tokens and one padded one (NaN / inf there), clip_eps = 0.2:
+#   token 0: A =  2, ratio 1.5  -> max(-3.0, -2.4) = -2.4  clipped (A > 0, ratio > 1 + eps)
+#   token 1: A = -1, ratio 0.5  -> max( 0.5,  0.8) =  0.8  clipped (A < 0, ratio < 1 - eps)
+#   token 2: A =  1, ratio 1.1  -> max(-1.1, -1.1) = -1.1  inside the clip range
+#   token 3: A =  2, ratio 0.5  -> max(-1.0, -1.6) = -1.0  outside the range, but unclipped wins
+RATIOS = [1.5, 0.5, 1.1, 0.5]
+ADVANTAGES = torch.tensor([[2.0, -1.0, 1.0, 2.0, math.inf]])
+OLD_LOGPROBS = torch.tensor([[-1.0, -2.0, -0.5, -3.0, math.nan]])
+MASK = torch.tensor([[True, True, True, True, False]])
+
+
+def new_logprobs():
+    log_ratios = torch.tensor([math.log(r) for r in RATIOS] + [0.0])
+    logprobs = OLD_LOGPROBS + log_ratios
+    logprobs[0, 4] = -math.inf
+    return logprobs.requires_grad_()
+
+
+def test_policy_loss_on_policy_is_minus_the_mean_advantage():
+    advantages = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    logprobs = -torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    loss, stats = ppo_policy_loss(logprobs, logprobs.clone(), advantages, mask, clip_eps=0.2)
+    torch.testing.assert_close(loss, -masked_mean(advantages, mask))
+    assert stats["clipfrac"].item() == 0.0
+    assert stats["approx_kl"].item() == 0.0
+    assert stats["ratio_mean"].item() == 1.0 and stats["ratio_max"].item() == 1.0
+
+
+def test_policy_loss_hand_computed_clipping():
+    logprobs = new_logprobs()
+    loss, stats = ppo_policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, clip_eps=0.2)
+    assert loss.item() == pytest.approx((-2.4 + 0.8 - 1.1 - 1.0) / 4)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    log_ratios = torch.tensor(RATIOS).log()
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * (log_ratios**2).mean().item())
+    assert stats["ratio_mean"].item() == pytest.approx(sum(RATIOS) / 4)
+    assert stats["ratio_max"].item() == pytest.approx(1.5)
+    assert all(not value.requires_grad and value.dim() == 0 for value in stats.values())
+
+
+def test_policy_gradient_is_zero_where_clipped_and_finite_on_padding():
+    logprobs = new_logprobs()
+    loss, _ = ppo_policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, clip_eps=0.2)
+    loss.backward()
+    # d/dlogp of -A * ratio / N is -A * ratio / N on unclipped tokens.
+    expected = torch.tensor([[0.0, 0.0, -1.0 * 1.1 / 4, -2.0 * 0.5 / 4, 0.0]])
+    torch.testing.assert_close(logprobs.grad, expected)
+
+
+def test_policy_loss_rejects_bad_inputs():
+    logprobs = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="clip_eps"):
+        ppo_policy_loss(logprobs, logprobs, logprobs, torch.ones(2, 3), clip_eps=0.0)
+    with pytest.raises(ValueError, match="advantages has shape"):
+        ppo_policy_loss(logprobs, logprobs, torch.zeros(2, 4), torch.ones(2, 3), clip_eps=0.2)
+
+
+# ----------------------------------------------------------------------------- value loss
+
+# clip_eps = 0.2, old values -> clipped values, returns:
+#   token 0: V 1.0, old 0.5 -> 0.7, R 2.0: max(1.00, 1.69) = 1.69  clipped term larger
+#   token 1: V 0.0, old 0.0 -> 0.0, R 1.0: max(1.00, 1.00) = 1.00
+#   token 2: V 0.5, old 0.5 -> 0.5, R 0.0: max(0.25, 0.25) = 0.25
+#   token 3: V 1.0, old 0.5 -> 0.7, R 0.0: max(1.00, 0.49) = 1.00  unclipped term larger
+OLD_VALUES = torch.tensor([[0.5, 0.0, 0.5, 0.5, math.nan]])
+RETURNS = torch.tensor([[2.0, 1.0, 0.0, 0.0, math.inf]])
+
+
+def new_values():
+    return torch.tensor([[1.0, 0.0, 0.5, 1.0, math.nan]], requires_grad=True)
+
+
+def test_value_loss_hand_computed_clipping():
+    values = new_values()
+    loss, stats = value_loss(values, OLD_VALUES, RETURNS, MASK, clip_eps=0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0 + 0.25 + 1.0) / 4)
+    assert stats["clipfrac"].item() == pytest.approx(0.25)
+    loss.backward()
+    # d/dV of 0.5 * (V - R)^2 / N is (V - R) / N where the unclipped term is active; 0 on token 0,
+    # whose clipped value sits on the clip boundary.
+    expected = torch.tensor([[0.0, -1.0 / 4, 0.5 / 4, 1.0 / 4, 0.0]])
+    torch.testing.assert_close(values.grad, expected)
+
+
+def test_value_loss_without_clipping():
+    values = new_values()
+    loss, stats = value_loss(values, OLD_VALUES, RETURNS, MASK, clip_eps=None)
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 1.0 + 0.25 + 1.0) / 4)
+    assert stats["clipfrac"].item() == 0.0
+    loss.backward()
+    torch.testing.assert_close(values.grad, torch.tensor([[-1.0, -1.0, 0.5, 1.0, 0.0]]) / 4)
+
+
+def test_value_loss_rejects_bad_clip():
+    with pytest.raises(ValueError, match="clip_eps"):
+        value_loss(new_values(), OLD_VALUES, RETURNS, MASK, clip_eps=-0.2)
+
+
+# ----------------------------------------------------------------------------- Bradley-Terry
+
+
+def test_bradley_terry_is_log2_at_equal_rewards():
+    rewards = torch.tensor([0.3, -1.0, 5.0])
+    loss, stats = bradley_terry_loss(rewards, rewards.clone())
+    assert loss.item() == pytest.approx(math.log(2))
+    assert stats["accuracy"].item() == 0.0  # ties are not wins
+    assert stats["margin_mean"].item() == 0.0
+
+
+def test_bradley_terry_hand_values_and_stats():
+    chosen = torch.tensor([1.0, 0.0, 2.0, -1.0])
+    rejected = torch.tensor([0.0, 1.0, -1.0, -3.0])
+    loss, stats = bradley_terry_loss(chosen, rejected)
+    gaps = [1.0, -1.0, 3.0, 2.0]
+    expected = sum(math.log1p(math.exp(-gap)) for gap in gaps) / 4
+    assert loss.item() == pytest.approx(expected)
+    assert stats["accuracy"].item() == 0.75
+    assert stats["chosen_mean"].item() == 0.5
+    assert stats["rejected_mean"].item() == -0.75
+    assert stats["margin_mean"].item() == 1.25
+
+
+def test_bradley_terry_margin_shifts_the_logit():
+    loss, _ = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.5]))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.5)))  # -log sigmoid(1 - 0.5)
+
+
+def test_bradley_terry_gradient_pushes_chosen_up_and_rejected_down():
+    chosen = torch.tensor([0.2, -0.5], requires_grad=True)
+    rejected = torch.tensor([0.1, 0.4], requires_grad=True)
+    loss, _ = bradley_terry_loss(chosen, rejected)
+    loss.backward()
+    assert (chosen.grad < 0).all() and (rejected.grad > 0).all()
+    torch.testing.assert_close(chosen.grad, -rejected.grad)
+
+
+def test_bradley_terry_is_stable_for_large_gaps():
+    chosen = torch.tensor([-500.0, 500.0], requires_grad=True)
+    loss, _ = bradley_terry_loss(chosen, torch.zeros(2))
+    assert loss.item() == pytest.approx(250.0)  # (500 + ~0) / 2; a naive log(sigmoid) gives inf
+    loss.backward()
+    assert torch.isfinite(chosen.grad).all()
+
+
+def test_bradley_terry_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        bradley_terry_loss(torch.zeros(2, 1), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="margin has shape"):
+        bradley_terry_loss(torch.zeros(2), torch.zeros(2), torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------- explained variance
+
+
+def test_explained_variance_hand_values():
+    returns = torch.tensor([[1.0, 2.0, 3.0, math.nan]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    perfect = explained_variance(returns.clone(), returns, mask)
+    assert perfect.item() == 1.0
+    constant = explained_variance(torch.full((1, 4), 7.0), returns, mask)
+    assert constant.item() == pytest.approx(0.0)
+    # errors R - V = (1, 0, -1): Var 2/3 over Var[R] = 2/3 -> 0
+    assert explained_variance(torch.tensor([[0.0, 2.0, 4.0, 0.0]]), returns, mask).item() == (
+        pytest.approx(0.0)
+    )
+    # errors (0.5, 0, 0.5): Var 1/18 over 2/3 -> 1 - 1/12
+    values = torch.tensor([[0.5, 2.0, 2.5, math.inf]])
+    assert explained_variance(values, returns, mask).item() == pytest.approx(1 - 1 / 12)
+
+
+def test_explained_variance_is_nan_for_constant_returns():
+    returns = torch.tensor([[2.0, 2.0, 2.0]])
+    assert math.isnan(explained_variance(torch.zeros(1, 3), returns, torch.ones(1, 3)).item())
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+def test_losses_ignore_nan_and_inf_padding():
+    """Replacing the padded column by finite numbers changes neither losses, stats nor grads."""
+    finite_padding = torch.tensor([[0.0, 0.0, 0.0, 0.0, -1.0]])
+    cases = [
+        (ppo_policy_loss, new_logprobs, [OLD_LOGPROBS, ADVANTAGES]),
+        (value_loss, new_values, [OLD_VALUES, RETURNS]),
+    ]
+    for loss_fn, make_input, others in cases:
+        dirty = make_input()
+        clean = torch.where(MASK, dirty.detach(), finite_padding).requires_grad_()
+        clean_others = [torch.where(MASK, other, finite_padding) for other in others]
+        dirty_loss, dirty_stats = loss_fn(dirty, *others, MASK, 0.2)
+        clean_loss, clean_stats = loss_fn(clean, *clean_others, MASK, 0.2)
+        torch.testing.assert_close(dirty_loss, clean_loss)
+        for name in clean_stats:
+            torch.testing.assert_close(dirty_stats[name], clean_stats[name])
+        dirty_loss.backward()
+        clean_loss.backward()
+        assert torch.isfinite(dirty.grad).all()
+        torch.testing.assert_close(dirty.grad, clean.grad)
