@@ -1,0 +1,34 @@
+"""Index helpers derived from an attention mask (1 = real token, 0 = padding)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check_mask(attention_mask: torch.Tensor) -> None:
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (B, T), got shape {tuple(attention_mask.shape)}")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as `generate()` uses for left-padded batches.
+
+    attention_mask: (B, T) -> (B, T) long; the first real token of each row gets 0, padding
+    before it gets 0 as well (its value does not matter, it is masked).
+    """
+    _check_mask(attention_mask)
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row; works for left and right padding alike.
+
+    attention_mask: (B, T) -> (B,) long. Raises ValueError if a row has no real token.
+    """
+    _check_mask(attention_mask)
+    is_real = attention_mask.bool()
+    if not is_real.any(dim=1).all():
+        empty_rows = (~is_real.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {empty_rows} have no real token")
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(is_real, positions, -1).max(dim=1).values

@@ -1,0 +1,104 @@
+"""Policy and value function in one module: a causal LM plus a scalar value head.
+
+By default the value head reads the policy's own last hidden state (shared trunk), so one forward
+pass gives logits and values. Alternatively the values come from a separate critic backbone, e.g.
+one initialised from the reward model as in "The N+ Implementation Details of RLHF with PPO"
+(`from_reward_model`). The critic reads the policy's token ids, so it must use the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from rlhf_lightning.models.masking import position_ids_from_mask
+from rlhf_lightning.models.reward_model import ScalarRewardModel, backbone_last_hidden_state
+
+# Config fields of architectures that transform logits after the LM head; the shortcut in
+# `forward` (base model + output embeddings) would skip that transform.
+_LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+class PolicyWithValueHead(nn.Module):
+    """`lm` (a `*ForCausalLM`) with a zero-initialised float32 `nn.Linear(d, 1)` value head.
+
+    With `critic_backbone` (a bare `AutoModel` sharing the policy's tokenizer), values come from
+    that backbone and the head sits on its hidden size instead.
+    """
+
+    def __init__(self, lm: nn.Module, critic_backbone: nn.Module | None = None):
+        super().__init__()
+        for field in _LOGIT_TRANSFORM_FIELDS:
+            if getattr(lm.config, field, None) not in (None, 1, 1.0):
+                raise NotImplementedError(
+                    f"{type(lm).__name__} transforms its logits ({field}); not supported"
+                )
+        if lm.get_output_embeddings() is None:
+            raise ValueError(f"{type(lm).__name__} has no LM head; pass a *ForCausalLM model")
+        self.lm = lm
+        self.critic_backbone = critic_backbone
+        value_trunk = lm if critic_backbone is None else critic_backbone
+        device = next(value_trunk.parameters()).device
+        self.value_head = nn.Linear(
+            value_trunk.config.hidden_size, 1, dtype=torch.float32, device=device
+        )
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def config(self):
+        """The policy LM's config."""
+        return self.lm.config
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and values in one pass of the policy (plus one of the critic, if separate).
+
+        input_ids, attention_mask: (B, T); position_ids: (B, T) or None, in which case they are
+        counted over real tokens so left-padded rows match `generate()`.
+        Returns logits (B, T, V) in the LM's dtype and values (B, T) float32.
+        """
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        hidden = self.lm.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, T, d)
+        logits = self.lm.get_output_embeddings()(hidden)
+        if self.critic_backbone is not None:
+            hidden = backbone_last_hidden_state(
+                self.critic_backbone, input_ids, attention_mask, position_ids
+            )
+        values = self.value_head(hidden.float()).squeeze(-1)
+        return logits, values
+
+    def generate(self, **kwargs):
+        """`self.lm.generate(**kwargs)`."""
+        return self.lm.generate(**kwargs)
+
+    @classmethod
+    def from_reward_model(cls, lm: nn.Module, reward_model: ScalarRewardModel):
+        """A policy whose critic is a copy of `reward_model`'s backbone and head.
+
+        The critic starts out predicting the raw (unnormalised) reward-model score at every
+        position. The reward model must use the policy's tokenizer; as a cheap check, the
+        embedding tables must have the same size.
+        """
+        policy_vocab = lm.get_input_embeddings().num_embeddings
+        critic_vocab = reward_model.backbone.get_input_embeddings().num_embeddings
+        if policy_vocab != critic_vocab:
+            raise ValueError(
+                f"the reward model's vocabulary ({critic_vocab}) differs from the policy's "
+                f"({policy_vocab}); a critic must share the policy's tokenizer"
+            )
+        policy = cls(lm, critic_backbone=copy.deepcopy(reward_model.backbone))
+        policy.value_head.load_state_dict(reward_model.head.state_dict())
+        return policy

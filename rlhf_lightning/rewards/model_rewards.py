@@ -1,0 +1,113 @@
+"""Reward sources backed by a transformer: a learned reward model or a sequence classifier.
+
+Both score the text `prompt + response` (concatenated as is, no separator), re-tokenised with
+their own tokenizer: right padding, truncation from the left so the end of the response is kept.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlhf_lightning.models.loading import load_sequence_classifier, load_tokenizer
+from rlhf_lightning.models.reward_model import (
+    ScalarRewardModel,
+    encode_for_reward,
+    load_reward_tokenizer,
+)
+from rlhf_lightning.rewards.base import RewardSource
+
+
+class _TextScorer(RewardSource):
+    """Shared batching and device handling; subclasses implement `_score_batch`."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int, max_length: int):
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(
+                f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = min(max_length, tokenizer.model_max_length)
+        self.device = next(model.parameters()).device
+
+    def to(self, device: torch.device | str) -> _TextScorer:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    def _score_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: (b, T) -> (b,)"""
+        raise NotImplementedError
+
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        texts = [prompt + response for prompt, response in zip(prompts, responses, strict=True)]
+        scores = [torch.zeros(0)]
+        for start in range(0, len(texts), self.batch_size):
+            batch = encode_for_reward(
+                self.tokenizer, texts[start : start + self.batch_size], self.max_length
+            )
+            batch_scores = self._score_batch(
+                batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            )
+            scores.append(batch_scores.float().cpu())
+        return torch.cat(scores)
+
+
+class LearnedReward(_TextScorer):
+    """Score with a reward model saved by `ScalarRewardModel.save_pretrained` (and its tokenizer).
+
+    `normalize=True` applies the gain and bias stored with the model.
+    """
+
+    name = "learned"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        batch_size: int = 32,
+        max_length: int = 512,
+        normalize: bool = True,
+        dtype: str = "float32",
+    ):
+        model = ScalarRewardModel.from_pretrained(path, dtype=dtype)
+        super().__init__(model, load_reward_tokenizer(path), batch_size, max_length)
+        self.normalize = normalize
+
+    def _score_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask, normalize=self.normalize)
+
+
+class ClassifierReward(_TextScorer):
+    """The logit of class `label` of a sequence classifier, e.g. POSITIVE of
+    `lvwerra/distilbert-imdb` (TRL's IMDB sentiment example)."""
+
+    name = "classifier"
+
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike,
+        label: str = "POSITIVE",
+        batch_size: int = 32,
+        max_length: int = 512,
+        dtype: str = "float32",
+        **load_kw,
+    ):
+        model = load_sequence_classifier(name_or_path, dtype=dtype, **load_kw)
+        label2id = model.config.label2id
+        if label not in label2id:
+            raise ValueError(
+                f"label {label!r} is not a class of {name_or_path}; its labels are "
+                f"{sorted(label2id)}"
+            )
+        self.label_id = label2id[label]
+        tokenizer = load_tokenizer(name_or_path, padding_side="right", **load_kw)
+        if model.config.pad_token_id is None:  # decoder classifiers find the last token by it
+            model.config.pad_token_id = tokenizer.pad_token_id
+        super().__init__(model, tokenizer, batch_size, max_length)
+
+    def _score_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[:, self.label_id]
