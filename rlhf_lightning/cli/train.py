@@ -1,0 +1,36 @@
+"""``rlhf-train``: the Hydra entry point of every task.
+
+``cfg.task.fn`` names the function that runs the task (``rlhf_lightning.tasks.*.run``); it gets
+the composed config and returns the metric named by ``cfg.task.metric``, which ``main`` returns
+so that Hydra sweepers (e.g. Optuna) can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Run the task selected by ``cfg.task`` and return its metric."""
+    task_fn = hydra.utils.get_method(cfg.task.fn)
+    return task_fn(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    # Deterministic tokenizers without fork warnings; threads are Lightning's business.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Rollout generation: sample responses for a batch of left-padded prompts.
+
+Follows the N+ details (Huang et al. 2024): sample with ``top_k=0, top_p=1`` at temperature T
+with a KV cache; generation stops as soon as every sequence has emitted the stop token; each
+response is truncated after its first stop token and the rest padded (the "EOS trick"), so
+nothing after the stop token can leak into logprobs, values, KL or losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig as HFGenerationConfig
+
+from rlhf_lightning.config import GenerationConfig
+
+
+@dataclass
+class Rollout:
+    """Sampled responses. B rollouts, P prompt tokens, R response tokens."""
+
+    query_ids: torch.Tensor  # (B, P) long, left-padded prompt tokens
+    query_mask: torch.Tensor  # (B, P) long, 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B, R) long, right-padded, pad after the first stop token
+    response_mask: torch.Tensor  # (B, R) bool, True up to and including the stop token
+    ended: torch.Tensor  # (B,) bool, the response emitted the stop token
+    prompts: list[str]
+    responses: list[str]
+
+
+def truncate_after_stop(
+    response_ids: torch.Tensor, stop_token_ids: list[int], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each response up to and including its first stop token; pad the rest.
+
+    Args:
+        response_ids: (B, R) sampled tokens (whatever ``generate`` put after a stop token).
+        stop_token_ids: the stop tokens; empty: nothing is truncated, nothing ``ended``.
+        pad_token_id: the id written into truncated positions.
+
+    Returns:
+        ``(ids, mask, ended)``: ids (B, R) with pad after the stop token, mask (B, R) bool true on
+        kept tokens, ended (B,) bool true where a stop token occurred.
+    """
+    B, R = response_ids.shape
+    if not stop_token_ids:
+        return (
+            response_ids.clone(),
+            torch.ones_like(response_ids, dtype=torch.bool),
+            (torch.zeros(B, dtype=torch.bool, device=response_ids.device)),
+        )
+    stops = torch.tensor(stop_token_ids, device=response_ids.device)
+    is_stop = torch.isin(response_ids, stops)
+    ended = is_stop.any(dim=1)
+    positions = torch.arange(R, device=response_ids.device).expand(B, R)
+    first_stop = torch.where(is_stop, positions, torch.full_like(positions, R)).min(dim=1).values
+    mask = positions <= first_stop.unsqueeze(1)
+    ids = torch.where(mask, response_ids, torch.full_like(response_ids, pad_token_id))
+    return ids, mask, ended
+
+
+def resolve_stop_token_ids(tokenizer, stop_token: str | None) -> list[int]:
+    """The ids that end a response.
+
+    ``stop_token``: ``"eos"`` (the tokenizer's EOS), None (never stop early: empty list), or a
+    string that is exactly one token (e.g. ``"\n"``); EOS always ends a response too.
+    """
+    if stop_token is None:
+        return []
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if stop_token == "eos":
+        if not eos:
+            raise ValueError("algorithm.generation.stop_token=eos but the tokenizer has no EOS")
+        return eos
+    ids = tokenizer.encode(stop_token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"algorithm.generation.stop_token={stop_token!r} is {len(ids)} tokens {ids}; "
+            "it must be exactly one token"
+        )
+    return [int(ids[0])] + [t for t in eos if t != ids[0]]
+
+
+def hf_generation_config(
+    gen: GenerationConfig, stop_token_ids: list[int], pad_token_id: int
+) -> HFGenerationConfig:
+    """A complete transformers GenerationConfig, so no model default (top_p, ...) sneaks in."""
+    return HFGenerationConfig(
+        do_sample=True,
+        temperature=gen.temperature,
+        top_k=gen.top_k if gen.top_k > 0 else None,
+        top_p=gen.top_p,
+        max_new_tokens=gen.max_new_tokens,
+        min_new_tokens=gen.min_new_tokens if stop_token_ids else 0,
+        eos_token_id=list(stop_token_ids) or None,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+        repetition_penalty=1.0,
+        num_beams=1,
+    )
+
+
+def sample_responses(
+    lm,
+    tokenizer,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    prompts: list[str],
+    gen: GenerationConfig,
+    stop_token_ids: list[int],
+) -> Rollout:
+    """Sample one response per prompt with the KV-cached ``lm.generate``.
+
+    Args:
+        lm: a causal LM (``PreTrainedModel``); put in eval mode by the caller.
+        query_ids, query_mask: (B, P) left-padded prompts.
+        prompts: the B prompt texts (kept for reward sources that read text).
+    """
+    config = hf_generation_config(gen, stop_token_ids, tokenizer.pad_token_id)
+    with torch.inference_mode():
+        sequences = lm.generate(
+            input_ids=query_ids, attention_mask=query_mask, generation_config=config
+        )
+    # Leave inference mode: these tensors feed forward passes that need autograd later.
+    generated = sequences[:, query_ids.shape[1] :].clone()
+    if generated.shape[1] == 0:  # pragma: no cover - generate always makes >= 1 token
+        raise RuntimeError("generate() returned no new tokens")
+    response_ids, response_mask, ended = truncate_after_stop(
+        generated, stop_token_ids, tokenizer.pad_token_id
+    )
+    responses = decode_responses(tokenizer, response_ids, response_mask, stop_token_ids)
+    return Rollout(
+        query_ids=query_ids,
+        query_mask=query_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        ended=ended,
+        prompts=list(prompts),
+        responses=responses,
+    )
+
+
+def decode_responses(
+    tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor, stop_token_ids: list[int]
+) -> list[str]:
+    """Decode the kept tokens of each response, without the stop token itself."""
+    stops = set(stop_token_ids)
+    texts = []
+    for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
+        kept = [t for t, m in zip(ids, mask) if m and t not in stops]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return texts

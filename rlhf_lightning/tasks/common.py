@@ -1,0 +1,115 @@
+"""Pieces every task shares: the Trainer from config, checkpoint paths, atomic checkpoint files."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, then renames it into place.
+
+    A crash while saving leaves the previous checkpoint intact instead of a truncated file.
+    Loading uses ``torch.load(weights_only=False)`` only for checkpoints this framework wrote
+    (they hold optimizer and RNG state); model weights from elsewhere go through safetensors.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """The Hydra run dir of this job (everything the run writes goes under it)."""
+    return Path(cfg.paths.output_dir)
+
+
+def checkpoint_dir(cfg: DictConfig, stage: str | None = None) -> Path:
+    base = run_dir(cfg) / "checkpoints"
+    return base / stage if stage else base
+
+
+def resolve_ckpt_path(cfg: DictConfig, stage: str | None = None) -> str | None:
+    """``ckpt_path``: None, ``"last"`` (``<run dir>/checkpoints[/stage]/last.ckpt``) or a path."""
+    value = cfg.get("ckpt_path")
+    if value is None:
+        return None
+    path = checkpoint_dir(cfg, stage) / "last.ckpt" if value == "last" else Path(value)
+    if not path.is_file():
+        hint = (
+            " (ckpt_path=last looks in the run dir: pass the old run's dir with hydra.run.dir=...)"
+            if value == "last"
+            else ""
+        )
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {path}{hint}")
+    return str(path)
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, **overrides) -> L.Trainer:
+    """A Lightning Trainer from ``cfg.trainer`` + the task's overrides, logging to TensorBoard."""
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs.update(overrides)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    return L.Trainer(
+        logger=logger,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir(cfg)),
+        **trainer_kwargs,
+    )
+
+
+def task_metric(trainer: L.Trainer, name: str) -> float | None:
+    """The metric ``name`` from the trainer's last logged values, as a float (None if absent)."""
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
+
+
+def load_policy_tokenizer(cfg: DictConfig, padding_side: str = "left"):
+    from rlhf_lightning.models import load_tokenizer
+
+    pol = cfg.policy
+    return load_tokenizer(
+        pol.name_or_path,
+        gguf_file=pol.get("gguf_file"),
+        padding_side=padding_side,
+        trust_remote_code=pol.get("trust_remote_code", False),
+        revision=pol.get("revision"),
+    )
+
+
+def load_policy_lm(cfg: DictConfig):
+    from rlhf_lightning.models import load_causal_lm
+
+    pol = cfg.policy
+    return load_causal_lm(
+        pol.name_or_path,
+        gguf_file=pol.get("gguf_file"),
+        dtype=pol.get("dtype", "float32"),
+        trust_remote_code=pol.get("trust_remote_code", False),
+        revision=pol.get("revision"),
+    )

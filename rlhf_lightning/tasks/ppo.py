@@ -1,0 +1,162 @@
+"""``rlhf-train task=ppo``: PPO of the policy against the configured reward source.
+
+Reads top to bottom: validate config -> tokenizer + prompts (validated before any model loads)
+-> reward sources -> policy, value head / critic, frozen reference -> module -> callbacks ->
+trainer -> (baseline eval) -> fit -> export with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from rlhf_lightning.config import ConfigError, ppo_config_from
+from rlhf_lightning.models import PolicyWithValueHead, ScalarRewardModel, load_reward_tokenizer
+from rlhf_lightning.modules.ppo import PPOModule
+from rlhf_lightning.rewards import build_reward
+from rlhf_lightning.tasks.common import (
+    build_trainer,
+    checkpoint_dir,
+    load_policy_lm,
+    load_policy_tokenizer,
+    resolve_ckpt_path,
+    run_dir,
+    task_metric,
+)
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_STRATEGIES = (
+    "auto",
+    "ddp",
+    "ddp_spawn",
+    "ddp_find_unused_parameters_true",
+    "single_device",
+)
+
+
+def run(cfg: DictConfig) -> float | None:
+    return train_ppo(cfg)["metric"]
+
+
+def validate_ppo_setup(cfg: DictConfig):
+    """Every check that needs no model: returns the validated PPOConfig."""
+    ppo_cfg = ppo_config_from(cfg.algorithm)
+    strategy = cfg.trainer.get("strategy", "auto")
+    if isinstance(strategy, str) and strategy not in SUPPORTED_STRATEGIES:
+        raise ConfigError(
+            f"invalid config: trainer.strategy: {strategy!r} is not supported for PPO yet "
+            f"(rollouts need the full parameters on each rank); use one of "
+            f"{', '.join(SUPPORTED_STRATEGIES)}"
+        )
+    if OmegaConf.select(cfg, "reward._target_") is None:
+        raise ConfigError("invalid config: reward: needs a _target_ (e.g. reward=vader)")
+    missing = OmegaConf.missing_keys(cfg.reward)
+    if missing:
+        raise ConfigError(
+            f"invalid config: reward.{sorted(missing)[0]}: required (e.g. reward.path=DIR for "
+            "reward=learned)"
+        )
+    return ppo_cfg
+
+
+def check_critic_tokenizer(ppo_cfg, tokenizer) -> None:
+    """A separate critic reads the policy's token ids: its tokenizer must be the policy's."""
+    if ppo_cfg.value_model != "critic":
+        return
+    critic_tokenizer = load_reward_tokenizer(ppo_cfg.critic_path)
+    if critic_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"invalid config: algorithm.critic_path: the critic at {ppo_cfg.critic_path} uses a "
+            "different tokenizer from the policy's; a critic must share the policy's tokenizer"
+        )
+
+
+def build_policy(cfg: DictConfig, ppo_cfg):
+    """Policy with value head (or critic) and the frozen reference, in the policy's dtype."""
+    lm = load_policy_lm(cfg)
+    ref_lm = copy.deepcopy(lm)
+    if ppo_cfg.value_model == "critic":
+        critic = ScalarRewardModel.from_pretrained(ppo_cfg.critic_path)
+        policy = PolicyWithValueHead.from_reward_model(lm, critic)
+    else:
+        policy = PolicyWithValueHead(lm)
+    return policy, ref_lm
+
+
+def export_policy(module: PPOModule, tokenizer, out_dir: Path) -> Path:
+    """``save_pretrained`` of the policy LM (plain transformers loads it) + the value head."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module.policy.lm.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    head = {
+        k: v.detach().cpu().contiguous() for k, v in module.policy.value_head.state_dict().items()
+    }
+    save_file(head, out_dir / "value_head.safetensors")
+    return out_dir
+
+
+def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
+    """Run PPO; returns the final metrics, the baseline eval metrics and the export path."""
+    ppo_cfg = validate_ppo_setup(cfg)
+    ckpt_path = resolve_ckpt_path(cfg, stage_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    tokenizer = load_policy_tokenizer(cfg, padding_side="left")
+    datamodule = instantiate(
+        cfg.data.prompts, tokenizer=tokenizer, batch_size=ppo_cfg.rollout_batch_size
+    )
+    datamodule.setup("fit")  # reads and validates every prompt before any model loads
+    check_critic_tokenizer(ppo_cfg, tokenizer)
+
+    reward = build_reward(instantiate(cfg.reward))
+    gold = build_reward(instantiate(cfg.gold_reward)) if cfg.get("gold_reward") else None
+    policy, ref_lm = build_policy(cfg, ppo_cfg)
+    kl_controller = instantiate(ppo_cfg.kl.controller)
+    module = PPOModule(
+        policy, ref_lm, tokenizer, reward, ppo_cfg, kl_controller, gold, seed=cfg.seed
+    )
+
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir(cfg, stage_dir),
+        filename="iter{epoch}",
+        save_top_k=0,
+        save_last=True,
+        every_n_epochs=ppo_cfg.checkpoint_every,
+        save_on_train_epoch_end=True,
+    )
+    trainer = build_trainer(
+        cfg,
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        max_epochs=ppo_cfg.num_iterations,
+        check_val_every_n_epoch=ppo_cfg.eval_every or None,
+        limit_val_batches=(ppo_cfg.eval_batches or 1.0) if ppo_cfg.eval_every else 0,
+        use_distributed_sampler=False,
+        reload_dataloaders_every_n_epochs=0,
+    )
+    baseline, baseline_samples = {}, []
+    if ppo_cfg.eval_every and ckpt_path is None:
+        metrics = trainer.validate(module, datamodule, verbose=False)[0]
+        baseline = {k: float(v) for k, v in metrics.items()}
+        baseline_samples = list(module.val_samples)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    result = {
+        "metric": task_metric(trainer, cfg.task.metric),
+        "baseline": baseline,
+        "final": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "baseline_samples": baseline_samples,
+        "final_samples": list(module.val_samples),
+        "path": None,
+    }
+    if trainer.is_global_zero:
+        result["path"] = str(export_policy(module, tokenizer, run_dir(cfg) / "policy"))
+        log.info("exported policy to %s", result["path"])
+    return result

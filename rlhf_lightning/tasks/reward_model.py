@@ -1,0 +1,114 @@
+"""``rlhf-train task=reward_model``: Bradley-Terry training, normalisation, HF-style export.
+
+Reads top to bottom: validate config -> data (validated before any model loads) -> model ->
+module -> callbacks -> trainer -> fit -> best checkpoint -> normalisation -> export.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig
+
+from rlhf_lightning.config import rm_config_from
+from rlhf_lightning.models import ScalarRewardModel, load_tokenizer
+from rlhf_lightning.modules.reward_model import RewardModelModule, fit_normalization, score_texts
+from rlhf_lightning.tasks.common import (
+    build_trainer,
+    checkpoint_dir,
+    resolve_ckpt_path,
+    run_dir,
+    task_metric,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "reward_model"
+
+
+def export_dir(cfg: DictConfig) -> Path:
+    return run_dir(cfg) / "reward_model"
+
+
+def run(cfg: DictConfig) -> float | None:
+    return train_reward_model(cfg)["metric"]
+
+
+def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
+    """Train, normalise and export the reward model. Returns metrics and the export path.
+
+    ``stage_dir``: checkpoint sub-directory (the pipeline keeps each stage's checkpoints apart).
+    """
+    rm_cfg = rm_config_from(cfg.rm)
+    ckpt_path = resolve_ckpt_path(cfg, stage_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    backbone = cfg.reward_backbone
+    load_kw = {
+        "trust_remote_code": backbone.get("trust_remote_code", False),
+        "revision": backbone.get("revision"),
+    }
+    tokenizer = load_tokenizer(backbone.name_or_path, padding_side="right", **load_kw)
+    datamodule = instantiate(cfg.data.preferences, tokenizer=tokenizer)
+    datamodule.setup("fit")  # reads and validates every row before the model loads
+
+    model = ScalarRewardModel.from_backbone(
+        backbone.name_or_path, dtype=backbone.get("dtype", "float32"), **load_kw
+    )
+    module = RewardModelModule(model, rm_cfg)
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir(cfg, stage_dir),
+        filename="rm-{epoch}-{step}",
+        monitor=rm_cfg.monitor,
+        mode="min" if rm_cfg.monitor.endswith("loss") else "max",
+        save_top_k=1,
+        save_last=True,
+    )
+    trainer = build_trainer(
+        cfg,
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        max_epochs=rm_cfg.max_epochs,
+        val_check_interval=rm_cfg.val_check_interval,
+        gradient_clip_val=rm_cfg.gradient_clip_val,
+        accumulate_grad_batches=rm_cfg.accumulate_grad_batches,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metric = task_metric(trainer, cfg.task.metric) if cfg.task.metric.startswith("val/") else None
+
+    result = {"metric": metric, "best_checkpoint": checkpoint.best_model_path, "path": None}
+    if checkpoint.best_model_path:
+        best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(best["state_dict"])
+        result["best_score"] = float(checkpoint.best_model_score)
+        if rm_cfg.monitor == cfg.task.metric:
+            result["metric"] = result["best_score"]
+    if not trainer.is_global_zero:
+        return result
+
+    module.model.to("cpu")
+    if rm_cfg.normalize:
+        texts = [
+            prompt + datamodule.joiner + response for prompt, response in datamodule.train_texts()
+        ]
+        raw = score_texts(module.model, tokenizer, texts, datamodule.max_length)
+        gain, bias = fit_normalization(raw)
+        module.model.set_normalization(gain, bias)
+        result.update(
+            norm_gain=gain, norm_bias=bias, raw_mean=float(raw.mean()), raw_std=float(raw.std())
+        )
+        log.info(
+            "reward normalisation: gain %.4f bias %.4f (raw mean %.4f std %.4f)",
+            gain,
+            bias,
+            raw.mean(),
+            raw.std(),
+        )
+    out = module.model.save_pretrained(export_dir(cfg), tokenizer)
+    result["path"] = str(out)
+    log.info("exported reward model to %s", out)
+    return result

@@ -1,0 +1,156 @@
+"""PPOModule with a tiny random Llama: update mechanics, reward shaping, learning, resume."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from rlhf_lightning.rollout.experience import make_experience
+from rlhf_lightning.rollout.generation import Rollout, sample_responses
+from tests.ppo_helpers import fit, prompt_batch, tiny_ppo_config, tiny_ppo_module
+
+
+def _experience(module, n=16, seed=0, kl_coef=0.0):
+    torch.manual_seed(seed)
+    batch = prompt_batch(module.tokenizer, n)
+    rollout = sample_responses(
+        module.policy.lm,
+        module.tokenizer,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["prompts"],
+        module.cfg.generation,
+        module.stop_token_ids,
+    )
+    scores = module.reward(rollout.prompts, rollout.responses)
+    return make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, kl_coef)
+
+
+def _grads(module) -> dict[str, torch.Tensor]:
+    return {
+        name: p.grad.clone() for name, p in module.policy.named_parameters() if p.grad is not None
+    }
+
+
+def test_first_minibatch_has_ratio_one_and_no_clipping():
+    module = tiny_ppo_module(tiny_ppo_config(minibatch_size=8, micro_batch_size=4))
+    exp = _experience(module)
+    rows = torch.randperm(16)[:8]
+    stats = module.minibatch_backward(exp, rows, 4, torch.Tensor.backward, iteration=0)
+    assert stats["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["policy/clipfrac"] == 0.0
+    assert stats["policy/approx_kl"] == pytest.approx(0.0, abs=1e-10)
+    # Values start at exactly 0 (zero-initialised head), so nothing is value-clipped either.
+    assert stats["value/clipfrac"] == 0.0
+
+
+def test_gradient_accumulation_matches_one_batch():
+    module = tiny_ppo_module(tiny_ppo_config(stop_token="a"))
+    exp = _experience(module)
+    # Make the response lengths differ, so token weighting matters.
+    exp.response_mask[::3, 4:] = False
+    rows = torch.arange(8)
+    module.minibatch_backward(exp, rows, 8, torch.Tensor.backward, iteration=0)
+    whole = _grads(module)
+    module.policy.zero_grad(set_to_none=True)
+    module.minibatch_backward(exp, rows, 2, torch.Tensor.backward, iteration=0)
+    accumulated = _grads(module)
+    assert whole.keys() == accumulated.keys() and whole
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-7)
+
+
+def test_kl_coefficient_zero_gives_only_the_score_at_the_last_real_token():
+    module = tiny_ppo_module(tiny_ppo_config())
+    tok = module.tokenizer
+    batch = prompt_batch(tok, 3)
+    response_ids = torch.tensor([[10, 11, 12, 0, 0], [13, 14, 15, 16, 17], [18, 0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    rollout = Rollout(
+        batch["input_ids"],
+        batch["attention_mask"],
+        response_ids,
+        mask,
+        torch.tensor([True, False, True]),
+        batch["prompts"],
+        ["", "", ""],
+    )
+    scores = torch.tensor([0.5, -1.0, 2.0])
+    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, kl_coef=0.0)
+    expected = torch.zeros(3, 5)
+    expected[0, 2], expected[1, 4], expected[2, 0] = 0.5, -1.0, 2.0
+    torch.testing.assert_close(exp.rewards, expected)
+    # With a KL coefficient every real token is penalised, padding still gets nothing.
+    exp_kl = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, 0.5)
+    assert torch.all(exp_kl.rewards[~mask] == 0)
+    assert torch.all(exp_kl.advantages[~mask] == 0) and torch.all(exp_kl.returns[~mask] == 0)
+
+
+def test_missing_eos_penalty_replaces_the_score_of_unfinished_responses():
+    module = tiny_ppo_module(tiny_ppo_config(missing_eos_penalty=-3.0))
+    batch = prompt_batch(module.tokenizer, 2)
+    rollout = Rollout(
+        batch["input_ids"],
+        batch["attention_mask"],
+        torch.tensor([[10, 2], [11, 12]]),
+        torch.ones(2, 2, dtype=torch.bool),
+        torch.tensor([True, False]),
+        batch["prompts"],
+        ["", ""],
+    )
+    exp = make_experience(
+        module.policy, module.ref_lm, rollout, torch.tensor([0.7, 0.9]), module.cfg, 0.0
+    )
+    torch.testing.assert_close(exp.scores, torch.tensor([0.7, -3.0]))
+
+
+def test_global_step_counts_optimizer_steps_and_epochs_count_iterations():
+    cfg = tiny_ppo_config(
+        num_iterations=2, ppo_epochs=2, rollout_batch_size=16, minibatch_size=4, micro_batch_size=4
+    )
+    trainer, history = fit(tiny_ppo_module(cfg), max_epochs=2)
+    assert trainer.current_epoch == 2
+    assert trainer.global_step == 2 * cfg.optimizer_steps_per_iteration == 16
+    assert len(history) == 2
+
+
+@pytest.mark.slow
+def test_ppo_learns_a_toy_reward_and_a_large_kl_coefficient_holds_it_back():
+    """Reward = fraction of 'e' characters. Free PPO raises it; beta = 2 keeps KL small."""
+    results = {}
+    for beta in (0.0, 2.0):
+        L.seed_everything(0)
+        cfg = tiny_ppo_config(num_iterations=10, ppo_epochs=4, kl_coef=beta)
+        _, history = fit(tiny_ppo_module(cfg), max_epochs=10)
+        results[beta] = history
+    free, held = results[0.0], results[2.0]
+    first = sum(r["objective/score"] for r in free[:2]) / 2
+    last = sum(r["objective/score"] for r in free[-2:]) / 2
+    assert last > first + 0.1, (first, last)
+    assert held[-1]["kl/sequence"] < 0.6 * free[-1]["kl/sequence"]
+    assert held[-1]["objective/score"] < free[-1]["objective/score"]
+
+
+def test_same_seed_gives_same_metrics_and_resume_matches_uninterrupted_run(tmp_path):
+    cfg = tiny_ppo_config(num_iterations=3)
+    L.seed_everything(7)
+    _, straight = fit(tiny_ppo_module(cfg), max_epochs=3)
+
+    L.seed_everything(7)
+    _, again = fit(tiny_ppo_module(cfg), max_epochs=3)
+    assert [r["objective/score"] for r in again] == [r["objective/score"] for r in straight]
+
+    # Stop after 2 iterations, then resume from the checkpoint in a fresh module.
+    L.seed_everything(7)
+    trainer, first_part = fit(tiny_ppo_module(cfg), max_epochs=2, tmp_path=tmp_path)
+    ckpt = (
+        trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
+    )
+    assert ckpt
+    L.seed_everything(123)  # resume must not depend on the seed the new process starts with
+    _, resumed = fit(tiny_ppo_module(cfg), max_epochs=3, tmp_path=tmp_path, ckpt_path=ckpt)
+    assert len(resumed) == 1
+    for key in ("objective/score", "kl/sequence", "loss/policy", "loss/value", "perf/lr"):
+        assert resumed[0][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
