@@ -33,6 +33,24 @@ def _grads(module) -> dict[str, torch.Tensor]:
     }
 
 
+def test_response_start_keeps_only_the_positions_that_predict_the_response():
+    module = tiny_ppo_module(tiny_ppo_config())
+    exp = _experience(module, n=4)
+    P = exp.query_ids.shape[1]
+    torch.nn.init.normal_(module.policy.value_head.weight)  # non-zero values to compare
+    full_logits, full_values = module.policy(exp.input_ids, exp.attention_mask)
+    logits, values = module.policy(exp.input_ids, exp.attention_mask, response_start=P)
+    torch.testing.assert_close(logits, full_logits[:, P - 1 : -1])
+    torch.testing.assert_close(values, full_values[:, P - 1 : -1])
+    # The reference path (logits_to_keep) gives the same logprobs as slicing full logits.
+    from rlhf_lightning.ops import logprobs_from_logits
+    from rlhf_lightning.rollout.experience import reference_logprobs
+
+    expected = logprobs_from_logits(full_logits[:, P - 1 : -1], exp.response_ids, 1.0)
+    got = reference_logprobs(module.policy.lm, exp.input_ids, exp.attention_mask, P, 1.0)
+    torch.testing.assert_close(got, expected)
+
+
 def test_first_minibatch_has_ratio_one_and_no_clipping():
     module = tiny_ppo_module(tiny_ppo_config(minibatch_size=8, micro_batch_size=4))
     exp = _experience(module)

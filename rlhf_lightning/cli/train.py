@@ -25,10 +25,24 @@ def run(cfg: DictConfig) -> float | None:
     return task_fn(cfg)
 
 
+def quiet_libraries() -> None:
+    """One log format (Hydra's, also written to the run dir's log file), no per-load bars."""
+    import lightning.pytorch  # noqa: F401  (adds its console handlers on import: drop them)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    # Deterministic tokenizers without fork warnings; threads are Lightning's business.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     return run(cfg)
 
 

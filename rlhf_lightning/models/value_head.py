@@ -57,12 +57,18 @@ class PolicyWithValueHead(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        response_start: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and values in one pass of the policy (plus one of the critic, if separate).
 
         input_ids, attention_mask: (B, T); position_ids: (B, T) or None, in which case they are
         counted over real tokens so left-padded rows match `generate()`.
         Returns logits (B, T, V) in the LM's dtype and values (B, T) float32.
+
+        With ``response_start=P`` only the T - P positions that *predict* tokens P..T-1 are kept
+        (positions P-1..T-2): logits (B, T-P, V) and values (B, T-P), aligned with the response
+        tokens, and the LM head runs on those positions alone (the prompt's logits are never
+        materialised).
         """
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
@@ -72,11 +78,13 @@ class PolicyWithValueHead(nn.Module):
             position_ids=position_ids,
             use_cache=False,
         ).last_hidden_state  # (B, T, d)
+        keep = slice(None) if response_start is None else slice(response_start - 1, -1)
+        hidden = hidden[:, keep]
         logits = self.lm.get_output_embeddings()(hidden)
         if self.critic_backbone is not None:
             hidden = backbone_last_hidden_state(
                 self.critic_backbone, input_ids, attention_mask, position_ids
-            )
+            )[:, keep]
         values = self.value_head(hidden.float()).squeeze(-1)
         return logits, values
 

@@ -43,7 +43,6 @@ from rlhf_lightning.rollout.experience import (
     Experience,
     make_experience,
     reference_logprobs,
-    response_logits,
     sequence_kl,
 )
 from rlhf_lightning.rollout.generation import resolve_stop_token_ids, sample_responses
@@ -78,6 +77,8 @@ class PPOModule(L.LightningModule):
         kl_controller: FixedKLController / AdaptiveKLController.
         gold_reward: optional reward source used only for evaluation (never trained on).
         seed: base of the per-iteration seeds (:meth:`iteration_seed`).
+        policy_source: ``name_or_path`` of the base policy, stored in checkpoints so tools
+            (``rlhf-generate``, ``rlhf-eval``) can rebuild the model from a ``.ckpt``.
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class PPOModule(L.LightningModule):
         kl_controller,
         gold_reward=None,
         seed: int = 0,
+        policy_source: str | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -105,6 +107,7 @@ class PPOModule(L.LightningModule):
         self.cfg = cfg
         self.kl_ctl = kl_controller
         self.seed = seed
+        self.policy_source = policy_source
         self.stop_token_ids = resolve_stop_token_ids(tokenizer, cfg.generation.stop_token)
         self.nonfinite_skips = 0
         # (prompt, response, reward[, gold]) of the first eval batch of the latest eval.
@@ -293,9 +296,8 @@ class PPOModule(L.LightningModule):
         cfg = self.cfg
         mask = part.response_mask
         P = part.query_ids.shape[1]
-        logits, values = self.policy(part.input_ids, part.attention_mask)
-        logits = response_logits(logits, P)
-        values = values[:, P - 1 : -1].float()
+        logits, values = self.policy(part.input_ids, part.attention_mask, response_start=P)
+        values = values.float()
         T = cfg.generation.temperature
         logprobs = logprobs_from_logits(logits, part.response_ids, T)
         with torch.set_grad_enabled(cfg.ent_coef > 0 and torch.is_grad_enabled()):
@@ -365,8 +367,8 @@ class PPOModule(L.LightningModule):
         )
         T = self.cfg.generation.temperature
         with torch.no_grad():
-            logits, _ = self.policy(input_ids, attention_mask)
-            logprobs = logprobs_from_logits(response_logits(logits, P), rollout.response_ids, T)
+            logits, _ = self.policy(input_ids, attention_mask, response_start=P)
+            logprobs = logprobs_from_logits(logits, rollout.response_ids, T)
             del logits
             ref = reference_logprobs(self.ref_lm, input_ids, attention_mask, P, T)
         mask = rollout.response_mask
@@ -401,6 +403,7 @@ class PPOModule(L.LightningModule):
         checkpoint["rlhf_lightning"] = {
             "kl_controller": self.kl_ctl.state_dict(),
             "nonfinite_skips": self.nonfinite_skips,
+            "policy_source": self.policy_source,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

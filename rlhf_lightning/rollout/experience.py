@@ -81,15 +81,15 @@ def reference_logprobs(
     temperature: float,
 ) -> torch.Tensor:
     """Logprobs of the response tokens under the frozen reference: (B, P + R) -> (B, R) fp32."""
+    response_len = input_ids.shape[1] - prompt_len
     logits = ref_lm(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
-    ).logits
-    return logprobs_from_logits(
-        response_logits(logits, prompt_len), input_ids[:, prompt_len:], temperature
-    )
+        logits_to_keep=response_len + 1,  # the LM head runs on the response positions only
+    ).logits  # (B, R + 1, V)
+    return logprobs_from_logits(logits[:, :-1], input_ids[:, prompt_len:], temperature)
 
 
 def shape_scores(scores: torch.Tensor, ended: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
@@ -155,9 +155,9 @@ def make_experience(
     old_logprobs, old_values, ref_logprobs = [], [], []
     for rows in torch.arange(input_ids.shape[0]).split(cfg.micro_batch_size):
         ids, am = input_ids[rows], attention_mask[rows]
-        logits, values = policy(ids, am)
-        old_logprobs.append(logprobs_from_logits(response_logits(logits, P), ids[:, P:], T))
-        old_values.append(values[:, P - 1 : -1].float())
+        logits, values = policy(ids, am, response_start=P)
+        old_logprobs.append(logprobs_from_logits(logits, ids[:, P:], T))
+        old_values.append(values.float())
         del logits
         ref_logprobs.append(reference_logprobs(ref_lm, ids, am, P, T))
     old_logprobs = torch.cat(old_logprobs)

@@ -1,0 +1,146 @@
+"""``rlhf-eval``: score a policy against its reference on a prompt set.
+
+Example::
+
+    rlhf-eval outputs/ppo/run/checkpoints/last.ckpt \\
+        --prompts shipped:sentiment/data/prompts_eval.jsonl \\
+        --reward learned:outputs/rm/run/reward_model --gold vader --output eval.json
+
+The reference defaults to the checkpoint's base policy (``policy_source``, or ``--base``); for any
+other POLICY it must be given with ``--reference``. Prints a table of the metrics of
+`rlhf_lightning.evaluation.evaluate_policy` and, with ``--output``, writes them as JSON together
+with the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from rlhf_lightning.cli.generate import (
+    add_generation_args,
+    add_model_args,
+    generation_config_from,
+    model_inputs,
+    resolve_device,
+)
+from rlhf_lightning.evaluation import (
+    CHECKPOINT_SUFFIX,
+    REWARD_SPEC_FORMS,
+    checkpoint_policy_source,
+    evaluate_policy,
+    load_policy_for_inference,
+    read_prompts,
+    reward_from_spec,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-eval",
+        description="Evaluate a policy against a reference policy on a prompt set.",
+        epilog=f"reward SPEC forms: {', '.join(REWARD_SPEC_FORMS)}",
+    )
+    parser.add_argument("policy", metavar="POLICY", help="exported dir, .ckpt, builtin, hub id")
+    parser.add_argument(
+        "--prompts", required=True, help="jsonl with a 'prompt' field or txt; shipped:... allowed"
+    )
+    parser.add_argument(
+        "--reference", help="reference model (default: the base policy of a .ckpt POLICY)"
+    )
+    parser.add_argument("--reward", default="vader", help="reward SPEC (default: vader)")
+    parser.add_argument("--gold", help="gold reward SPEC, reported as gold_score")
+    parser.add_argument("--judge", help="SPEC that judges the win rate (default: --reward)")
+    parser.add_argument("--num-prompts", type=int, help="use only the first N prompts")
+    parser.add_argument("--output", help="write the metrics and settings as JSON here")
+    add_model_args(parser)
+    add_generation_args(parser)
+    return parser
+
+
+def default_reference(args: argparse.Namespace) -> str:
+    """``--reference``, else the base policy of a checkpoint POLICY."""
+    if args.reference:
+        return args.reference
+    if args.policy.endswith(CHECKPOINT_SUFFIX):
+        source = args.base or checkpoint_policy_source(args.policy)
+        if source:
+            return source
+        raise ValueError(
+            f"{args.policy} does not name its base policy; pass --reference MODEL or --base MODEL"
+        )
+    raise ValueError(
+        "--reference MODEL is required when POLICY is not a .ckpt (e.g. the base model the "
+        "policy was trained from)"
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate; returns ``{"metrics": {...}, "settings": {...}}``."""
+    gen = generation_config_from(args)
+    prompts = read_prompts(args.prompts)[: args.num_prompts]
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompts")
+    reward = reward_from_spec(args.reward)
+    gold = reward_from_spec(args.gold) if args.gold else None
+    judge = reward_from_spec(args.judge) if args.judge else None
+    reference = default_reference(args)
+
+    device = resolve_device(args.device)
+    policy_lm, tokenizer = load_policy_for_inference(args.policy, args.base, args.dtype)
+    ref_lm, ref_tokenizer = load_policy_for_inference(reference, dtype=args.dtype)
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"the reference {reference!r} uses a different tokenizer from the policy; the KL "
+            "needs a reference with the policy's tokenizer"
+        )
+    policy_lm.to(device)
+    ref_lm.to(device)
+    metrics = evaluate_policy(
+        policy_lm,
+        ref_lm,
+        tokenizer,
+        model_inputs(tokenizer, prompts, args.chat_template),
+        reward,
+        gold=gold,
+        judge=judge,
+        gen=gen,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    settings = {key: value for key, value in vars(args).items() if key != "output"}
+    settings["reference"] = reference
+    return {"metrics": metrics, "settings": settings}
+
+
+def format_table(metrics: dict) -> str:
+    width = max(len(key) for key in metrics)
+    lines = [f"{'metric':<{width}}  value"]
+    for key, value in metrics.items():
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_prompts is not None and args.num_prompts < 1:
+        parser.error(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    try:
+        result = run(args)
+    except (OSError, ValueError) as error:  # ConfigError is a ValueError
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(format_table(result["metrics"]))
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Evaluate a policy: sample from it, score the samples, measure its drift from the reference.
+
+`evaluate_policy` samples one response per prompt from the policy and one from the reference
+(same seed), then reports:
+
+- ``reward`` / ``gold_score``: mean score of the policy's responses under the reward (and gold)
+  source, and ``reference_reward``: the same for the reference's responses;
+- ``kl``: mean over prompts of ``sum_t log pi(y_t | .) - log pi_ref(y_t | .)`` over the policy's
+  own responses (the k1 estimator of KL(pi || pi_ref) per sequence), with both models' logits
+  divided by the sampling temperature, as in PPO's KL penalty. With ``top_k``/``top_p`` the
+  samples come from the truncated distribution while the logprobs use the full one (also as in
+  PPO), so the estimate is then only approximate;
+- ``response_length`` (tokens, the stop token included), ``ended_frac`` (share of responses that
+  emitted the stop token), ``distinct_1`` / ``distinct_2`` (diversity);
+- ``win_rate``: how often the judge (default: the reward) scores the policy's response above the
+  reference's response to the same prompt, ties counting 0.5.
+
+Sampling is seeded with `torch.random.fork_rng`, so it is deterministic for a seed and leaves the
+global RNG untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rlhf_lightning.config import GenerationConfig
+from rlhf_lightning.data.loading import resolve_data_path
+from rlhf_lightning.data.padding import pad_token_ids, require_pad_token_id
+from rlhf_lightning.models import load_causal_lm, load_tokenizer
+from rlhf_lightning.rewards import (
+    CallableReward,
+    ClassifierReward,
+    LearnedReward,
+    RewardSource,
+    TokenFractionReward,
+    VaderReward,
+)
+from rlhf_lightning.rollout.experience import reference_logprobs
+from rlhf_lightning.rollout.generation import Rollout, resolve_stop_token_ids, sample_responses
+
+CHECKPOINT_SUFFIX = ".ckpt"
+POLICY_LM_PREFIX = "policy.lm."
+REWARD_SPEC_FORMS = (
+    "vader",
+    "learned:DIR",
+    "classifier:NAME_OR_DIR[:LABEL]",
+    "token_fraction:C",
+    "python:pkg.mod:fn",
+)
+
+
+# ----------------------------------------------------------------------------------- loading
+def _load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+        raise ValueError(f"{path}: cannot read it as a torch checkpoint: {error}") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' dict)")
+    return checkpoint
+
+
+def checkpoint_policy_source(path: str | os.PathLike) -> str | None:
+    """The ``name_or_path`` of the base policy stored in a PPO checkpoint, or None."""
+    state = _load_checkpoint(Path(path)).get("rlhf_lightning")
+    return state.get("policy_source") if isinstance(state, dict) else None
+
+
+def load_policy_for_inference(
+    path_or_name: str | os.PathLike, base: str | None = None, dtype: str = "float32"
+):
+    """Load a policy LM and its left-padding tokenizer, in eval mode.
+
+    ``path_or_name``: anything `load_causal_lm` takes (an exported PPO policy dir, a builtin, a
+    .gguf file, a hub id), or a PPO checkpoint ``*.ckpt``. For a checkpoint, the base model named
+    by ``base`` (else by the checkpoint's ``policy_source``) is loaded and its weights replaced by
+    the checkpoint's ``policy.lm.*`` weights. Returns ``(lm, tokenizer)``.
+    """
+    name = os.fspath(path_or_name)
+    if not name.endswith(CHECKPOINT_SUFFIX):
+        if base is not None:
+            raise ValueError(f"base={base!r} only applies to a .ckpt checkpoint, not to {name!r}")
+        return load_causal_lm(name, dtype=dtype), load_tokenizer(name, padding_side="left")
+
+    path = Path(name).expanduser()
+    checkpoint = _load_checkpoint(path)
+    lm_state = {
+        key.removeprefix(POLICY_LM_PREFIX): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(POLICY_LM_PREFIX)
+    }
+    if not lm_state:
+        raise ValueError(
+            f"{path}: no policy weights (state_dict keys '{POLICY_LM_PREFIX}*'); "
+            "is it a PPO checkpoint?"
+        )
+    state = checkpoint.get("rlhf_lightning")
+    source = base or (state.get("policy_source") if isinstance(state, dict) else None)
+    if not source:
+        raise ValueError(
+            f"{path}: the checkpoint does not name its base policy (policy_source); "
+            "pass the base model (--base MODEL)"
+        )
+    try:
+        lm = load_causal_lm(source, dtype=dtype)
+        tokenizer = load_tokenizer(source, padding_side="left")
+    except OSError as error:
+        raise type(error)(
+            f"{path}: cannot load its base policy {source!r}: {error} "
+            "(pass another base model with --base MODEL)"
+        ) from error
+    _load_lm_weights(lm, lm_state, path, source)
+    return lm.eval(), tokenizer
+
+
+def _load_lm_weights(lm, lm_state: dict, path: Path, source: str) -> None:
+    """Copy ``lm_state`` into ``lm``; keys missing from it must be tied to loaded ones."""
+    try:
+        missing, unexpected = lm.load_state_dict(lm_state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise ValueError(
+            f"{path}: its weights do not fit the base model {source!r}: {error}"
+        ) from None
+    own = lm.state_dict()
+    loaded = {own[key].data_ptr() for key in lm_state if key in own}
+    missing = [key for key in missing if own[key].data_ptr() not in loaded]  # tied weights
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: its weights do not match the base model {source!r}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a ``.jsonl`` file (a ``prompt`` field per line) or a text file (one per
+    non-empty line). ``shipped:...`` names a file in the repository's ``experiments/``."""
+    file = Path(resolve_data_path(path)).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"prompts file not found: {file}")
+    lines = file.read_text(encoding="utf-8").splitlines()
+    if file.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{file}:{number}: invalid JSON: {error}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{file}:{number}: expected an object with a string 'prompt' field")
+        prompts.append(row["prompt"])
+    return prompts
+
+
+def reward_from_spec(spec: str) -> RewardSource:
+    """A reward source from a short spec; the forms are listed in ``REWARD_SPEC_FORMS``.
+
+    ``vader``; ``learned:DIR`` (a saved reward model); ``classifier:NAME_OR_DIR[:LABEL]`` (the
+    logit of LABEL, default POSITIVE); ``token_fraction:C``; ``python:pkg.mod:fn``.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "vader" and not arg:
+        return VaderReward()
+    if kind == "learned" and arg:
+        return LearnedReward(arg)
+    if kind == "classifier" and arg:
+        name, _, label = arg.rpartition(":")
+        if name in ("", "builtin"):  # no label given (or it was the builtin: prefix)
+            return ClassifierReward(arg)
+        return ClassifierReward(name, label=label)
+    if kind == "token_fraction" and arg:
+        return TokenFractionReward(arg)
+    if kind == "python" and arg:
+        return CallableReward(arg)
+    raise ValueError(f"bad reward spec {spec!r}; use one of: {', '.join(REWARD_SPEC_FORMS)}")
+
+
+# -------------------------------------------------------------------------------- generation
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def sample_rollouts(
+    lm, tokenizer, prompts: Sequence[str], gen: GenerationConfig, batch_size: int = 16, seed=0
+) -> list[Rollout]:
+    """Sample one response per prompt in batches of ``batch_size`` left-padded prompts.
+
+    Prompts are tokenised with the tokenizer's special tokens (as the PPO prompt data is). The
+    RNG is seeded with ``seed`` once, inside `torch.random.fork_rng`. Returns one `Rollout` per
+    batch, its tensors on ``lm``'s device.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        raise ValueError("no prompts to generate from")
+    encoded = tokenizer(list(prompts))["input_ids"]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompts at positions {empty[:10]} are empty (no tokens)")
+    pad_id = require_pad_token_id(tokenizer)
+    stop_token_ids = resolve_stop_token_ids(tokenizer, gen.stop_token)
+    device = _device(lm)
+    lm.eval()
+    rollouts = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            query_ids, query_mask = pad_token_ids(
+                encoded[start : start + batch_size], pad_id, "left"
+            )
+            rollouts.append(
+                sample_responses(
+                    lm,
+                    tokenizer,
+                    query_ids.to(device),
+                    query_mask.to(device),
+                    list(prompts[start : start + batch_size]),
+                    gen,
+                    stop_token_ids,
+                )
+            )
+    return rollouts
+
+
+def generate_texts(
+    lm, tokenizer, prompts: Sequence[str], gen: GenerationConfig, batch_size: int = 16, seed=0
+) -> list[str]:
+    """One sampled response per prompt (without the stop token); deterministic for a seed."""
+    rollouts = sample_rollouts(lm, tokenizer, prompts, gen, batch_size, seed)
+    return [text for rollout in rollouts for text in rollout.responses]
+
+
+# ----------------------------------------------------------------------------------- metrics
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Unique n-grams / all n-grams, over the whitespace tokens of each text (n-grams do not
+    cross texts). 0.0 when there are no n-grams."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ngrams = []
+    for text in texts:
+        words = text.split()
+        ngrams.extend(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
+def win_rate(scores_a, scores_b) -> float:
+    """Share of pairs with ``scores_a[i] > scores_b[i]``, ties counting 0.5: (N,), (N,) -> float."""
+    a = torch.as_tensor(scores_a, dtype=torch.float64).flatten()
+    b = torch.as_tensor(scores_b, dtype=torch.float64).flatten()
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError(
+            f"win_rate needs two non-empty score lists of equal length, got {a.numel()} and "
+            f"{b.numel()}"
+        )
+    return float(((a > b).double() + 0.5 * (a == b).double()).mean())
+
+
+@torch.no_grad()
+def sequence_kl(policy_lm, ref_lm, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """k1 estimate of KL(policy || ref) per sequence of the policy's own samples.
+
+    rollout: B responses sampled from ``policy_lm``; both models must share the tokenizer.
+    Returns (B,) float32 on the CPU: ``sum_t logp_policy(y_t) - logp_ref(y_t)`` over the real
+    response tokens, logits divided by ``temperature``.
+    """
+    P = rollout.query_ids.shape[1]
+    input_ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)  # (B, P + R)
+    mask = torch.cat([rollout.query_mask, rollout.response_mask.to(rollout.query_mask.dtype)], 1)
+    logps = []
+    for lm in (policy_lm, ref_lm):
+        device = _device(lm)
+        logps.append(
+            reference_logprobs(lm, input_ids.to(device), mask.to(device), P, temperature).cpu()
+        )  # (B, R)
+    per_token = torch.where(rollout.response_mask.cpu(), logps[0] - logps[1], 0.0)
+    return per_token.sum(dim=1)
+
+
+def evaluate_policy(
+    policy_lm,
+    ref_lm,
+    tokenizer,
+    prompts: Sequence[str],
+    reward: RewardSource,
+    gold: RewardSource | None = None,
+    judge: RewardSource | None = None,
+    gen: GenerationConfig | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Metrics of ``policy_lm`` on ``prompts`` against the reference ``ref_lm`` (same tokenizer).
+
+    Keys: ``reward``, ``reference_reward``, ``gold_score`` (with ``gold``), ``kl``,
+    ``response_length``, ``ended_frac``, ``distinct_1``, ``distinct_2``, ``win_rate`` (policy vs
+    reference samples under ``judge``, default ``reward``), ``num_prompts``. See the module
+    docstring for their definitions.
+    """
+    gen = gen or GenerationConfig()
+    prompts = list(prompts)
+    rollouts = sample_rollouts(policy_lm, tokenizer, prompts, gen, batch_size, seed)
+    ref_rollouts = sample_rollouts(ref_lm, tokenizer, prompts, gen, batch_size, seed)
+    responses = [text for r in rollouts for text in r.responses]
+    ref_responses = [text for r in ref_rollouts for text in r.responses]
+
+    kl = torch.cat([sequence_kl(policy_lm, ref_lm, r, gen.temperature) for r in rollouts])
+    lengths = torch.cat([r.response_mask.sum(dim=1).cpu().float() for r in rollouts])
+    ended = torch.cat([r.ended.cpu().float() for r in rollouts])
+    scores = reward(prompts, responses)
+    ref_scores = reward(prompts, ref_responses)
+    if judge is None:
+        judged, ref_judged = scores, ref_scores
+    else:
+        judged, ref_judged = judge(prompts, responses), judge(prompts, ref_responses)
+
+    metrics = {
+        "reward": scores.mean().item(),
+        "reference_reward": ref_scores.mean().item(),
+        "kl": kl.mean().item(),
+        "response_length": lengths.mean().item(),
+        "ended_frac": ended.mean().item(),
+        "distinct_1": distinct_n(responses, 1),
+        "distinct_2": distinct_n(responses, 2),
+        "win_rate": win_rate(judged, ref_judged),
+        "num_prompts": len(prompts),
+    }
+    if gold is not None:
+        metrics["gold_score"] = gold(prompts, responses).mean().item()
+    return metrics

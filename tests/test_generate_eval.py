@@ -1,0 +1,267 @@
+"""Generation and evaluation: metrics by hand, KL, checkpoint loading, rlhf-generate, rlhf-eval."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhf_lightning.cli import evaluate as eval_cli
+from rlhf_lightning.cli import generate as generate_cli
+from rlhf_lightning.config import GenerationConfig
+from rlhf_lightning.evaluation import (
+    distinct_n,
+    evaluate_policy,
+    generate_texts,
+    load_policy_for_inference,
+    read_prompts,
+    reward_from_spec,
+    sample_rollouts,
+    sequence_kl,
+    win_rate,
+)
+from rlhf_lightning.models import load_causal_lm, load_tokenizer, make_tiny_model_dir
+from rlhf_lightning.rewards import CallableReward, TokenFractionReward, VaderReward
+
+PROMPTS = ["The film was", "A much longer prompt about the movie", "x"]
+GEN = GenerationConfig(temperature=0.7, max_new_tokens=6, stop_token=None)
+
+
+def length_reward(prompts, responses):
+    """Used through `python:tests.test_generate_eval:length_reward`."""
+    return [float(len(r)) for r in responses]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def other_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("other_tiny"), seed=1)
+
+
+# ------------------------------------------------------------------------------- pure metrics
+def test_distinct_n_hand_values():
+    texts = ["a b a b", "a c"]
+    assert distinct_n(texts, 1) == 3 / 6  # a b a b a c
+    assert distinct_n(texts, 2) == 3 / 4  # (a b) (b a) (a b) | (a c): n-grams do not cross texts
+    assert distinct_n(["", "a"], 2) == 0.0
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        distinct_n(texts, 0)
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([1, 2, 3, 4], [0, 2, 5, 1]) == 2.5 / 4
+    assert win_rate(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+    with pytest.raises(ValueError, match="equal length"):
+        win_rate([1, 2], [1])
+
+
+# ----------------------------------------------------------------------------- generation, KL
+def test_generation_is_deterministic_for_a_seed_and_respects_max_new_tokens(tiny):
+    lm, tok = tiny
+    first = generate_texts(lm, tok, PROMPTS, GEN, batch_size=2, seed=3)
+    assert first == generate_texts(lm, tok, PROMPTS, GEN, batch_size=2, seed=3)
+    assert first != generate_texts(lm, tok, PROMPTS, GEN, batch_size=2, seed=4)
+    rollouts = sample_rollouts(lm, tok, PROMPTS, GEN, batch_size=2, seed=3)
+    assert [len(r.responses) for r in rollouts] == [2, 1]
+    for r in rollouts:  # no stop token: every response has exactly max_new_tokens tokens
+        assert r.response_ids.shape[1] == 6
+        assert r.response_mask.sum(1).tolist() == [6] * len(r.responses)
+    assert all(len(text) <= 6 for text in first)  # one character per token, specials dropped
+
+
+def test_sequence_kl_matches_unpadded_forward_passes(tiny, other_dir):
+    lm, tok = tiny
+    other = load_causal_lm(other_dir)
+    (rollout,) = sample_rollouts(lm, tok, PROMPTS, GEN, batch_size=3, seed=0)
+    kl = sequence_kl(lm, other, rollout, GEN.temperature)
+    assert kl.shape == (3,)
+    for i, prompt in enumerate(PROMPTS):  # naive: each sequence alone, no padding
+        prompt_ids = tok(prompt)["input_ids"]
+        ids = torch.tensor([prompt_ids + rollout.response_ids[i].tolist()])
+        expected = 0.0
+        for model, sign in ((lm, 1), (other, -1)):
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0] / GEN.temperature, dim=-1)
+            for t in range(len(prompt_ids), ids.shape[1]):
+                expected += sign * logp[t - 1, ids[0, t]].item()
+        assert kl[i].item() == pytest.approx(expected, abs=1e-4)
+    assert kl.mean() > 0
+    assert sequence_kl(lm, lm, rollout, GEN.temperature).abs().max() < 1e-5
+
+
+def test_evaluate_policy_against_itself(tiny):
+    lm, tok = tiny
+    metrics = evaluate_policy(
+        lm, lm, tok, PROMPTS, TokenFractionReward("e"), gold=VaderReward(), gen=GEN, seed=1
+    )
+    # Same model, same seed: identical samples, so every comparison is a tie and KL is 0.
+    assert metrics["win_rate"] == 0.5
+    assert abs(metrics["kl"]) < 1e-5
+    assert metrics["reward"] == metrics["reference_reward"]
+    responses = generate_texts(lm, tok, PROMPTS, GEN, seed=1)
+    assert metrics["reward"] == pytest.approx(
+        TokenFractionReward("e")(PROMPTS, responses).mean().item()
+    )
+    assert metrics["distinct_1"] == distinct_n(responses, 1)
+    assert metrics["response_length"] == 6.0 and metrics["ended_frac"] == 0.0
+    assert metrics["num_prompts"] == 3 and "gold_score" in metrics
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def _changed_state(tiny_model_dir) -> dict:
+    lm = load_causal_lm(tiny_model_dir)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(0.25)
+    return {k: v.clone() for k, v in lm.state_dict().items()}
+
+
+def test_load_policy_from_checkpoint(tiny_model_dir, tmp_path):
+    changed = _changed_state(tiny_model_dir)
+    state = {f"policy.lm.{k}": v for k, v in changed.items()}
+    state["policy.value_head.weight"] = torch.zeros(1, 32)
+    del state["policy.lm.lm_head.weight"]  # tied to the embeddings: may be absent
+    path = tmp_path / "last.ckpt"
+    torch.save(
+        {"state_dict": state, "rlhf_lightning": {"policy_source": str(tiny_model_dir)}}, path
+    )
+
+    lm, tok = load_policy_for_inference(path)
+    assert tok.padding_side == "left"
+    loaded = lm.state_dict()
+    assert loaded.keys() == changed.keys()
+    for key, value in changed.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+
+    rows_file = tmp_path / "rows.jsonl"  # the CLI takes the checkpoint too
+    generate_cli.main([str(path), "hello", "--max-new-tokens", "3", "--output", str(rows_file)])
+    assert json.loads(rows_file.read_text())["prompt"] == "hello"
+
+
+def test_checkpoint_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_policy_for_inference(tmp_path / "missing.ckpt")
+    no_policy = tmp_path / "rm.ckpt"
+    torch.save({"state_dict": {"model.weight": torch.zeros(2)}}, no_policy)
+    with pytest.raises(ValueError, match="no policy weights"):
+        load_policy_for_inference(no_policy)
+
+    no_source = tmp_path / "nosource.ckpt"
+    changed = _changed_state(tiny_model_dir)
+    torch.save({"state_dict": {f"policy.lm.{k}": v for k, v in changed.items()}}, no_source)
+    with pytest.raises(ValueError, match="--base MODEL"):
+        load_policy_for_inference(no_source)
+    lm, _ = load_policy_for_inference(no_source, base=str(tiny_model_dir))
+    torch.testing.assert_close(lm.state_dict()["model.norm.weight"], changed["model.norm.weight"])
+
+    wrong = tmp_path / "wrong.ckpt"
+    torch.save({"state_dict": {"policy.lm.model.extra": torch.zeros(1)}}, wrong)
+    with pytest.raises(ValueError, match="do not match the base model"):
+        load_policy_for_inference(wrong, base=str(tiny_model_dir))
+    with pytest.raises(ValueError, match="only applies to a .ckpt"):
+        load_policy_for_inference(tiny_model_dir, base="builtin:tiny")
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        load_policy_for_inference(str(tmp_path / "nope") + "/")
+
+
+# ---------------------------------------------------------------------------- reward specs
+def test_reward_from_spec(tmp_path):
+    assert isinstance(reward_from_spec("vader"), VaderReward)
+    assert reward_from_spec("token_fraction:e").target == "e"
+    python = reward_from_spec("python:tests.test_generate_eval:length_reward")
+    assert isinstance(python, CallableReward)
+    assert python(["p", "q"], ["ab", ""]).tolist() == [2.0, 0.0]
+    for bad in ("vaderx", "learned:", "token_fraction:", "nonsense:x", "vader:x"):
+        with pytest.raises(ValueError, match=r"bad reward spec.*learned:DIR.*python:pkg"):
+            reward_from_spec(bad)
+
+
+def test_classifier_spec_with_and_without_label(tmp_path, tiny_model_dir):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.id2label, config.label2id = {0: "NEG", 1: "POS"}, {"NEG": 0, "POS": 1}
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path)
+    assert reward_from_spec(f"classifier:{tmp_path}:POS").label_id == 1
+    with pytest.raises(ValueError, match="label 'POSITIVE' is not a class"):
+        reward_from_spec(f"classifier:{tmp_path}")
+
+
+def test_read_prompts(tmp_path):
+    (tmp_path / "p.txt").write_text("first\n\nsecond\n")
+    assert read_prompts(str(tmp_path / "p.txt")) == ["first", "second"]
+    assert read_prompts("shipped:sentiment/data/tiny_prompts.jsonl")[0] == "The film was"
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object"):
+        read_prompts(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(FileNotFoundError, match="prompts file not found"):
+        read_prompts(str(tmp_path / "none.jsonl"))
+
+
+# ------------------------------------------------------------------------------------- CLIs
+def test_rlhf_generate_prompts_from_args_and_file(tiny_model_dir, tmp_path, capsys):
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text('{"prompt": "From file"}\n')
+    out = tmp_path / "out" / "rows.jsonl"
+    argv = [str(tiny_model_dir), "The film was", "Hi", "--prompts-file", str(prompts_file)]
+    options = ["--num-samples", "2", "--max-new-tokens", "4", "--stop-token", "none"]
+    generate_cli.main([*argv, *options, "--seed", "5", "--output", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["The film was"] * 2 + ["Hi"] * 2 + ["From file"] * 2
+    assert all(set(r) == {"prompt", "response"} and len(r["response"]) <= 4 for r in rows)
+    lm, tok = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    gen = GenerationConfig(max_new_tokens=4, stop_token=None)
+    expected = generate_texts(lm, tok, [r["prompt"] for r in rows], gen, seed=5)
+    assert [r["response"] for r in rows] == expected
+
+    generate_cli.main([str(tiny_model_dir), "Hi", "--max-new-tokens", "2", "--chat-template"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("=== Hi\n--- [1] ")
+
+
+def test_rlhf_generate_usage_errors(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli.main([str(tiny_model_dir)])
+    assert exit_info.value.code == 2 and "no prompt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli.main([str(tmp_path / "nope") + "/", "hi"])
+    assert exit_info.value.code == 2 and "model directory not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate_cli.main([str(tiny_model_dir), "hi", "--top-p", "0"])
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_rlhf_eval_end_to_end(tiny_model_dir, other_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = [str(tiny_model_dir), "--prompts", "shipped:sentiment/data/tiny_prompts.jsonl"]
+    argv += ["--reference", str(other_dir), "--reward", "token_fraction:e", "--gold", "vader"]
+    argv += ["--num-prompts", "5", "--max-new-tokens", "5", "--batch-size", "2"]
+    eval_cli.main([*argv, "--output", str(out)])
+    result = json.loads(out.read_text())
+    metrics = result["metrics"]
+    expected_keys = {"reward", "reference_reward", "gold_score", "kl", "response_length"}
+    expected_keys |= {"ended_frac", "distinct_1", "distinct_2", "win_rate", "num_prompts"}
+    assert set(metrics) == expected_keys
+    assert metrics["num_prompts"] == 5 and 0 < metrics["response_length"] <= 5
+    assert 0 <= metrics["win_rate"] <= 1 and metrics["kl"] > 0
+    assert result["settings"]["reference"] == str(other_dir)
+    assert "win_rate" in capsys.readouterr().out
+
+
+def test_rlhf_eval_errors(tiny_model_dir, tmp_path, capsys):
+    base = [str(tiny_model_dir), "--prompts", "shipped:sentiment/data/tiny_prompts.jsonl"]
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main([*base, "--reference", str(tiny_model_dir), "--reward", "bogus"])
+    assert exit_info.value.code == 2 and "bad reward spec" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_cli.main(base)
+    assert "--reference MODEL is required" in capsys.readouterr().err
