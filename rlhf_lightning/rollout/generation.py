@@ -64,10 +64,13 @@ def resolve_stop_token_ids(tokenizer, stop_token: str | None) -> list[int]:
     """The ids that end a response.
 
     ``stop_token``: ``"eos"`` (the tokenizer's EOS), None (never stop early: empty list), or a
-    string that is exactly one token (e.g. ``"\n"``); EOS always ends a response too.
+    string that is exactly one token (e.g. ``"\n"``); EOS always ends a response too. Backslash
+    escapes are decoded, so ``algorithm.generation.stop_token='\n'`` works from a shell.
     """
     if stop_token is None:
         return []
+    if "\\" in stop_token:
+        stop_token = stop_token.encode("utf-8").decode("unicode_escape")
     eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     if stop_token == "eos":
         if not eos:

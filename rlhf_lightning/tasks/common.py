@@ -15,6 +15,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_lightning.tracking import run_name
+
 log = logging.getLogger(__name__)
 
 
@@ -70,10 +72,17 @@ def resolve_ckpt_path(cfg: DictConfig, stage: str | None = None) -> str | None:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, **overrides) -> L.Trainer:
-    """A Lightning Trainer from ``cfg.trainer`` + the task's overrides, logging to TensorBoard."""
+    """A Lightning Trainer from ``cfg.trainer`` + the task's overrides, logging to TensorBoard.
+
+    Under a sweep the logger's ``version`` (its sub-dir, the TensorBoard run name) says what the
+    sweep varies, e.g. ``algorithm.kl.coef=0.1`` (``rlhf_lightning.tracking.run_name``).
+    """
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs.update(overrides)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = False
+    if cfg.get("logger"):
+        name = run_name()
+        logger = instantiate(cfg.logger, **({"version": name} if name else {}))
     return L.Trainer(
         logger=logger,
         callbacks=callbacks,

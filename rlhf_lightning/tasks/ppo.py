@@ -21,6 +21,7 @@ from rlhf_lightning.config import ConfigError, ppo_config_from
 from rlhf_lightning.models import PolicyWithValueHead, ScalarRewardModel, load_reward_tokenizer
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import build_reward
+from rlhf_lightning.rollout.generation import resolve_stop_token_ids
 from rlhf_lightning.tasks.common import (
     build_trainer,
     checkpoint_dir,
@@ -30,6 +31,7 @@ from rlhf_lightning.tasks.common import (
     run_dir,
     task_metric,
 )
+from rlhf_lightning.tracking import log_final_hparams
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +117,22 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     )
     datamodule.setup("fit")  # reads and validates every prompt before any model loads
     check_critic_tokenizer(ppo_cfg, tokenizer)
+    resolve_stop_token_ids(tokenizer, ppo_cfg.generation.stop_token)  # fails before models load
 
     reward = build_reward(instantiate(cfg.reward))
     gold = build_reward(instantiate(cfg.gold_reward)) if cfg.get("gold_reward") else None
     policy, ref_lm = build_policy(cfg, ppo_cfg)
     kl_controller = instantiate(ppo_cfg.kl.controller)
     module = PPOModule(
-        policy, ref_lm, tokenizer, reward, ppo_cfg, kl_controller, gold, seed=cfg.seed
+        policy,
+        ref_lm,
+        tokenizer,
+        reward,
+        ppo_cfg,
+        kl_controller,
+        gold,
+        seed=cfg.seed,
+        policy_source=cfg.policy.name_or_path,
     )
 
     checkpoint = ModelCheckpoint(
@@ -156,6 +167,7 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         "final_samples": list(module.val_samples),
         "path": None,
     }
+    log_final_hparams(trainer, cfg, {cfg.task.metric: result["metric"]})
     if trainer.is_global_zero:
         result["path"] = str(export_policy(module, tokenizer, run_dir(cfg) / "policy"))
         log.info("exported policy to %s", result["path"])

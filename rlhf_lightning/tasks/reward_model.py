@@ -25,6 +25,7 @@ from rlhf_lightning.tasks.common import (
     run_dir,
     task_metric,
 )
+from rlhf_lightning.tracking import log_final_hparams
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         result["best_score"] = float(checkpoint.best_model_score)
         if rm_cfg.monitor == cfg.task.metric:
             result["metric"] = result["best_score"]
+    if stage_dir is None:  # the pipeline logs its run's hparams once, after its PPO stage
+        log_final_hparams(trainer, cfg, {cfg.task.metric: result["metric"]})
     if not trainer.is_global_zero:
         return result
 
