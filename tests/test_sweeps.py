@@ -192,7 +192,7 @@ def test_sentiment_kl_sweep_is_a_vader_ppo_sweep_over_kl():
 
 def test_optuna_search_composes():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    sweeper = _compose("+hparams_search=ppo_optuna", "task=ppo").hydra.sweeper
+    sweeper = _compose("hparams_search=ppo_optuna", "task=ppo").hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert sweeper.storage is None
     assert set(sweeper.params) == {"algorithm.kl.coef", "algorithm.policy_lr", "algorithm.clip"}
@@ -251,7 +251,7 @@ def test_multirun_over_tasks(tmp_path, capsys):
 @pytest.mark.slow
 def test_optuna_search_maximises_the_task_metric(tmp_path, capsys):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    _multirun(tmp_path, "+hparams_search=ppo_optuna", *TINY_PPO, "hydra.sweeper.n_trials=2")
+    _multirun(tmp_path, "hparams_search=ppo_optuna", *TINY_PPO, "hydra.sweeper.n_trials=2")
     results = OmegaConf.load(tmp_path / "optimization_results.yaml")
     assert set(results.best_params) == {
         "algorithm.kl.coef",
