@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
@@ -90,6 +91,11 @@ def build_trainer(cfg: DictConfig, callbacks: list, **overrides) -> L.Trainer:
         default_root_dir=str(run_dir(cfg)),
         **trainer_kwargs,
     )
+
+
+def lr_monitor(cfg: DictConfig) -> list:
+    """A per-step learning-rate monitor when a logger is configured (``~logger`` disables it)."""
+    return [LearningRateMonitor(logging_interval="step")] if cfg.get("logger") else []
 
 
 def task_metric(trainer: L.Trainer, name: str) -> float | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
@@ -27,6 +27,7 @@ from rlhf_lightning.tasks.common import (
     checkpoint_dir,
     load_policy_lm,
     load_policy_tokenizer,
+    lr_monitor,
     resolve_ckpt_path,
     run_dir,
     task_metric,
@@ -138,14 +139,14 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir(cfg, stage_dir),
         filename="iter{epoch}",
-        save_top_k=0,
-        save_last=True,
+        save_top_k=1,  # the newest iteration (no monitor); last.ckpt links to it
+        save_last="link",
         every_n_epochs=ppo_cfg.checkpoint_every,
         save_on_train_epoch_end=True,
     )
     trainer = build_trainer(
         cfg,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoint, *lr_monitor(cfg)],
         max_epochs=ppo_cfg.num_iterations,
         check_val_every_n_epoch=ppo_cfg.eval_every or None,
         limit_val_batches=(ppo_cfg.eval_batches or 1.0) if ppo_cfg.eval_every else 0,

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from rlhf_lightning.config import rm_config_from
@@ -21,6 +21,7 @@ from rlhf_lightning.modules.reward_model import RewardModelModule, fit_normaliza
 from rlhf_lightning.tasks.common import (
     build_trainer,
     checkpoint_dir,
+    lr_monitor,
     resolve_ckpt_path,
     run_dir,
     task_metric,
@@ -72,7 +73,7 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     )
     trainer = build_trainer(
         cfg,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoint, *lr_monitor(cfg)],
         max_epochs=rm_cfg.max_epochs,
         val_check_interval=rm_cfg.val_check_interval,
         gradient_clip_val=rm_cfg.gradient_clip_val,

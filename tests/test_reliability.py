@@ -1,0 +1,127 @@
+"""Crashes, resume from the command line, and numerical guards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_lightning.modules.ppo import NonFiniteError
+from tests.ppo_helpers import fit, tiny_ppo_config, tiny_ppo_module
+
+TINY_PPO = [
+    "task=ppo",
+    "policy=tiny",
+    "reward=token_fraction",
+    "data/prompts=tiny",
+    "trainer.enable_progress_bar=false",
+    "algorithm.rollout_batch_size=8",
+    "algorithm.minibatch_size=4",
+    "algorithm.micro_batch_size=2",
+    "algorithm.ppo_epochs=2",
+    "algorithm.eval_every=0",
+    "algorithm.generation.max_new_tokens=8",
+    "algorithm.checkpoint_every=1",
+    "~logger",
+]
+
+
+def _cli(run_dir: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable, "-m", "rlhf_lightning.cli.train", *TINY_PPO,
+        f"hydra.run.dir={run_dir}", *overrides,
+    ]  # fmt: skip
+
+
+def _final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+_calls = 0
+
+
+def fraction_of_e_or_die(prompts: list[str], responses: list[str]) -> list[float]:
+    """Toy reward; with RLHF_TEST_DIE_AT_CALL=N the process SIGKILLs itself on the N-th call."""
+    global _calls
+    _calls += 1
+    if os.environ.get("RLHF_TEST_DIE_AT_CALL") == str(_calls):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [r.count("e") / max(len(r), 1) for r in responses]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """The run kills itself (SIGKILL, no cleanup) inside iteration 3; resume finishes it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    reward = [
+        "reward=vader",
+        "reward._target_=tests.test_reliability.fraction_of_e_or_die",
+        "+reward._partial_=true",
+        "algorithm.num_iterations=6",
+    ]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    cwd = Path(__file__).resolve().parents[1]
+
+    def run(run_dir, *extra, **env_extra):
+        return subprocess.run(
+            _cli(run_dir, *reward, *extra), env={**env, **env_extra}, cwd=cwd,
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    died = run(crashed, RLHF_TEST_DIE_AT_CALL="4")
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
+    assert _final_state(crashed)["epoch"] == 2  # iterations 0..2 checkpointed, 3 lost mid-way
+    resumed = run(crashed, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted = run(straight)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    a, b = _final_state(straight), _final_state(crashed)
+    assert a["epoch"] == b["epoch"] == 5
+    assert a["global_step"] == b["global_step"]
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, msg=name)
+    for key in ("optimizer_states", "lr_schedulers"):
+        assert str(a[key]) == str(b[key])
+
+
+def test_nan_in_values_stops_with_the_quantity_and_iteration():
+    module = tiny_ppo_module(tiny_ppo_config())
+    with torch.no_grad():
+        module.policy.value_head.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="non-finite old values at PPO iteration 0"):
+        fit(module, max_epochs=1)
+
+
+class _NaNOnFirstMinibatch:
+    """Wraps micro_batch_loss: the first minibatch's loss is NaN, the others are real."""
+
+    def __init__(self, module) -> None:
+        self.module, self.inner, self.calls = module, module.micro_batch_loss, 0
+
+    def __call__(self, part):
+        loss, stats = self.inner(part)
+        self.calls += 1
+        return (loss * float("nan"), stats) if self.calls == 1 else (loss, stats)
+
+
+def test_nonfinite_loss_raises_or_skips_the_minibatch_when_configured():
+    module = tiny_ppo_module(tiny_ppo_config(micro_batch_size=8))
+    module.micro_batch_loss = _NaNOnFirstMinibatch(module)
+    with pytest.raises(NonFiniteError, match="non-finite loss .* at PPO iteration 0"):
+        fit(module, max_epochs=1)
+
+    cfg = tiny_ppo_config(micro_batch_size=8, ppo_epochs=1, on_nonfinite="skip")
+    module = tiny_ppo_module(cfg)
+    module.micro_batch_loss = _NaNOnFirstMinibatch(module)
+    trainer, history = fit(module, max_epochs=1)
+    assert module.nonfinite_skips == 1
+    assert history[0]["perf/nonfinite_skips"] == 1
+    # 2 minibatches, one skipped: one optimizer step, and the parameters stayed finite.
+    assert trainer.global_step == 1
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
