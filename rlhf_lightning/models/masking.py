@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_lightning.ops import last_true_index
+
 
 def _check_mask(attention_mask: torch.Tensor) -> None:
     if attention_mask.dim() != 2:
@@ -26,9 +28,4 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     attention_mask: (B, T) -> (B,) long. Raises ValueError if a row has no real token.
     """
     _check_mask(attention_mask)
-    is_real = attention_mask.bool()
-    if not is_real.any(dim=1).all():
-        empty_rows = (~is_real.any(dim=1)).nonzero().flatten().tolist()
-        raise ValueError(f"attention_mask rows {empty_rows} have no real token")
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return torch.where(is_real, positions, -1).max(dim=1).values
+    return last_true_index(attention_mask)

@@ -68,11 +68,6 @@ class Experience:
         return Experience(**picked)
 
 
-def response_logits(logits: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """(B, P + R, V) -> (B, R, V): the logits that predict each response token."""
-    return logits[:, prompt_len - 1 : -1]
-
-
 def reference_logprobs(
     ref_lm,
     input_ids: torch.Tensor,

@@ -1,0 +1,80 @@
+"""What the prompt and preference datamodules share: loading, validating and splitting."""
+
+from __future__ import annotations
+
+import logging
+
+from lightning import LightningDataModule
+
+from rlhf_lightning.data.loading import load_rows, resolve_data_path, split_train_eval
+from rlhf_lightning.data.padding import require_pad_token_id
+from rlhf_lightning.data.validation import BadRows, SourceRow, require_rows
+
+log = logging.getLogger(__name__)
+
+
+class SplitDataModule(LightningDataModule):
+    """Loads a train source and an eval source (or a seeded split of the train source) in `setup`.
+
+    Subclasses turn validated rows into items with `_make_items`. After `setup`, `train_items`
+    and `eval_items` hold the items and `skipped` the number of dropped rows per reason.
+    """
+
+    what = "rows"  # names the data in log messages
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer,
+        seed: int,
+        split: str,
+        eval_path: str | None,
+        eval_split: str | None,
+        eval_fraction: float,
+        on_bad_row: str,
+        num_workers: int,
+    ) -> None:
+        super().__init__()
+        BadRows(on_bad_row)  # validates the policy name now rather than in setup()
+        self.path = path
+        self.tokenizer = tokenizer
+        self.pad_id = require_pad_token_id(tokenizer)
+        self.seed = seed
+        self.split = split
+        self.eval_path = eval_path
+        self.eval_split = eval_split or split
+        self.eval_fraction = eval_fraction
+        self.on_bad_row = on_bad_row
+        self.num_workers = num_workers
+        self.train_items: list[dict] | None = None
+        self.eval_items: list[dict] | None = None
+        self.skipped: dict[str, int] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_items is not None:
+            return
+        bad_rows = BadRows(self.on_bad_row)
+        train = self._load_source(self.path, self.split, bad_rows)
+        if self.eval_path is None:
+            train, evaluation = split_train_eval(train, self.eval_fraction, self.seed)
+        else:
+            evaluation = self._load_source(self.eval_path, self.eval_split, bad_rows)
+        bad_rows.log_summary(self.what)
+        self.skipped = dict(bad_rows.counts)
+        self.train_items, self.eval_items = train, evaluation
+        log.info("%s: %d train, %d eval", self.what, len(train), len(evaluation))
+
+    def _load_source(self, path: str, split: str, bad_rows: BadRows) -> list[dict]:
+        source = resolve_data_path(path)
+        items = self._make_items(load_rows(source, split, bad_rows), source, bad_rows)
+        require_rows(items, source, bad_rows)
+        return items
+
+    def _make_items(self, rows: list[SourceRow], source: str, bad_rows: BadRows) -> list[dict]:
+        """Validate and tokenise the rows of one source, reporting bad ones to `bad_rows`."""
+        raise NotImplementedError
+
+    def _require_setup(self, items: list[dict] | None) -> list[dict]:
+        if items is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before the dataloaders")
+        return items

@@ -1,0 +1,73 @@
+"""Which prompts each rank rolls out at each epoch: a stateless, resumable sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+def stream_indices(num_items: int, seed: int, start: int, count: int) -> list[int]:
+    """Positions [start, start + count) of the endless stream perm_0 + perm_1 + ...
+
+    perm_k = randperm(num_items) drawn from a generator seeded with `seed + k`, so every pass
+    over the stream visits each item exactly once.
+    """
+    indices: list[int] = []
+    position = start
+    while len(indices) < count:
+        pass_index, offset = divmod(position, num_items)
+        generator = torch.Generator().manual_seed(seed + pass_index)
+        permutation = torch.randperm(num_items, generator=generator).tolist()
+        taken = permutation[offset : offset + count - len(indices)]
+        indices += taken
+        position += len(taken)
+    return indices
+
+
+class RolloutSampler(Sampler[int]):
+    """Yields the prompt indices of one rank for one epoch (one PPO iteration per epoch).
+
+    Epoch `e` on rank `r` of `world_size` takes `batches_per_epoch * batch_size` items of the
+    stream of `stream_indices`, starting at position
+    `(e * world_size + r) * batches_per_epoch * batch_size`. The order is a pure function of
+    (seed, epoch, rank, world_size): resuming at epoch `e` (Lightning calls `set_epoch`) repeats
+    exactly the same prompts with no state to save, ranks never take the same stream position,
+    and every prompt is used once per pass. An item appears twice in one epoch only when the
+    epoch straddles the end of a pass (the next permutation may repeat it early).
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        batches_per_epoch: int = 1,
+    ) -> None:
+        if num_items < 1 or batch_size < 1 or batches_per_epoch < 1:
+            raise ValueError(
+                f"num_items, batch_size and batches_per_epoch must be >= 1, got {num_items}, "
+                f"{batch_size}, {batches_per_epoch}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        start = (self.epoch * self.world_size + self.rank) * len(self)
+        return iter(stream_indices(self.num_items, self.seed, start, len(self)))
