@@ -136,19 +136,23 @@ def test_global_step_counts_optimizer_steps_and_epochs_count_iterations():
 
 @pytest.mark.slow
 def test_ppo_learns_a_toy_reward_and_a_large_kl_coefficient_holds_it_back():
-    """Reward = fraction of 'e' characters. Free PPO raises it; beta = 2 keeps KL small."""
+    """Reward = fraction of 'e' characters. Free PPO raises it; beta = 5 keeps the KL small."""
     results = {}
-    for beta in (0.0, 2.0):
+    for beta in (0.0, 5.0):
         L.seed_everything(0)
-        cfg = tiny_ppo_config(num_iterations=10, ppo_epochs=4, kl_coef=beta)
-        _, history = fit(tiny_ppo_module(cfg), max_epochs=10)
+        cfg = tiny_ppo_config(
+            num_iterations=12, ppo_epochs=4, kl_coef=beta, policy_lr=1e-3, value_lr=1e-3
+        )
+        _, history = fit(tiny_ppo_module(cfg), max_epochs=12)
         results[beta] = history
-    free, held = results[0.0], results[2.0]
-    first = sum(r["objective/score"] for r in free[:2]) / 2
-    last = sum(r["objective/score"] for r in free[-2:]) / 2
-    assert last > first + 0.1, (first, last)
-    assert held[-1]["kl/sequence"] < 0.6 * free[-1]["kl/sequence"]
-    assert held[-1]["objective/score"] < free[-1]["objective/score"]
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    free, held = results[0.0], results[5.0]
+    assert mean(free[-3:], "objective/score") > mean(free[:2], "objective/score") + 0.05
+    assert mean(held[-3:], "objective/score") < mean(free[-3:], "objective/score")
+    assert mean(held[-3:], "kl/sequence") < 0.6 * mean(free[-3:], "kl/sequence")
 
 
 def test_same_seed_gives_same_metrics_and_resume_matches_uninterrupted_run(tmp_path):

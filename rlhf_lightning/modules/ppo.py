@@ -36,15 +36,11 @@ import torch
 import torch.distributed as dist
 
 from rlhf_lightning.config import PPOConfig
+from rlhf_lightning.evaluation import sequence_kl as eval_sequence_kl
 from rlhf_lightning.kl import kl_penalty
 from rlhf_lightning.losses import explained_variance, ppo_policy_loss, value_loss
 from rlhf_lightning.ops import entropy_from_logits, logprobs_from_logits, masked_mean
-from rlhf_lightning.rollout.experience import (
-    Experience,
-    make_experience,
-    reference_logprobs,
-    sequence_kl,
-)
+from rlhf_lightning.rollout.experience import Experience, make_experience, sequence_kl
 from rlhf_lightning.rollout.generation import resolve_stop_token_ids, sample_responses
 from rlhf_lightning.schedules import warmup_decay_lambda
 
@@ -346,6 +342,9 @@ class PPOModule(L.LightningModule):
         }
 
     # ------------------------------------------------------------------------------------ eval
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: dict[str, float] = defaultdict(float)
+
     def validation_step(self, batch, batch_idx):
         """Sample on held-out prompts (fixed seed, training RNG untouched) and score them."""
         with torch.random.fork_rng(devices=[]):
@@ -360,43 +359,41 @@ class PPOModule(L.LightningModule):
                 self.stop_token_ids,
             )
         scores = torch.as_tensor(self.reward(rollout.prompts, rollout.responses)).float()
-        P = rollout.query_ids.shape[1]
-        input_ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)
-        attention_mask = torch.cat(
-            [rollout.query_mask, rollout.response_mask.to(rollout.query_mask.dtype)], dim=1
-        )
         T = self.cfg.generation.temperature
-        with torch.no_grad():
-            logits, _ = self.policy(input_ids, attention_mask, response_start=P)
-            logprobs = logprobs_from_logits(logits, rollout.response_ids, T)
-            del logits
-            ref = reference_logprobs(self.ref_lm, input_ids, attention_mask, P, T)
-        mask = rollout.response_mask
-        seq_kl = torch.where(mask, logprobs - ref, torch.zeros_like(ref)).sum(dim=1)
-        B = len(rollout.prompts)
-        metrics = {
-            "val/reward": scores.mean(),
-            "val/kl": seq_kl.mean(),
-            "val/response_length": mask.sum(dim=1).float().mean(),
-            "val/ended_frac": rollout.ended.float().mean(),
+        seq_kl = eval_sequence_kl(self.policy.lm, self.ref_lm, rollout, T)
+        columns = [rollout.prompts, rollout.responses, scores.tolist()]
+        sums = {
+            "val/reward": scores.sum(),
+            "val/kl": seq_kl.sum(),
+            "val/response_length": rollout.response_mask.sum().float(),
+            "val/ended_frac": rollout.ended.float().sum(),
         }
-        gold = None
         if self.gold_reward is not None:
             gold = torch.as_tensor(self.gold_reward(rollout.prompts, rollout.responses)).float()
-            metrics["val/gold_score"] = gold.mean()
-        self.log_dict(
-            {k: v.to(self.device) for k, v in metrics.items()},
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=B,
-        )
+            sums["val/gold_score"] = gold.sum()
+            columns.append(gold.tolist())
+        sums["count"] = torch.tensor(float(len(rollout.prompts)))
+        for key, value in sums.items():
+            self._val_sums[key] += float(value)
         if batch_idx == 0:
             self._log_samples("val/samples", rollout.prompts, rollout.responses, scores.tolist())
-            columns = [rollout.prompts, rollout.responses, scores.tolist()]
-            if gold is not None:
-                columns.append(gold.tolist())
             self.val_samples = list(zip(*columns))
+
+    def on_validation_epoch_end(self) -> None:
+        """Means over all eval prompts of all ranks, logged at x = PPO iterations completed."""
+        keys = sorted(self._val_sums)
+        totals = torch.tensor([self._val_sums[k] for k in keys], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            totals = totals.to(self.device)
+            dist.all_reduce(totals)
+        totals = dict(zip(keys, totals.tolist()))
+        count = totals.pop("count")
+        means = {key: value / count for key, value in totals.items()}
+        self.log_dict(means, logger=False)  # for callbacks, the progress bar and the task metric
+        iterations_done = self.current_epoch + 1 if self.trainer.state.fn == "fit" else 0
+        if self.global_rank == 0:
+            for logger in self.loggers:
+                logger.log_metrics(means, step=iterations_done)
 
     # ------------------------------------------------------------------------- checkpointing
     def on_save_checkpoint(self, checkpoint: dict) -> None:
