@@ -709,3 +709,21 @@ def test_lightning_fit_and_resume_take_one_rollout_batch_per_epoch(tokenizer, tm
     fresh = prompts_module(tokenizer, path, eval_fraction=0.2, batch_size=3, seed=7)
     _, second_half = fit_recording_prompts(fresh, max_epochs=4, ckpt_path=checkpoint)
     assert first_half + second_half == seen
+
+
+def test_chat_template_wraps_the_prompt_tokens_but_not_the_prompt_text(tmp_path):
+    from rlhf_lightning.data import PromptDataModule
+    from rlhf_lightning.models import apply_chat_template, load_tokenizer
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi there"}\n{"prompt": "second"}\n')
+    tok = load_tokenizer("builtin:tiny", padding_side="left")
+    dm = PromptDataModule(
+        str(path), tok, max_prompt_length=64, batch_size=1, eval_batch_size=1, seed=0,
+        eval_path=str(path), chat_template=True,
+    )  # fmt: skip
+    dm.setup("fit")
+    item = next(i for i in dm.train_items if i["prompt"] == "hi there")
+    expected = apply_chat_template(tok, ["hi there"])[0]
+    assert tok.decode(item["input_ids"]) == expected
+    assert expected.startswith("<|im_start|>user\nhi there") and item["prompt"] == "hi there"

@@ -23,6 +23,7 @@ from rlhf_lightning.data.validation import (
     keep_good_rows,
     read_text,
 )
+from rlhf_lightning.models.loading import apply_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,10 @@ class PromptDataModule(SplitDataModule):
     """Prompts from a local file or a hub dataset, validated and tokenised once in `setup`.
 
     Each row's text goes through: optional random-length token prefix (`prefix_tokens`, seeded
-    per row) -> optional `template` (a format string with `{prompt}`) -> tokenizer (with its
-    special tokens) -> `too_long` policy against `max_prompt_length`. Exact duplicate prompts
+    per row) -> optional `template` (a format string with `{prompt}`) -> with `chat_template`,
+    the tokenizer's chat template (one user turn plus the assistant header; the batch's
+    `prompts` keep the plain text for reward sources) -> tokenizer (with its special tokens)
+    -> `too_long` policy against `max_prompt_length`. Exact duplicate prompts
     are bad rows. Without `eval_path`, `eval_fraction` of the (validated) rows is split off by
     `seed` for evaluation.
 
@@ -72,6 +75,7 @@ class PromptDataModule(SplitDataModule):
         too_long: str = "truncate_left",
         on_bad_row: str = "error",
         num_workers: int = 0,
+        chat_template: bool = False,
     ) -> None:
         super().__init__(
             path=path,
@@ -98,6 +102,7 @@ class PromptDataModule(SplitDataModule):
         self.template = template
         self.prefix_tokens = None if prefix_tokens is None else _check_prefix_tokens(prefix_tokens)
         self.too_long = too_long
+        self.chat_template = chat_template
 
     def train_dataloader(self) -> DataLoader:
         items = self._require_setup(self.train_items)
@@ -151,7 +156,11 @@ class PromptDataModule(SplitDataModule):
         if self.prefix_tokens is not None:
             text = self._random_prefix(row, text)
         prompt = text if self.template is None else self.template.format(prompt=text)
-        token_ids = self.tokenizer(prompt)["input_ids"]
+        if self.chat_template:  # a user turn + the assistant header; rewards still see `prompt`
+            chat = apply_chat_template(self.tokenizer, [prompt])[0]
+            token_ids = self.tokenizer(chat, add_special_tokens=False)["input_ids"]
+        else:
+            token_ids = self.tokenizer(prompt)["input_ids"]
         kept_ids = fit_prompt_length(token_ids, self.max_prompt_length, self.too_long)
         truncated = len(kept_ids) < len(token_ids)
         if truncated:

@@ -114,7 +114,10 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
 
     tokenizer = load_policy_tokenizer(cfg, padding_side="left")
     datamodule = instantiate(
-        cfg.data.prompts, tokenizer=tokenizer, batch_size=ppo_cfg.rollout_batch_size
+        cfg.data.prompts,
+        tokenizer=tokenizer,
+        batch_size=ppo_cfg.rollout_batch_size,
+        chat_template=cfg.policy.get("use_chat_template", False),
     )
     datamodule.setup("fit")  # reads and validates every prompt before any model loads
     check_critic_tokenizer(ppo_cfg, tokenizer)
