@@ -25,9 +25,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside it, then renames it into place.
 
     A crash while saving leaves the previous checkpoint intact instead of a truncated file.
-    Loading uses ``torch.load(weights_only=False)`` only for checkpoints this framework wrote
-    (they hold optimizer and RNG state); model weights from elsewhere go through safetensors.
+    Checkpoints load with ``torch.load(weights_only=True)``: they hold only tensors and plain
+    containers (optimizer, scheduler and KL-controller states included), never pickled code.
     """
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, **kwargs) -> dict:
+        kwargs["weights_only"] = True
+        return super().load_checkpoint(path, map_location=map_location, **kwargs)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
