@@ -66,6 +66,25 @@ def test_tiny_pipeline_runs_end_to_end_and_exports(tmp_path):
     assert (tmp_path / "checkpoints" / "ppo" / "last.ckpt").is_file()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
+    # The first things a user runs after training: sample from and evaluate the export.
+    from rlhf_lightning.cli import evaluate, generate
+
+    samples = tmp_path / "samples.jsonl"
+    generate.main([str(tmp_path / "policy"), "The film was", "--max-new-tokens", "6",
+                   "--num-samples", "2", "--output", str(samples)])  # fmt: skip
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["prompt"] == "The film was" for r in rows)
+    report = tmp_path / "eval.json"
+    evaluate.main([
+        str(tmp_path / "policy"), "--reference", "builtin:tiny",
+        "--prompts", "shipped:sentiment/data/tiny_prompts.jsonl", "--num-prompts", "8",
+        "--reward", f"learned:{tmp_path / 'reward_model'}", "--gold", "vader",
+        "--max-new-tokens", "6", "--output", str(report),
+    ])  # fmt: skip
+    metrics = json.loads(report.read_text())["metrics"]
+    assert {"reward", "gold_score", "kl", "win_rate", "distinct_1"} <= set(metrics)
+    assert 0.0 <= metrics["win_rate"] <= 1.0
+
 
 def test_bad_config_fails_before_any_model_loads(tmp_path):
     cfg = _cfg(tmp_path, "task=ppo", "reward=token_fraction", "algorithm.minibatch_size=3")

@@ -1,0 +1,319 @@
+"""Time PPO iterations of rlhf_lightning, split by phase, with tokens/s, peak memory and MFU.
+
+Runs the real ``PPOModule`` under a Lightning ``Trainer`` (what ``rlhf-train task=ppo`` runs,
+without checkpointing, logging or evaluation) and reads the phase times that ``training_step``
+logs (``time/rollout``, ``time/experience`` -- reward scoring included --, ``time/update``) from
+``trainer.callback_metrics`` after each iteration; s/iter is the wall time from one iteration's
+end to the next (Lightning's loop and data loading included). ``--warmup`` iterations run first
+and are not timed. See ``bench_common`` for the memory, matmul-peak and FLOP definitions; here
+
+- rollout FLOP    = 2 * N_lm * B * (P + R)                      (prefill + KV-cached decoding)
+- experience FLOP = 2 * (N_policy + N_ref + N_reward) * B * (P + R)
+- update FLOP     = 6 * N_policy * B * (P + R) * epochs_done    (fwd + bwd of every micro-batch)
+
+with P, R the padded prompt and response widths of the iteration, N_policy the policy with its
+value head (and critic backbone, if any), N_reward the reward model's parameters (0 for rule
+rewards; its own tokenisation is approximated by the policy's B * (P + R) tokens).
+
+Example (tiny model, 1 thread)::
+
+    python experiments/benchmarks/bench_ppo.py --policy builtin:tiny --reward token_fraction:e \
+        --batch 8 --minibatch 4 --epochs 4 --new-tokens 48 --iterations 3 --warmup 1 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+DEFAULT_PROMPTS = REPO / "experiments" / "sentiment" / "data" / "prompts_train.jsonl"
+
+sys.path.insert(0, str(HERE))  # bench_common
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", default="builtin:smollm2", help="name_or_path of the policy")
+    p.add_argument(
+        "--reward",
+        default="vader",
+        help="vader | learned:DIR (a saved ScalarRewardModel) | token_fraction:CHAR",
+    )
+    p.add_argument(
+        "--critic",
+        default=None,
+        metavar="DIR",
+        help="value_model=critic started from this saved reward model (default: shared head)",
+    )
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt file (jsonl/json/csv)")
+    p.add_argument("--max-prompt-length", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8, help="rollouts per iteration")
+    p.add_argument("--minibatch", type=int, default=4, help="rollouts per optimizer step")
+    p.add_argument("--micro", type=int, default=None, help="rollouts per forward (default: mb)")
+    p.add_argument("--epochs", type=int, default=4, help="PPO epochs per iteration")
+    p.add_argument("--new-tokens", type=int, default=48, help="max_new_tokens of the rollouts")
+    p.add_argument(
+        "--stop-token", default="eos", help="eos | none (always generate --new-tokens tokens)"
+    )
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--iterations", type=int, default=3, help="timed PPO iterations")
+    p.add_argument("--warmup", type=int, default=1, help="untimed PPO iterations run first")
+    p.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--policy-lr", type=float, default=1e-5)
+    p.add_argument("--value-lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--matmul-reps", type=int, default=5)
+    p.add_argument("--json", default=None, metavar="OUT", help="write the full result here")
+    args = p.parse_args(argv)
+    args.micro = args.micro or args.minibatch
+    if args.iterations < 1 or args.warmup < 0:
+        p.error("--iterations must be >= 1 and --warmup >= 0")
+    return args
+
+
+def build_reward(spec: str):
+    from rlhf_lightning.rewards import LearnedReward, TokenFractionReward, VaderReward
+
+    kind, _, value = spec.partition(":")
+    if kind == "vader" and not value:
+        return VaderReward()
+    if kind == "learned" and value:
+        return LearnedReward(value)
+    if kind == "token_fraction" and value:
+        return TokenFractionReward(value)
+    raise SystemExit(f"--reward: expected vader | learned:DIR | token_fraction:CHAR, got {spec!r}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+    from bench_common import (
+        RSSSampler,
+        compute_dtype,
+        count_params,
+        matmul_peak_flops,
+        max_rss_bytes,
+        phase_summary,
+        set_threads,
+        table_header,
+        table_row,
+        write_json,
+    )
+
+    set_threads(args.threads)
+    device = torch.device(args.device)
+    t_start = time.perf_counter()
+    peak = matmul_peak_flops(
+        device, compute_dtype(args.precision), args.matmul_size, args.matmul_reps
+    )
+
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from rlhf_lightning.config import GenerationConfig, KLConfig, PPOConfig
+    from rlhf_lightning.data import PromptDataModule
+    from rlhf_lightning.kl import FixedKLController
+    from rlhf_lightning.models import load_tokenizer
+    from rlhf_lightning.modules.ppo import PPOModule
+    from rlhf_lightning.tasks.ppo import build_policy
+
+    class ShapeRecordingPPOModule(PPOModule):
+        """``PPOModule`` that notes each rollout's padded shape (for the FLOP count) and
+        nothing else: the training step itself is untouched."""
+
+        shapes: list[dict] = []
+
+        def ppo_update(self, exp, iteration):
+            B, P = exp.query_ids.shape
+            self.shapes.append(
+                {
+                    "B": B,
+                    "P": P,
+                    "R": exp.response_ids.shape[1],
+                    "generated_tokens": int(exp.response_mask.sum()),
+                }
+            )
+            return super().ppo_update(exp, iteration)
+
+    total_iterations = args.warmup + args.iterations
+    ppo_cfg = PPOConfig(
+        num_iterations=total_iterations,
+        rollout_batch_size=args.batch,
+        minibatch_size=args.minibatch,
+        micro_batch_size=args.micro,
+        ppo_epochs=args.epochs,
+        policy_lr=args.policy_lr,
+        value_lr=args.value_lr,
+        lr_decay="constant",
+        value_model="critic" if args.critic else "shared",
+        critic_path=args.critic,
+        eval_every=0,
+        sample_table_every=0,
+        generation=GenerationConfig(
+            temperature=args.temperature,
+            max_new_tokens=args.new_tokens,
+            stop_token=None if args.stop_token.lower() == "none" else args.stop_token,
+        ),
+        kl=KLConfig(),
+    )
+    L.seed_everything(args.seed, verbose=False)
+    tokenizer = load_tokenizer(args.policy, padding_side="left")
+    datamodule = PromptDataModule(
+        path=args.prompts,
+        tokenizer=tokenizer,
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch,
+        eval_batch_size=args.batch,
+        seed=args.seed,
+        eval_fraction=0.01,
+        on_bad_row="skip",
+    )
+    datamodule.setup("fit")
+    reward = build_reward(args.reward)
+    policy_cfg = OmegaConf.create({"policy": {"name_or_path": args.policy, "dtype": "float32"}})
+    policy, ref_lm = build_policy(policy_cfg, ppo_cfg)
+    module = ShapeRecordingPPOModule(
+        policy,
+        ref_lm,
+        tokenizer,
+        reward,
+        ppo_cfg,
+        FixedKLController(ppo_cfg.kl.coef),
+        seed=args.seed,
+        policy_source=args.policy,
+    )
+    module.shapes = []
+    n_lm = count_params(policy.lm)
+    n_policy = count_params(policy)
+    n_ref = count_params(ref_lm)
+    n_reward = count_params(getattr(reward, "model", None))
+    load_s = time.perf_counter() - t_start
+
+    class PhaseTimer(L.Callback):
+        """Per iteration: the module's logged phase times and score, and the wall time from the
+        previous iteration's end (or the start of training) to this one's end, Lightning's loop
+        and data loading included. RSS sampling and the GPU peak restart with the first timed
+        iteration."""
+
+        def __init__(self) -> None:
+            self.rows: list[dict] = []
+            self.sampler = RSSSampler()
+            self._last_end = 0.0
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self._last_end = time.perf_counter()
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == args.warmup:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                self.sampler.start()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            self.rows.append(
+                {"wall_s": now - self._last_end, "global_step": trainer.global_step, **m}
+            )
+            self._last_end = now
+
+    timer = PhaseTimer()
+    trainer = L.Trainer(
+        accelerator=args.device,
+        devices=1,
+        precision=args.precision,
+        max_epochs=total_iterations,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        reload_dataloaders_every_n_epochs=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    peak_rss_timed = timer.sampler.stop()
+    peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+    iterations = []
+    previous_step = 0
+    for row, shape in zip(timer.rows, module.shapes, strict=True):
+        tokens = shape["B"] * (shape["P"] + shape["R"])
+        epochs_done = row["policy/epochs"]
+        iterations.append(
+            {
+                "iteration_s": row["wall_s"],
+                "step_s": row["time/iteration"],
+                "rollout_s": row["time/rollout"],
+                "experience_s": row["time/experience"],
+                "update_s": row["time/update"],
+                "generated_tokens": shape["generated_tokens"],
+                "trained_tokens": shape["generated_tokens"] * epochs_done,
+                "response_length": row["rollout/response_length"],
+                "padded_shape": shape,
+                "epochs_done": epochs_done,
+                "optimizer_steps": row["global_step"] - previous_step,
+                "flop_rollout": 2.0 * n_lm * tokens,
+                "flop_experience": 2.0 * (n_policy + n_ref + n_reward) * tokens,
+                "flop_update": 6.0 * n_policy * tokens * epochs_done,
+                "score": row["objective/score"],
+                "kl": row["kl/sequence"],
+            }
+        )
+        previous_step = row["global_step"]
+    timed = iterations[args.warmup :]
+    summary = phase_summary(timed, peak["flops"])
+    summary.update(
+        {
+            "scores": [it["score"] for it in iterations],
+            "optimizer_steps_per_iteration": [it["optimizer_steps"] for it in iterations],
+            "peak_rss_process_bytes": max_rss_bytes(),
+            "peak_rss_timed_bytes": peak_rss_timed if device.type == "cpu" else None,
+            "peak_gpu_bytes": peak_gpu,
+            "load_s": load_s,
+        }
+    )
+    result = {
+        "framework": "rlhf_lightning",
+        "args": vars(args) | {"threads": args.threads or torch.get_num_threads()},
+        "params": {"lm": n_lm, "policy": n_policy, "ref": n_ref, "reward": n_reward},
+        "matmul_peak": peak,
+        "summary": summary,
+        "iterations": iterations,
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+    }
+    write_json(args.json, result)
+    print(
+        f"matmul peak ({peak['dtype']}, {peak['size']}^2): {peak['flops'] / 1e9:.1f} GFLOP/s; "
+        f"params: lm {n_lm:,}, policy {n_policy:,}, ref {n_ref:,}, reward {n_reward:,}; "
+        f"optimizer steps per iteration: {summary['optimizer_steps_per_iteration']}"
+    )
+    print(table_header())
+    print(table_row(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
