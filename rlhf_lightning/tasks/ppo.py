@@ -158,8 +158,8 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     )
     baseline, baseline_samples = {}, []
     if ppo_cfg.eval_every and ckpt_path is None:
-        metrics = trainer.validate(module, datamodule, verbose=False)[0]
-        baseline = {k: float(v) for k, v in metrics.items()}
+        trainer.validate(module, datamodule, verbose=False)
+        baseline = {k: float(v) for k, v in trainer.callback_metrics.items()}
         baseline_samples = list(module.val_samples)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
