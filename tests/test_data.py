@@ -727,3 +727,32 @@ def test_chat_template_wraps_the_prompt_tokens_but_not_the_prompt_text(tmp_path)
     expected = apply_chat_template(tok, ["hi there"])[0]
     assert tok.decode(item["input_ids"]) == expected
     assert expected.startswith("<|im_start|>user\nhi there") and item["prompt"] == "hi there"
+
+
+def test_one_huge_row_names_its_row_or_is_counted(tmp_path):
+    from rlhf_lightning.data import PromptDataModule
+    from rlhf_lightning.data.validation import DataValidationError
+    from rlhf_lightning.models import load_tokenizer
+
+    path = tmp_path / "p.jsonl"
+    rows = ['{"prompt": "short one"}', json.dumps({"prompt": "x" * 200_000}), '{"prompt": "ok"}']
+    path.write_text("\n".join(rows) + "\n")
+    tok = load_tokenizer("builtin:tiny", padding_side="left")
+    kwargs = dict(max_prompt_length=32, batch_size=1, eval_batch_size=1, seed=0,
+                  eval_path=str(path))  # fmt: skip
+    with pytest.raises(DataValidationError, match=r"p\.jsonl, row 2"):
+        PromptDataModule(str(path), tok, too_long="error", **kwargs).setup("fit")
+    dm = PromptDataModule(str(path), tok, too_long="drop", on_bad_row="skip", **kwargs)
+    dm.setup("fit")
+    assert sum(dm.skipped.values()) >= 1 and len(dm.train_items) == 2
+
+
+def test_epoch_shuffle_sampler_depends_only_on_seed_and_epoch():
+    from rlhf_lightning.data.sampler import EpochShuffleSampler
+
+    a, b = EpochShuffleSampler(10, seed=3), EpochShuffleSampler(10, seed=3)
+    first = list(a)
+    a.set_epoch(5)
+    b.set_epoch(5)
+    assert list(a) == list(b) != first  # a fresh sampler at epoch 5 matches one that ran before
+    assert sorted(first) == list(range(10))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,58 @@ def test_nonfinite_loss_raises_or_skips_the_minibatch_when_configured():
     # 2 minibatches, one skipped: one optimizer step, and the parameters stayed finite.
     assert trainer.global_step == 1
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+@pytest.mark.slow
+def test_kill_9_reward_model_run_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """SIGKILL a reward-model run once epoch 1 is checkpointed; the resumed run ends identical."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    rm = [
+        sys.executable, "-m", "rlhf_lightning.cli.train", "task=reward_model",
+        "reward_backbone=tiny", "data/preferences=tiny", "trainer.enable_progress_bar=false",
+        "rm.max_epochs=40", "rm.lr=1e-3", "~logger",
+    ]  # fmt: skip
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    proc = subprocess.Popen(
+        [*rm, f"hydra.run.dir={crashed}"], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    last = crashed / "checkpoints" / "last.ckpt"
+    while proc.poll() is None:
+        try:
+            if last.is_file() and _final_state(crashed)["epoch"] >= 1:
+                break
+        except (OSError, RuntimeError, EOFError):  # replaced while we read it: look again
+            pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _final_state(crashed)["epoch"]
+    assert killed_at < 39, "the run ended before it was killed"
+
+    for run_dir, extra in ((crashed, ["ckpt_path=last"]), (straight, [])):
+        done = subprocess.run(
+            [*rm, f"hydra.run.dir={run_dir}", *extra], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _final_state(straight), _final_state(crashed)
+    assert a["global_step"] == b["global_step"]
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, msg=name)
+
+
+def test_offline_mode_opens_no_network_connection(monkeypatch):
+    from rlhf_lightning.models import ModelNotAvailableError, load_causal_lm, load_tokenizer
+
+    attempts = []
+
+    def refuse(sock, address):
+        attempts.append(address)
+        raise OSError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailableError, match="not reachable and not in the local cache"):
+        load_causal_lm("lvwerra/gpt2-imdb")
+    with pytest.raises(ModelNotAvailableError):
+        load_tokenizer("lvwerra/gpt2-imdb")
+    assert attempts == []

@@ -104,6 +104,22 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         run(cfg)
 
 
+def test_last_falls_back_to_the_newest_checkpoint_when_the_link_is_gone(tmp_path):
+    import time
+
+    from rlhf_lightning.tasks.common import resolve_ckpt_path
+
+    cfg = _cfg(tmp_path, "ckpt_path=last")
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    (directory / "iterepoch=1.ckpt").write_bytes(b"old")
+    time.sleep(0.01)
+    (directory / "iterepoch=2.ckpt").write_bytes(b"new")
+    assert resolve_ckpt_path(cfg) == str(directory / "iterepoch=2.ckpt")
+    (directory / "last.ckpt").write_bytes(b"link")
+    assert resolve_ckpt_path(cfg) == str(directory / "last.ckpt")
+
+
 @pytest.mark.slow
 def test_ppo_under_ddp_with_two_cpu_processes(tmp_path):
     """`strategy=ddp` re-launches the command as rank 1, so run the real CLI in a subprocess."""
@@ -125,3 +141,19 @@ def test_ppo_under_ddp_with_two_cpu_processes(tmp_path):
     )
     assert (tmp_path / "policy" / "model.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_critic_with_another_tokenizer_fails_before_models_load(tmp_path):
+    from rlhf_lightning.models import ScalarRewardModel, load_tokenizer
+
+    tokenizer = load_tokenizer("builtin:tiny", padding_side="right")
+    tokenizer.add_tokens(["<other>"])  # a different vocabulary from the policy's
+    critic_dir = tmp_path / "critic"
+    ScalarRewardModel.from_backbone("builtin:tiny").save_pretrained(critic_dir, tokenizer)
+    cfg = _cfg(
+        tmp_path, "task=ppo", "reward=token_fraction", "algorithm.value_model=critic",
+        f"algorithm.critic_path={critic_dir}",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="critic_path: .* different tokenizer"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists()

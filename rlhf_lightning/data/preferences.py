@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.base import SplitDataModule
 from rlhf_lightning.data.padding import pad_token_ids
+from rlhf_lightning.data.sampler import EpochShuffleSampler
 from rlhf_lightning.data.validation import (
     BadRow,
     BadRows,
@@ -46,8 +47,8 @@ class PreferenceDataModule(SplitDataModule):
     text, chosen identical to rejected, non-finite margin, exact duplicates. Without
     `eval_path`, `eval_fraction` of the rows is split off by `seed`.
 
-    Training batches are shuffled (seeded); under DDP Lightning's default distributed sampler
-    shards them.
+    Training batches are shuffled by `EpochShuffleSampler` (epoch e's order depends only on
+    seed + e, so a resumed run sees the same batches); under DDP Lightning shards them.
     """
 
     what = "preference pairs"
@@ -95,8 +96,8 @@ class PreferenceDataModule(SplitDataModule):
         self.joiner = joiner
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self._require_setup(self.train_items), self.batch_size, generator)
+        items = self._require_setup(self.train_items)
+        return self._loader(items, self.batch_size, EpochShuffleSampler(len(items), self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._require_setup(self.eval_items), self.eval_batch_size, None)
@@ -108,14 +109,11 @@ class PreferenceDataModule(SplitDataModule):
             (item["prompt"], item["rejected"]) for item in items
         ]
 
-    def _loader(
-        self, items: list[dict], batch_size: int, generator: torch.Generator | None
-    ) -> DataLoader:
+    def _loader(self, items: list[dict], batch_size: int, sampler) -> DataLoader:
         return DataLoader(
             items,
             batch_size=batch_size,
-            shuffle=generator is not None,
-            generator=generator,
+            sampler=sampler,
             collate_fn=partial(collate_pairs, pad_id=self.pad_id),
             num_workers=self.num_workers,
         )

@@ -71,3 +71,29 @@ class RolloutSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         start = (self.epoch * self.world_size + self.rank) * len(self)
         return iter(stream_indices(self.num_items, self.seed, start, len(self)))
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation each epoch, drawn from a generator seeded with ``seed + epoch``.
+
+    Unlike ``shuffle=True`` with one seeded generator, the order of epoch ``e`` does not depend
+    on how many epochs this process has run: a run resumed at epoch ``e`` (Lightning calls
+    ``set_epoch``) sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        if num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {num_items}")
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_items

@@ -41,7 +41,7 @@ from rlhf_lightning.kl import kl_penalty
 from rlhf_lightning.losses import explained_variance, ppo_policy_loss, value_loss
 from rlhf_lightning.ops import entropy_from_logits, logprobs_from_logits, masked_mean
 from rlhf_lightning.rollout.experience import Experience, make_experience, sequence_kl
-from rlhf_lightning.rollout.generation import resolve_stop_token_ids, sample_responses
+from rlhf_lightning.rollout.generation import Rollout, resolve_stop_token_ids, sample_responses
 from rlhf_lightning.schedules import warmup_decay_lambda
 
 EVAL_SEED = 1234
@@ -153,21 +153,25 @@ class PPOModule(L.LightningModule):
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
     # ------------------------------------------------------------------------------- training
+    def sample(self, batch: dict) -> Rollout:
+        """One response per prompt of a ``PromptDataModule`` batch, from the current policy."""
+        return sample_responses(
+            self.policy.lm,
+            self.tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["prompts"],
+            self.cfg.generation,
+            self.stop_token_ids,
+        )
+
     def training_step(self, batch, batch_idx):
         cfg = self.cfg
         iteration = self.current_epoch
         torch.manual_seed(self.iteration_seed(iteration))
         t0 = time.perf_counter()
         self.policy.eval()
-        rollout = sample_responses(
-            self.policy.lm,
-            self.tokenizer,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["prompts"],
-            cfg.generation,
-            self.stop_token_ids,
-        )
+        rollout = self.sample(batch)
         t1 = time.perf_counter()
         raw_scores = torch.as_tensor(self.reward(rollout.prompts, rollout.responses)).float()
         raw_scores = raw_scores.to(self.device)
@@ -349,15 +353,7 @@ class PPOModule(L.LightningModule):
         """Sample on held-out prompts (fixed seed, training RNG untouched) and score them."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(EVAL_SEED + batch_idx + 7919 * self.global_rank)
-            rollout = sample_responses(
-                self.policy.lm,
-                self.tokenizer,
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["prompts"],
-                self.cfg.generation,
-                self.stop_token_ids,
-            )
+            rollout = self.sample(batch)
         scores = torch.as_tensor(self.reward(rollout.prompts, rollout.responses)).float()
         T = self.cfg.generation.temperature
         seq_kl = eval_sequence_kl(self.policy.lm, self.ref_lm, rollout, T)

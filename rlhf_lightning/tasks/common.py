@@ -61,19 +61,31 @@ def checkpoint_dir(cfg: DictConfig, stage: str | None = None) -> Path:
 
 
 def resolve_ckpt_path(cfg: DictConfig, stage: str | None = None) -> str | None:
-    """``ckpt_path``: None, ``"last"`` (``<run dir>/checkpoints[/stage]/last.ckpt``) or a path."""
+    """``ckpt_path``: None, ``"last"`` or a path.
+
+    ``"last"`` is ``<run dir>/checkpoints[/stage]/last.ckpt``; if a crash hit between replacing
+    that link and writing it again, the newest ``*.ckpt`` in the directory is used instead.
+    """
     value = cfg.get("ckpt_path")
     if value is None:
         return None
-    path = checkpoint_dir(cfg, stage) / "last.ckpt" if value == "last" else Path(value)
-    if not path.is_file():
-        hint = (
-            " (ckpt_path=last looks in the run dir: pass the old run's dir with hydra.run.dir=...)"
-            if value == "last"
-            else ""
-        )
-        raise FileNotFoundError(f"ckpt_path: no checkpoint at {path}{hint}")
-    return str(path)
+    if value != "last":
+        if not Path(value).is_file():
+            raise FileNotFoundError(f"ckpt_path: no checkpoint at {value}")
+        return str(value)
+    directory = checkpoint_dir(cfg, stage)
+    last = directory / "last.ckpt"
+    if last.is_file():
+        return str(last)
+    candidates = sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    candidates = [p for p in candidates if p.is_file()]
+    if candidates:
+        log.warning("%s is missing: resuming from the newest checkpoint %s", last, candidates[-1])
+        return str(candidates[-1])
+    raise FileNotFoundError(
+        f"ckpt_path: no checkpoint at {last} (ckpt_path=last looks in the run dir: pass the old "
+        "run's dir with hydra.run.dir=...)"
+    )
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, **overrides) -> L.Trainer:
