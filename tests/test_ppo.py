@@ -176,3 +176,17 @@ def test_same_seed_gives_same_metrics_and_resume_matches_uninterrupted_run(tmp_p
     assert len(resumed) == 1
     for key in ("objective/score", "kl/sequence", "loss/policy", "loss/value", "perf/lr"):
         assert resumed[0][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
+
+
+def test_value_head_runs_in_fp32_under_bf16_autocast():
+    module = tiny_ppo_module(tiny_ppo_config())
+    head = module.policy.value_head
+    torch.nn.init.normal_(head.weight, std=1.0)
+    captured = {}
+    head.register_forward_hook(lambda mod, args, out: captured.update(hidden=args[0], out=out))
+    exp = _experience(module, n=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, values = module.policy(exp.input_ids, exp.attention_mask)
+    assert captured["out"].dtype == torch.float32 and values.dtype == torch.float32
+    expected = captured["hidden"].float() @ head.weight.T + head.bias
+    torch.testing.assert_close(values, expected.squeeze(-1), rtol=1e-6, atol=1e-6)

@@ -85,7 +85,8 @@ class ScalarRewardModel(nn.Module):
         hidden = backbone_last_hidden_state(self.backbone, input_ids, attention_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last_hidden = hidden[rows, last_token_index(attention_mask)]  # (B, d)
-        scores = self.head(last_hidden.float()).squeeze(-1)
+        with torch.autocast(device_type=last_hidden.device.type, enabled=False):  # fp32 head
+            scores = self.head(last_hidden.float()).squeeze(-1)
         if normalize:
             scores = self.gain * scores + self.bias
         return scores

@@ -85,7 +85,9 @@ class PolicyWithValueHead(nn.Module):
             hidden = backbone_last_hidden_state(
                 self.critic_backbone, input_ids, attention_mask, position_ids
             )[:, keep]
-        values = self.value_head(hidden.float()).squeeze(-1)
+        # fp32 even under mixed-precision autocast (which would run this Linear in bf16/fp16).
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            values = self.value_head(hidden.float()).squeeze(-1)
         return logits, values
 
     def generate(self, **kwargs):
