@@ -1,0 +1,1 @@
+"""LightningModules: RewardModelModule (Bradley-Terry) and PPOModule (manual optimization)."""

@@ -1,0 +1,1 @@
+"""Rollouts: sampling responses (generation) and experience making for the PPO update."""
