@@ -187,3 +187,32 @@ def log_final_hparams(trainer, cfg: DictConfig, metrics: Mapping[str, float | No
             logger.log_metrics(logged, step=trainer.global_step)
         logger.finalize("success")  # fit closed the writers: flush what was written since
     return logged
+
+
+def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of every TensorBoard event file under ``run_dir``: tag -> sorted (step, value).
+
+    Used by the plotting scripts in ``experiments/``.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            points = ((e.step, e.value) for e in accumulator.Scalars(tag))
+            scalars.setdefault(tag, []).extend(points)
+    return {tag: sorted(points) for tag, points in scalars.items()}
+
+
+EVAL_METRICS = ("val/reward", "val/gold_score", "val/kl", "val/response_length")
+
+
+def eval_rows(scalars: Mapping[str, list[tuple[int, float]]]) -> list[dict[str, float]]:
+    """One row per PPO eval: ``iteration`` (0 = before PPO) and the ``val/`` metrics then."""
+    by_step: dict[int, dict[str, float]] = {}
+    for tag in EVAL_METRICS:
+        for step, value in scalars.get(tag, []):
+            by_step.setdefault(step, {})[tag] = value
+    return [{"iteration": step, **values} for step, values in sorted(by_step.items())]

@@ -182,9 +182,11 @@ def test_tiny_smoke_experiment_composes_for_every_task(task):
     )
 
 
-def test_sentiment_kl_sweep_is_a_vader_ppo_sweep_over_kl():
+def test_sentiment_kl_sweep_is_a_learned_reward_ppo_sweep_judged_by_vader():
     cfg = _compose("experiment=sentiment_kl_sweep")
-    assert cfg.task.name == "ppo" and cfg.reward._target_.endswith("VaderReward")
+    assert cfg.task.name == "ppo" and cfg.reward._target_.endswith("LearnedReward")
+    assert cfg.gold_reward._target_.endswith("VaderReward")
+    assert cfg.hydra.sweeper.params["kl"] == "fixed,adaptive"
     assert cfg.data.prompts.path.startswith("shipped:sentiment/")
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.hydra.sweeper.params["algorithm.kl.coef"].split(",")[0] == "0.0"
@@ -234,6 +236,18 @@ def test_ppo_kl_sweep_runs_are_compared_side_by_side(tmp_path, capsys):
     rows = _csv_rows(capsys, str(tmp_path), "--metrics", "val/reward,hparams/val/kl")
     assert [r["algorithm.kl.coef"] for r in rows] == ["0.0", "0.2"]
     assert all(r["val/reward"] and r["hparams/val/kl"] for r in rows)
+
+    # The over-optimisation plot script reads the same sweep: one table row per eval per run.
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "kl_sweep" / "plot.py"
+    spec = importlib.util.spec_from_file_location("kl_sweep_plot", script)
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    plot.main([str(tmp_path), "--out", str(tmp_path / "plots")])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| algorithm")]
+    assert len(lines) == 2 * 3  # 2 runs x (baseline + 2 evals)
+    assert (tmp_path / "plots" / "reward_vs_kl.png").stat().st_size > 0
 
 
 @pytest.mark.slow

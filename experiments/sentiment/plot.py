@@ -16,27 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalars of every event file under ``run_dir``: tag -> [(step, value), ...]."""
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return {tag: sorted(points) for tag, points in scalars.items()}
-
-
-def eval_rows(scalars) -> list[dict[str, float]]:
-    """One row per eval: iteration (0 = before PPO) and the val/ metrics logged then."""
-    by_step: dict[int, dict[str, float]] = {}
-    for tag in ("val/reward", "val/gold_score", "val/kl", "val/response_length"):
-        for step, value in scalars.get(tag, []):
-            by_step.setdefault(step, {})[tag] = value
-    return [{"iteration": step, **values} for step, values in sorted(by_step.items())]
+from rlhf_lightning.tracking import EVAL_METRICS, eval_rows, read_scalars  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,9 +64,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print("| iteration | learned reward | gold score | KL | response length |")
     print("|---|---|---|---|---|")
-    keys = ("val/reward", "val/gold_score", "val/kl", "val/response_length")
     for r in rows:
-        cells = ["-" if r.get(k) is None else f"{r[k]:.3f}" for k in keys]
+        cells = ["-" if r.get(k) is None else f"{r[k]:.3f}" for k in EVAL_METRICS]
         print(f"| {r['iteration']} | " + " | ".join(cells) + " |")
 
 
