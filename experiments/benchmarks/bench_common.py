@@ -246,3 +246,32 @@ def phase_summary(iterations: list[dict], peak_flops: float) -> dict:
         "mfu_by_phase": {p: achieved[p] / peak_flops for p in phases},
         "mfu": all_flop / max(phase_time, 1e-12) / peak_flops,
     }
+
+
+def environment(device: torch.device, **versions: str) -> dict:
+    """Where a result was measured: Python, torch, the given library versions, machine, device."""
+    import platform
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        **versions,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+
+
+def report(result: dict) -> dict:
+    """Write ``result`` to ``--json`` (if given) and print its summary line and table row."""
+    write_json(result["args"].get("json"), result)
+    peak, params = result["matmul_peak"], result["params"]
+    counts = ", ".join(f"{name} {n:,}" for name, n in params.items())
+    print(
+        f"matmul peak ({peak['dtype']}, {peak['size']}^2): {peak['flops'] / 1e9:.1f} GFLOP/s; "
+        f"params: {counts}; optimizer steps per iteration: "
+        f"{result['summary']['optimizer_steps_per_iteration']}"
+    )
+    print(table_header())
+    print(table_row(result))
+    return result

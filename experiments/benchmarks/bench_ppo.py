@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -102,13 +101,12 @@ def main(argv=None) -> dict:
         RSSSampler,
         compute_dtype,
         count_params,
+        environment,
         matmul_peak_flops,
         max_rss_bytes,
         phase_summary,
+        report,
         set_threads,
-        table_header,
-        table_row,
-        write_json,
     )
 
     set_threads(args.threads)
@@ -295,24 +293,9 @@ def main(argv=None) -> dict:
         "matmul_peak": peak,
         "summary": summary,
         "iterations": iterations,
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "lightning": L.__version__,
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        },
+        "environment": environment(device, lightning=L.__version__),
     }
-    write_json(args.json, result)
-    print(
-        f"matmul peak ({peak['dtype']}, {peak['size']}^2): {peak['flops'] / 1e9:.1f} GFLOP/s; "
-        f"params: lm {n_lm:,}, policy {n_policy:,}, ref {n_ref:,}, reward {n_reward:,}; "
-        f"optimizer steps per iteration: {summary['optimizer_steps_per_iteration']}"
-    )
-    print(table_header())
-    print(table_row(result))
-    return result
+    return report(result)
 
 
 if __name__ == "__main__":
