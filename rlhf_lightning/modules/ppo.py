@@ -123,14 +123,18 @@ class PPOModule(L.LightningModule):
         """
         return (self.seed * 1_000_003 + iteration) * 1_009 + self.global_rank
 
-    def on_fit_start(self) -> None:
+    def place_frozen_models(self) -> None:
+        """Move the reference and the reward sources (not Lightning-managed) to our device."""
         self.ref_lm.to(self.device)
         for source in (self.reward, self.gold_reward):
             if source is not None and hasattr(source, "to"):
                 source.to(self.device)
 
-    def on_validation_start(self) -> None:
-        self.on_fit_start()
+    def on_fit_start(self) -> None:
+        self.place_frozen_models()
+
+    def on_validation_start(self) -> None:  # also runs for trainer.validate() before fit
+        self.place_frozen_models()
 
     def configure_optimizers(self):
         policy_params, value_params = [], []
