@@ -229,6 +229,72 @@ class RMConfig:
             _check(self.gradient_clip_val > 0, f"{p}.gradient_clip_val", "must be > 0 (or null)")
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters on the policy (``policy.lora``, conf/peft/lora.yaml)."""
+
+    r: int = 16
+    """Rank of the adapters."""
+    alpha: float = 32.0
+    """Scale: the adapter output is multiplied by alpha / r."""
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    """Layer names to adapt (PEFT's ``target_modules``) or ``all-linear`` (all but the LM head)."""
+
+    def __post_init__(self) -> None:
+        p = "policy.lora"
+        _check(self.r >= 1, f"{p}.r", f"must be >= 1, got {self.r}")
+        _check(self.alpha > 0, f"{p}.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"{p}.dropout", f"must be in [0, 1), got {self.dropout}")
+        targets = self.target_modules
+        _check(
+            targets == "all-linear" or (isinstance(targets, list) and len(targets) > 0),
+            f"{p}.target_modules",
+            f"must be 'all-linear' or a non-empty list of layer names, got {targets!r}",
+        )
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """Memory / speed options of the trained policy (``policy.lora``, ``policy.compile``, ...)."""
+
+    lora: LoRAConfig | None = None
+    gradient_checkpointing: bool = False
+    compile: dict[str, Any] | None = None
+    """Keyword arguments of ``torch.compile`` for the training forward; None: eager."""
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.gradient_checkpointing, bool),
+            "policy.gradient_checkpointing",
+            f"must be true or false, got {self.gradient_checkpointing!r}",
+        )
+        _check(
+            self.compile is None or isinstance(self.compile, dict),
+            "policy.compile",
+            f"must be null or a mapping of torch.compile arguments, got {self.compile!r}",
+        )
+
+
+def policy_options_from(node: DictConfig | dict) -> PolicyOptions:
+    """The memory / speed options of ``cfg.policy`` (other policy keys are the loader's)."""
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    lora = data.get("lora")
+    if lora is not None:
+        _check(isinstance(lora, dict), "policy.lora", f"must be a mapping, got {lora!r}")
+        cls, lora = _to_dataclass(LoRAConfig, lora, "policy.lora")
+        lora = cls(**lora)
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            _check(False, "policy.lora", "needs PEFT: pip install 'rlhf-lightning[lora]'")
+    return PolicyOptions(
+        lora=lora,
+        gradient_checkpointing=data.get("gradient_checkpointing", False),
+        compile=data.get("compile"),
+    )
+
+
 def _to_dataclass(cls, node: DictConfig | dict, prefix: str):
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
     known = {f.name for f in fields(cls)}

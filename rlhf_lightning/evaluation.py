@@ -32,6 +32,7 @@ from rlhf_lightning.config import GenerationConfig
 from rlhf_lightning.data.loading import resolve_data_path
 from rlhf_lightning.data.padding import pad_token_ids, require_pad_token_id
 from rlhf_lightning.models import load_causal_lm, load_tokenizer
+from rlhf_lightning.models.adapters import inject_lora, merged_copy
 from rlhf_lightning.rewards import (
     CallableReward,
     ClassifierReward,
@@ -116,7 +117,12 @@ def load_policy_for_inference(
             f"{path}: cannot load its base policy {source!r}: {error} "
             "(pass another base model with --base MODEL)"
         ) from error
+    lora = state.get("policy_lora") if isinstance(state, dict) else None
+    if lora:  # a LoRA run: the same adapters, loaded, then merged into a plain model
+        lm = inject_lora(lm, **lora)
     _load_lm_weights(lm, lm_state, path, source)
+    if lora:
+        lm = merged_copy(lm)
     return lm.eval(), tokenizer
 
 

@@ -75,6 +75,9 @@ class PPOModule(L.LightningModule):
         seed: base of the per-iteration seeds (:meth:`iteration_seed`).
         policy_source: ``name_or_path`` of the base policy, stored in checkpoints so tools
             (``rlhf-generate``, ``rlhf-eval``) can rebuild the model from a ``.ckpt``.
+        policy_lora: the LoRA settings of the policy (``asdict(LoRAConfig)``) or None, stored in
+            checkpoints for the same reason. With LoRA, ``ref_lm`` is
+            :class:`~rlhf_lightning.models.adapters.AdaptersDisabled` (the policy's own weights).
     """
 
     def __init__(
@@ -88,15 +91,17 @@ class PPOModule(L.LightningModule):
         gold_reward=None,
         seed: int = 0,
         policy_source: str | None = None,
+        policy_lora: dict | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
         # Held outside nn.Module registration: no grad, no optimizer state, no checkpoint bytes.
         self._frozen = {"ref": ref_lm}
-        for p in ref_lm.parameters():
-            p.requires_grad_(False)
-        ref_lm.eval()
+        if isinstance(ref_lm, torch.nn.Module):  # a separate copy (not the LoRA base view)
+            for p in ref_lm.parameters():
+                p.requires_grad_(False)
+            ref_lm.eval()
         self.tokenizer = tokenizer
         self.reward = reward
         self.gold_reward = gold_reward
@@ -104,6 +109,7 @@ class PPOModule(L.LightningModule):
         self.kl_ctl = kl_controller
         self.seed = seed
         self.policy_source = policy_source
+        self.policy_lora = policy_lora
         self.stop_token_ids = resolve_stop_token_ids(tokenizer, cfg.generation.stop_token)
         self.nonfinite_skips = 0
         # (prompt, response, reward[, gold]) of the first eval batch of the latest eval.
@@ -401,6 +407,7 @@ class PPOModule(L.LightningModule):
             "kl_controller": self.kl_ctl.state_dict(),
             "nonfinite_skips": self.nonfinite_skips,
             "policy_source": self.policy_source,
+            "policy_lora": self.policy_lora,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

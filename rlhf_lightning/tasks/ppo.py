@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -17,8 +18,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from rlhf_lightning.config import ConfigError, ppo_config_from
+from rlhf_lightning.config import ConfigError, policy_options_from, ppo_config_from
 from rlhf_lightning.models import PolicyWithValueHead, ScalarRewardModel, load_reward_tokenizer
+from rlhf_lightning.models.adapters import (
+    AdaptersDisabled,
+    compile_policy,
+    enable_gradient_checkpointing,
+    has_adapters,
+    inject_lora,
+    merged_copy,
+)
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import build_reward
 from rlhf_lightning.rollout.generation import resolve_stop_token_ids
@@ -52,6 +61,7 @@ def run(cfg: DictConfig) -> float | None:
 def validate_ppo_setup(cfg: DictConfig):
     """Every check that needs no model: returns the validated PPOConfig."""
     ppo_cfg = ppo_config_from(cfg.algorithm)
+    policy_options_from(cfg.policy)
     strategy = cfg.trainer.get("strategy", "auto")
     if isinstance(strategy, str) and strategy not in SUPPORTED_STRATEGIES:
         raise ConfigError(
@@ -83,21 +93,39 @@ def check_critic_tokenizer(ppo_cfg, tokenizer) -> None:
 
 
 def build_policy(cfg: DictConfig, ppo_cfg):
-    """Policy with value head (or critic) and the frozen reference, in the policy's dtype."""
+    """Policy with value head (or critic) and the frozen reference, in the policy's dtype.
+
+    With ``policy.lora`` the reference is the policy with its adapters disabled (no copy of the
+    weights); otherwise a frozen deep copy of the policy LM.
+    """
+    options = policy_options_from(cfg.policy)
     lm = load_policy_lm(cfg)
-    ref_lm = copy.deepcopy(lm)
+    if options.lora is not None:
+        ref_lm = AdaptersDisabled(inject_lora(lm, **asdict(options.lora)))
+    else:
+        ref_lm = copy.deepcopy(lm)
     if ppo_cfg.value_model == "critic":
         critic = ScalarRewardModel.from_pretrained(ppo_cfg.critic_path)
         policy = PolicyWithValueHead.from_reward_model(lm, critic)
     else:
         policy = PolicyWithValueHead(lm)
+    if options.gradient_checkpointing:
+        enable_gradient_checkpointing(policy.lm)
+        if policy.critic_backbone is not None:
+            enable_gradient_checkpointing(policy.critic_backbone)
+    if options.compile is not None:
+        compile_policy(policy, **options.compile)
     return policy, ref_lm
 
 
 def export_policy(module: PPOModule, tokenizer, out_dir: Path) -> Path:
-    """``save_pretrained`` of the policy LM (plain transformers loads it) + the value head."""
+    """``save_pretrained`` of the policy LM (plain transformers loads it) + the value head.
+
+    LoRA adapters are merged into the exported weights (the export needs no PEFT).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    module.policy.lm.save_pretrained(out_dir, safe_serialization=True)
+    lm = merged_copy(module.policy.lm) if has_adapters(module.policy.lm) else module.policy.lm
+    lm.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     head = {
         k: v.detach().cpu().contiguous() for k, v in module.policy.value_head.state_dict().items()
@@ -137,6 +165,7 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         gold,
         seed=cfg.seed,
         policy_source=cfg.policy.name_or_path,
+        policy_lora=asdict(lora) if (lora := policy_options_from(cfg.policy).lora) else None,
     )
 
     checkpoint = ModelCheckpoint(
