@@ -121,6 +121,8 @@ class PPOConfig:
     value_lr: float = 1e-4
     weight_decay: float = 0.0
     adam_eps: float = 1e-5
+    fused_adam: bool = True
+    """PyTorch's fused AdamW kernel where it applies (see ``rlhf_lightning.optim.adamw``)."""
     warmup_ratio: float = 0.0
     lr_decay: str = "linear"
     eval_every: int = 5
@@ -208,6 +210,7 @@ class RMConfig:
     max_epochs: int = 2
     lr: float = 5e-5
     weight_decay: float = 0.01
+    fused_adam: bool = True
     warmup_ratio: float = 0.1
     normalize: bool = True
     monitor: str = "val/accuracy"

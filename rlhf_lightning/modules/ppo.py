@@ -40,6 +40,7 @@ from rlhf_lightning.evaluation import sequence_kl as eval_sequence_kl
 from rlhf_lightning.kl import kl_penalty
 from rlhf_lightning.losses import explained_variance, ppo_policy_loss, value_loss
 from rlhf_lightning.ops import entropy_from_logits, logprobs_from_logits, masked_mean
+from rlhf_lightning.optim import adamw
 from rlhf_lightning.rollout.experience import Experience, make_experience, sequence_kl
 from rlhf_lightning.rollout.generation import Rollout, resolve_stop_token_ids, sample_responses
 from rlhf_lightning.schedules import warmup_decay_lambda
@@ -150,8 +151,11 @@ class PPOModule(L.LightningModule):
         groups = [{"params": policy_params, "lr": self.cfg.policy_lr}]
         if value_params:
             groups.append({"params": value_params, "lr": self.cfg.value_lr})
-        optimizer = torch.optim.AdamW(
-            groups, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay
+        optimizer = adamw(
+            groups,
+            fused=self.cfg.fused_adam,
+            eps=self.cfg.adam_eps,
+            weight_decay=self.cfg.weight_decay,
         )
         total = self.cfg.num_iterations * self.cfg.optimizer_steps_per_iteration
         schedule = warmup_decay_lambda(

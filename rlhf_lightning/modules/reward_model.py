@@ -15,6 +15,7 @@ import torch
 from rlhf_lightning.config import RMConfig
 from rlhf_lightning.losses import bradley_terry_loss
 from rlhf_lightning.models import encode_for_reward
+from rlhf_lightning.optim import adamw
 from rlhf_lightning.schedules import warmup_decay_lambda
 
 
@@ -76,11 +77,12 @@ class RewardModelModule(L.LightningModule):
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-        optimizer = torch.optim.AdamW(
+        optimizer = adamw(
             [
                 {"params": decay, "weight_decay": self.cfg.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
+            fused=self.cfg.fused_adam,
             lr=self.cfg.lr,
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)

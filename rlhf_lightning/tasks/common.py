@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import tempfile
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_lightning.config import ConfigError
 from rlhf_lightning.tracking import run_name
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, **overrides) -> L.Trainer:
     sweep varies, e.g. ``algorithm.kl.coef=0.1`` (``rlhf_lightning.tracking.run_name``).
     """
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(trainer_kwargs.get("strategy"), dict):  # a configured strategy (_target_)
+        trainer_kwargs["strategy"] = instantiate(cfg.trainer.strategy)
     trainer_kwargs.update(overrides)
     logger = False
     if cfg.get("logger"):
@@ -107,6 +111,29 @@ def build_trainer(cfg: DictConfig, callbacks: list, **overrides) -> L.Trainer:
         default_root_dir=str(run_dir(cfg)),
         **trainer_kwargs,
     )
+
+
+def strategy_name(cfg: DictConfig) -> str:
+    """``trainer.strategy`` as a name: the string itself, or the ``_target_`` of a mapping."""
+    strategy = cfg.trainer.get("strategy", "auto")
+    return strategy if isinstance(strategy, str) else str(strategy.get("_target_"))
+
+
+def check_strategy_available(cfg: DictConfig) -> None:
+    """Sharded strategies need GPUs (Lightning's FSDP / DeepSpeed) and DeepSpeed its package:
+    say so before any model loads."""
+    name = strategy_name(cfg)
+    sharded = name.startswith("deepspeed") or "fsdp" in name.lower()
+    if sharded and cfg.trainer.get("accelerator") == "cpu":
+        raise ConfigError(
+            f"invalid config: trainer.strategy: {name!r} needs GPUs in Lightning "
+            "(trainer.accelerator=gpu); on CPUs use ddp (trainer=ddp_cpu)"
+        )
+    if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            f"invalid config: trainer.strategy: {name!r} needs DeepSpeed (pip install deepspeed, "
+            "on a machine with CUDA)"
+        )
 
 
 def lr_monitor(cfg: DictConfig) -> list:

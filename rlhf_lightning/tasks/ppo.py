@@ -33,12 +33,14 @@ from rlhf_lightning.rewards import build_reward
 from rlhf_lightning.rollout.generation import resolve_stop_token_ids
 from rlhf_lightning.tasks.common import (
     build_trainer,
+    check_strategy_available,
     checkpoint_dir,
     load_policy_lm,
     load_policy_tokenizer,
     lr_monitor,
     resolve_ckpt_path,
     run_dir,
+    strategy_name,
     task_metric,
 )
 from rlhf_lightning.tracking import log_final_hparams
@@ -62,13 +64,16 @@ def validate_ppo_setup(cfg: DictConfig):
     """Every check that needs no model: returns the validated PPOConfig."""
     ppo_cfg = ppo_config_from(cfg.algorithm)
     policy_options_from(cfg.policy)
-    strategy = cfg.trainer.get("strategy", "auto")
-    if isinstance(strategy, str) and strategy not in SUPPORTED_STRATEGIES:
+    strategy = strategy_name(cfg)
+    if strategy not in SUPPORTED_STRATEGIES:
         raise ConfigError(
-            f"invalid config: trainer.strategy: {strategy!r} is not supported for PPO yet "
-            f"(rollouts need the full parameters on each rank); use one of "
-            f"{', '.join(SUPPORTED_STRATEGIES)}"
+            f"invalid config: trainer.strategy: {strategy!r} is not supported for PPO: rollouts "
+            "call generate() on the policy and on a frozen reference outside the Lightning "
+            "module, which needs full parameters on every rank (FSDP / DeepSpeed shard them). "
+            f"Use one of {', '.join(SUPPORTED_STRATEGIES)}; to fit a larger policy, "
+            "peft=lora (no reference copy) and policy.gradient_checkpointing=true"
         )
+    check_strategy_available(cfg)
     if OmegaConf.select(cfg, "reward._target_") is None:
         raise ConfigError("invalid config: reward: needs a _target_ (e.g. reward=vader)")
     missing = OmegaConf.missing_keys(cfg.reward)

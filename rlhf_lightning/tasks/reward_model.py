@@ -20,6 +20,7 @@ from rlhf_lightning.models import ScalarRewardModel, load_tokenizer
 from rlhf_lightning.modules.reward_model import RewardModelModule, fit_normalization, score_texts
 from rlhf_lightning.tasks.common import (
     build_trainer,
+    check_strategy_available,
     checkpoint_dir,
     lr_monitor,
     resolve_ckpt_path,
@@ -47,6 +48,7 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     ``stage_dir``: checkpoint sub-directory (the pipeline keeps each stage's checkpoints apart).
     """
     rm_cfg = rm_config_from(cfg.rm)
+    check_strategy_available(cfg)
     ckpt_path = resolve_ckpt_path(cfg, stage_dir)
     L.seed_everything(cfg.seed, workers=True)
 

@@ -1,0 +1,44 @@
+"""AdamW with the fused kernel: same updates as the reference implementation, used by both tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_lightning.optim import adamw
+from tests.ppo_helpers import tiny_ppo_config, tiny_ppo_module
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((7, 5), (5,), (3, 2, 4))]
+
+
+def test_fused_adamw_matches_the_for_loop_implementation():
+    runs = {}
+    for fused in (True, False):
+        params = _params()
+        groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "lr": 3e-2}]
+        opt = adamw(groups, fused=fused, lr=1e-2, eps=1e-5)
+        assert bool(opt.defaults["fused"]) is fused
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        runs[fused] = [p.detach().clone() for p in params]
+    for a, b in zip(runs[True], runs[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(runs[True][0], _params()[0])  # the parameters did move
+
+
+def test_fused_is_skipped_for_parameters_it_cannot_handle():
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, device="meta"))]
+    assert not adamw([{"params": params}], fused=True, lr=1e-3).defaults["fused"]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_ppo_module_optimizer_follows_the_config(fused):
+    module = tiny_ppo_module(tiny_ppo_config(fused_adam=fused))
+    optimizers, _ = module.configure_optimizers()
+    assert bool(optimizers[0].defaults["fused"]) is fused
