@@ -73,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--matmul-reps", type=int, default=5)
+    p.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA rank (0: full model)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--no-fused-adam", action="store_true", help="PyTorch's default AdamW")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full result here")
     args = p.parse_args(argv)
     args.micro = args.micro or args.minibatch
@@ -158,6 +162,7 @@ def main(argv=None) -> dict:
         critic_path=args.critic,
         eval_every=0,
         sample_table_every=0,
+        fused_adam=not args.no_fused_adam,
         generation=GenerationConfig(
             temperature=args.temperature,
             max_new_tokens=args.new_tokens,
@@ -179,7 +184,14 @@ def main(argv=None) -> dict:
     )
     datamodule.setup("fit")
     reward = build_reward(args.reward)
-    policy_cfg = OmegaConf.create({"policy": {"name_or_path": args.policy, "dtype": "float32"}})
+    policy_options = {
+        "lora": {"r": args.lora, "alpha": 2.0 * args.lora} if args.lora else None,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "compile": {} if args.compile else None,
+    }
+    policy_cfg = OmegaConf.create(
+        {"policy": {"name_or_path": args.policy, "dtype": "float32", **policy_options}}
+    )
     policy, ref_lm = build_policy(policy_cfg, ppo_cfg)
     module = ShapeRecordingPPOModule(
         policy,
