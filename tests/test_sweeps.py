@@ -245,8 +245,9 @@ def test_ppo_kl_sweep_runs_are_compared_side_by_side(tmp_path, capsys):
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
     plot.main([str(tmp_path), "--out", str(tmp_path / "plots")])
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| algorithm")]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| fixed β=")]
     assert len(lines) == 2 * 3  # 2 runs x (baseline + 2 evals)
+    assert {ln.split(" | ")[0] for ln in lines} == {"| fixed β=0", "| fixed β=0.2"}
     assert (tmp_path / "plots" / "reward_vs_kl.png").stat().st_size > 0
 
 

@@ -1,11 +1,13 @@
 """The over-optimisation picture of a KL sweep: proxy (learned) reward and gold score vs KL.
 
-    python experiments/kl_sweep/plot.py outputs/multirun/sentiment_kl_sweep/<time> [--out DIR]
+    python experiments/kl_sweep/plot.py RUN_OR_SWEEP_DIR [...] [--out DIR]
 
-Reads every run of the sweep (each job dir holds ``.hydra/overrides.yaml`` and TensorBoard event
-files), takes one point per held-out eval of every run, and writes ``reward_vs_kl.png`` (learned
-reward and gold VADER score against the KL to the reference, a line per run, in the style of Gao
-et al. 2022) plus a markdown table of every eval point on stdout.
+Reads every run under the given directories (a run is a directory with ``.hydra/config.yaml``
+and TensorBoard event files: sweep dirs, single runs and the main job's run dir all work), takes
+one point per held-out eval of every run, and writes ``reward_vs_kl.png`` (learned reward and
+gold VADER score against the KL to the reference, a line per run, in the style of Gao et al.
+2022) plus a markdown table of every eval point on stdout. Runs are labelled by their KL
+controller and coefficient (and seed, when the runs use several).
 """
 
 from __future__ import annotations
@@ -17,28 +19,52 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-from rlhf_lightning.cli.compare import differing_keys, find_runs  # noqa: E402
 from rlhf_lightning.tracking import eval_rows, read_scalars  # noqa: E402
+
+
+def find_run_dirs(paths: list[Path]) -> list[Path]:
+    """Every directory holding ``.hydra/config.yaml`` under ``paths`` (each path included)."""
+    found = {f.parent.parent for p in paths for f in p.rglob(".hydra/config.yaml")}
+    return sorted(found)
+
+
+def kl_label(cfg) -> tuple[tuple, str]:
+    """(sort key, label) of a run from its KL settings, e.g. ``fixed β=0.05``."""
+    kl = cfg.algorithm.kl
+    adaptive = "Adaptive" in str(OmegaConf.select(kl, "controller._target_"))
+    if adaptive:
+        return (
+            1,
+            float(kl.target),
+            float(kl.coef),
+        ), f"adaptive β0={kl.coef:g} target={kl.target:g}"
+    return (0, float(kl.coef), 0.0), f"fixed β={kl.coef:g}"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("paths", type=Path, nargs="+", help="sweep or run directories")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args(argv)
-    runs = find_runs(args.sweep_dir)
-    if not runs:
-        raise SystemExit(f"{args.sweep_dir}: no runs (no .hydra/overrides.yaml under it)")
-    keys = differing_keys(runs) or ["path"]
+    run_dirs = find_run_dirs(args.paths)
+    if not run_dirs:
+        raise SystemExit(f"{args.paths}: no runs (no .hydra/config.yaml under them)")
+    configs = {d: OmegaConf.load(d / ".hydra" / "config.yaml") for d in run_dirs}
+    several_seeds = len({cfg.seed for cfg in configs.values()}) > 1
+    runs = []
+    for run_dir, cfg in configs.items():
+        key, label = kl_label(cfg)
+        if several_seeds:
+            label += f" seed={cfg.seed}"
+        runs.append((key, label, run_dir))
 
     fig, (ax_proxy, ax_gold) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     print("| run | iteration | KL | learned reward | gold score |")
     print("|---|---|---|---|---|")
-    for run in runs:
-        label = ",".join(f"{k}={run.overrides.get(k, '-')}" for k in keys if k != "path")
-        label = label or str(run.path)
-        rows = [r for r in eval_rows(read_scalars(args.sweep_dir / run.path)) if "val/kl" in r]
+    for _, label, run_dir in sorted(runs):
+        rows = [r for r in eval_rows(read_scalars(run_dir)) if "val/kl" in r]
         kl = [r["val/kl"] for r in rows]
         for ax, tag in ((ax_proxy, "val/reward"), (ax_gold, "val/gold_score")):
             ax.plot(kl, [r.get(tag) for r in rows], marker="o", label=label)
