@@ -73,9 +73,12 @@ class MetricHistory(L.Callback):
         self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def fit(module: PPOModule, max_epochs: int, tmp_path=None, ckpt_path=None, callbacks=()):
+def fit(
+    module: PPOModule, max_epochs: int, tmp_path=None, ckpt_path=None, callbacks=(), **trainer_kw
+):
     history = MetricHistory()
     trainer = L.Trainer(
+        **trainer_kw,
         max_epochs=max_epochs,
         logger=False,
         enable_checkpointing=tmp_path is not None,

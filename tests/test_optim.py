@@ -42,3 +42,23 @@ def test_ppo_module_optimizer_follows_the_config(fused):
     module = tiny_ppo_module(tiny_ppo_config(fused_adam=fused))
     optimizers, _ = module.configure_optimizers()
     assert bool(optimizers[0].defaults["fused"]) is fused
+
+
+def test_ppo_clips_the_global_gradient_norm():
+    module = tiny_ppo_module(tiny_ppo_config())
+    optimizer = module.configure_optimizers()[0][0]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    module._clip_gradients(optimizer, max_norm=0.5)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    torch.testing.assert_close(total, torch.tensor(0.5))
+
+
+def test_ppo_under_bf16_mixed_uses_the_fused_optimizer_and_clips():
+    from tests.ppo_helpers import fit
+
+    module = tiny_ppo_module(tiny_ppo_config(num_iterations=1, max_grad_norm=1e-3))
+    trainer, _ = fit(module, max_epochs=1, precision="bf16-mixed")
+    assert trainer.optimizers[0].defaults["fused"]
+    assert trainer.global_step == module.cfg.optimizer_steps_per_iteration

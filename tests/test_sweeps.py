@@ -186,10 +186,23 @@ def test_sentiment_kl_sweep_is_a_learned_reward_ppo_sweep_judged_by_vader():
     cfg = _compose("experiment=sentiment_kl_sweep")
     assert cfg.task.name == "ppo" and cfg.reward._target_.endswith("LearnedReward")
     assert cfg.gold_reward._target_.endswith("VaderReward")
-    assert cfg.hydra.sweeper.params["kl"] == "fixed,adaptive"
     assert cfg.data.prompts.path.startswith("shipped:sentiment/")
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.algorithm.kl.controller._target_.endswith("FixedKLController")
+    assert set(cfg.hydra.sweeper.params) == {"algorithm.kl.coef"}
     assert cfg.hydra.sweeper.params["algorithm.kl.coef"].split(",")[0] == "0.0"
+
+
+def test_sentiment_kl_adaptive_sweeps_the_target_with_a_horizon_that_lets_beta_move():
+    cfg = _compose("experiment=sentiment_kl_adaptive")
+    assert cfg.reward._target_.endswith("LearnedReward") and cfg.gold_reward is not None
+    assert cfg.algorithm.kl.controller._target_.endswith("AdaptiveKLController")
+    params = cfg.hydra.sweeper.params
+    assert params["algorithm.kl.coef"] == "0.05" and len(params["algorithm.kl.target"].split(",")) > 1
+    assert "sentiment_kl_adaptive" in cfg.hydra.sweep.dir
+    # K_beta = rollouts per iteration / horizon: beta may change by up to 0.2 * K_beta per step.
+    k_beta = cfg.algorithm.rollout_batch_size / cfg.algorithm.kl.horizon
+    assert 0.2 * k_beta >= 0.05
 
 
 def test_optuna_search_composes():

@@ -151,9 +151,10 @@ class PPOModule(L.LightningModule):
         groups = [{"params": policy_params, "lr": self.cfg.policy_lr}]
         if value_params:
             groups.append({"params": value_params, "lr": self.cfg.value_lr})
+        # Lightning's fp16 GradScaler path cannot clip gradients of a fused optimizer.
         optimizer = adamw(
             groups,
-            fused=self.cfg.fused_adam,
+            fused=self.cfg.fused_adam and self._precision() != "16-mixed",
             eps=self.cfg.adam_eps,
             weight_decay=self.cfg.weight_decay,
         )
@@ -251,11 +252,7 @@ class PPOModule(L.LightningModule):
                     self.nonfinite_skips += 1
                     continue
                 if cfg.max_grad_norm is not None:
-                    self.clip_gradients(
-                        optimizer,
-                        gradient_clip_val=cfg.max_grad_norm,
-                        gradient_clip_algorithm="norm",
-                    )
+                    self._clip_gradients(optimizer, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 minibatches += 1
@@ -422,6 +419,26 @@ class PPOModule(L.LightningModule):
         self.nonfinite_skips = state["nonfinite_skips"]
 
     # --------------------------------------------------------------------------------- helpers
+    def _precision(self) -> str:
+        return str(self._trainer.precision) if self._trainer is not None else "32-true"
+
+    def _clip_gradients(self, optimizer, max_norm: float) -> None:
+        """Clip the global gradient norm of all trained parameters to ``max_norm``.
+
+        With ``16-mixed`` Lightning's precision plugin unscales the fp16 gradients first. In every
+        other precision the gradients are already true gradients, and ``clip_grad_norm_`` does it
+        directly (Lightning's bf16-mixed plugin refuses to clip for a fused optimizer, although
+        there is nothing to unscale). PPO runs under the DDP family only, where every rank holds
+        the full, already averaged gradients, so the local norm is the global one.
+        """
+        if self._precision() == "16-mixed":
+            self.clip_gradients(
+                optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm"
+            )
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     def _check_finite(self, name: str, values: torch.Tensor, iteration: int) -> None:
         if not torch.isfinite(values).all():
             bad = int((~torch.isfinite(values)).sum())

@@ -72,6 +72,11 @@ class RewardModelModule(L.LightningModule):
         logger.experiment.add_histogram("train/rejected_reward_hist", rejected.cpu(), step)
         logger.experiment.add_histogram("train/margin_hist", (chosen - rejected).cpu(), step)
 
+    def _fused_allowed(self) -> bool:
+        """Lightning's mixed-precision plugins refuse to clip gradients of a fused optimizer."""
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        return not (precision.endswith("-mixed") and self.cfg.gradient_clip_val)
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
@@ -82,7 +87,7 @@ class RewardModelModule(L.LightningModule):
                 {"params": decay, "weight_decay": self.cfg.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
-            fused=self.cfg.fused_adam,
+            fused=self.cfg.fused_adam and self._fused_allowed(),
             lr=self.cfg.lr,
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
