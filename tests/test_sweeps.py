@@ -198,7 +198,9 @@ def test_sentiment_kl_adaptive_sweeps_the_target_with_a_horizon_that_lets_beta_m
     assert cfg.reward._target_.endswith("LearnedReward") and cfg.gold_reward is not None
     assert cfg.algorithm.kl.controller._target_.endswith("AdaptiveKLController")
     params = cfg.hydra.sweeper.params
-    assert params["algorithm.kl.coef"] == "0.05" and len(params["algorithm.kl.target"].split(",")) > 1
+    assert (
+        params["algorithm.kl.coef"] == "0.05" and len(params["algorithm.kl.target"].split(",")) > 1
+    )
     assert "sentiment_kl_adaptive" in cfg.hydra.sweep.dir
     # K_beta = rollouts per iteration / horizon: beta may change by up to 0.2 * K_beta per step.
     k_beta = cfg.algorithm.rollout_batch_size / cfg.algorithm.kl.horizon
@@ -289,3 +291,13 @@ def test_optuna_search_maximises_the_task_metric(tmp_path, capsys):
     rows = _csv_rows(capsys, str(tmp_path), "--metrics", "val/reward")
     assert [r["run"] for r in rows] == ["0", "1"]  # trial numbers; the values name the TB runs
     assert max(float(r["val/reward"]) for r in rows) == pytest.approx(results.best_value)
+
+
+def test_job_subdir_is_one_safe_directory_name():
+    from rlhf_lightning.cli.train import job_subdir
+
+    name = job_subdir(3, "algorithm.kl.coef=0.1,reward.path=outputs/p/rm,x=shipped\\:a/b")
+    assert name == "3_algorithm.kl.coef=0.1,reward.path=outputs_p_rm,x=shipped:a_b"
+    assert job_subdir(0, "") == "0"
+    long = job_subdir(12, "k=" + "v" * 400)
+    assert len(long) == 200 and long.startswith("12_k=")

@@ -23,12 +23,12 @@ def job_subdir(num: int, override_dirname: str) -> str:
     """A sweep job's directory name (``hydra.sweep.subdir``): ``<job number>_<overrides>``.
 
     Hydra's ``override_dirname`` keeps the ``/`` of path values (``reward.path=outputs/x``),
-    which would nest the job several directories deep, and can exceed the 255-character limit
-    of a file name: ``/`` becomes ``_`` and the name is cut at 200 characters; the job number
-    keeps names unique after the cut.
+    which would nest the job several directories deep, escapes ``:`` as ``\\:``, and can exceed
+    the 255-character limit of a file name: ``/`` becomes ``_``, escapes are dropped and the name
+    is cut at 200 characters; the job number keeps names unique after the cut.
     """
     name = f"{num}_{override_dirname}" if override_dirname else str(num)
-    return name.replace("/", "_")[:200]
+    return name.replace("/", "_").replace("\\", "")[:200]
 
 
 OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
