@@ -270,8 +270,8 @@ def test_ppo_kl_sweep_runs_are_compared_side_by_side(tmp_path, capsys):
 def test_multirun_over_tasks(tmp_path, capsys):
     _multirun(tmp_path, "experiment=tiny_smoke", "task=reward_model,pipeline")
     rows = _csv_rows(capsys, str(tmp_path))
-    assert [r["task"] for r in rows] == ["pipeline", "reward_model"]
-    assert all(r["val/accuracy"] for r in rows) and rows[0]["val/gold_score"]
+    assert [r["task"] for r in rows] == ["reward_model", "pipeline"]  # job order
+    assert all(r["val/accuracy"] for r in rows) and rows[1]["val/gold_score"]
     for row in rows:
         assert (
             _hparams_of(tmp_path / row["run"] / "tb" / f"task={row['task']}")["task"] == row["task"]
@@ -301,3 +301,15 @@ def test_job_subdir_is_one_safe_directory_name():
     assert job_subdir(0, "") == "0"
     long = job_subdir(12, "k=" + "v" * 400)
     assert len(long) == 200 and long.startswith("12_k=")
+
+
+def test_runs_are_listed_in_job_number_order():
+    from rlhf_lightning.cli.compare import natural_key
+
+    names = ["10_a=1", "2_a=3", "1_a=2", "0_a=9"]
+    assert sorted(names, key=lambda n: natural_key(Path(n))) == [
+        "0_a=9",
+        "1_a=2",
+        "2_a=3",
+        "10_a=1",
+    ]

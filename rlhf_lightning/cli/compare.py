@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,15 @@ def last_scalars(run_dir: Path) -> dict[str, float]:
     return {tag: value for tag, (_, _, value) in last.items()}
 
 
+def natural_key(path: Path) -> list:
+    """Sort key that orders ``2_x`` before ``10_x`` (sweep jobs by number)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
 def find_runs(sweep_dir: Path) -> list[Run]:
-    """Every run under ``sweep_dir`` (or ``sweep_dir`` itself), sorted by path."""
+    """Every run under ``sweep_dir`` (or ``sweep_dir`` itself), in job-number order."""
     runs = []
-    for overrides_file in sorted(sweep_dir.rglob(".hydra/overrides.yaml")):
+    for overrides_file in sorted(sweep_dir.rglob(".hydra/overrides.yaml"), key=natural_key):
         run_dir = overrides_file.parent.parent
         config_file = run_dir / ".hydra" / "config.yaml"
         config = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create()
