@@ -7,7 +7,7 @@ and TensorBoard event files: sweep dirs, single runs and the main job's run dir 
 one point per held-out eval of every run, and writes ``reward_vs_kl.png`` (learned reward and
 gold VADER score against the KL to the reference, a line per run, in the style of Gao et al.
 2022) plus a markdown table of every eval point on stdout. Runs are labelled by their KL
-controller and coefficient (and seed, when the runs use several).
+controller and coefficient (and seed and run length, when the runs differ in them).
 """
 
 from __future__ import annotations
@@ -53,11 +53,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.paths}: no runs (no .hydra/config.yaml under them)")
     configs = {d: OmegaConf.load(d / ".hydra" / "config.yaml") for d in run_dirs}
     several_seeds = len({cfg.seed for cfg in configs.values()}) > 1
+    several_lengths = len({cfg.algorithm.num_iterations for cfg in configs.values()}) > 1
     runs = []
     for run_dir, cfg in configs.items():
         key, label = kl_label(cfg)
         if several_seeds:
             label += f" seed={cfg.seed}"
+        if several_lengths:
+            label += f" ({cfg.algorithm.num_iterations} it.)"
         runs.append((key, label, run_dir))
 
     fig, (ax_proxy, ax_gold) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
