@@ -189,20 +189,26 @@ def log_final_hparams(trainer, cfg: DictConfig, metrics: Mapping[str, float | No
     return logged
 
 
+def scalar_events(run_dir: str | Path) -> Iterator[tuple[str, int, float, float]]:
+    """``(tag, step, wall_time, value)`` of every scalar in the event files under ``run_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            for e in accumulator.Scalars(tag):
+                yield tag, e.step, e.wall_time, e.value
+
+
 def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of every TensorBoard event file under ``run_dir``: tag -> sorted (step, value).
 
     Used by the plotting scripts in ``experiments/``.
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     scalars: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            points = ((e.step, e.value) for e in accumulator.Scalars(tag))
-            scalars.setdefault(tag, []).extend(points)
+    for tag, step, _, value in scalar_events(run_dir):
+        scalars.setdefault(tag, []).append((step, value))
     return {tag: sorted(points) for tag, points in scalars.items()}
 
 

@@ -85,19 +85,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_reward(spec: str):
-    from rlhf_lightning.rewards import LearnedReward, TokenFractionReward, VaderReward
-
-    kind, _, value = spec.partition(":")
-    if kind == "vader" and not value:
-        return VaderReward()
-    if kind == "learned" and value:
-        return LearnedReward(value)
-    if kind == "token_fraction" and value:
-        return TokenFractionReward(value)
-    raise SystemExit(f"--reward: expected vader | learned:DIR | token_fraction:CHAR, got {spec!r}")
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
@@ -125,6 +112,7 @@ def main(argv=None) -> dict:
 
     from rlhf_lightning.config import GenerationConfig, KLConfig, PPOConfig
     from rlhf_lightning.data import PromptDataModule
+    from rlhf_lightning.evaluation import reward_from_spec
     from rlhf_lightning.kl import FixedKLController
     from rlhf_lightning.models import load_tokenizer
     from rlhf_lightning.modules.ppo import PPOModule
@@ -183,7 +171,7 @@ def main(argv=None) -> dict:
         on_bad_row="skip",
     )
     datamodule.setup("fit")
-    reward = build_reward(args.reward)
+    reward = reward_from_spec(args.reward)  # the rlhf-eval spec: vader, learned:DIR, ...
     policy_options = {
         "lora": {"r": args.lora, "alpha": 2.0 * args.lora} if args.lora else None,
         "gradient_checkpointing": args.gradient_checkpointing,

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from rlhf_lightning.tracking import scalar_events
+
 
 @dataclass
 class Run:
@@ -37,18 +39,14 @@ def parse_override(line: str) -> tuple[str, str]:
 
 
 def last_scalars(run_dir: Path) -> dict[str, float]:
-    """The last value of every scalar tag in the TensorBoard event files under ``run_dir``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """The last value of every scalar tag in the TensorBoard event files under ``run_dir``.
 
+    "Last" is the highest (step, wall time): a resumed run that logs a step again wins.
+    """
     last: dict[str, tuple[int, float, float]] = {}  # tag -> (step, wall_time, value)
-    for event_dir in sorted({p.parent for p in run_dir.rglob("events.out.tfevents.*")}):
-        acc = EventAccumulator(str(event_dir), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            for event in acc.Scalars(tag):
-                candidate = (event.step, event.wall_time, event.value)
-                if tag not in last or candidate[:2] > last[tag][:2]:
-                    last[tag] = candidate
+    for tag, step, wall_time, value in scalar_events(run_dir):
+        if tag not in last or (step, wall_time) > last[tag][:2]:
+            last[tag] = (step, wall_time, value)
     return {tag: value for tag, (_, _, value) in last.items()}
 
 
