@@ -23,3 +23,13 @@ def adamw(groups: list[dict], *, fused: bool = True, **kwargs) -> torch.optim.Ad
         and all(p.is_floating_point() for p in params)
     )
     return torch.optim.AdamW(groups, fused=True if use_fused else None, **kwargs)
+
+
+def trainer_precision(module) -> str:
+    """The precision of the Trainer ``module`` is attached to (``"32-true"`` when detached).
+
+    Decides whether the fused kernel may be used: Lightning's mixed-precision plugins refuse to
+    clip the gradients of a fused optimizer.
+    """
+    trainer = getattr(module, "_trainer", None)
+    return str(trainer.precision) if trainer is not None else "32-true"

@@ -40,7 +40,7 @@ from rlhf_lightning.evaluation import sequence_kl as eval_sequence_kl
 from rlhf_lightning.kl import kl_penalty
 from rlhf_lightning.losses import explained_variance, ppo_policy_loss, value_loss
 from rlhf_lightning.ops import entropy_from_logits, logprobs_from_logits, masked_mean
-from rlhf_lightning.optim import adamw
+from rlhf_lightning.optim import adamw, trainer_precision
 from rlhf_lightning.rollout.experience import Experience, make_experience, sequence_kl
 from rlhf_lightning.rollout.generation import Rollout, resolve_stop_token_ids, sample_responses
 from rlhf_lightning.schedules import warmup_decay_lambda
@@ -154,7 +154,7 @@ class PPOModule(L.LightningModule):
         # Lightning's fp16 GradScaler path cannot clip gradients of a fused optimizer.
         optimizer = adamw(
             groups,
-            fused=self.cfg.fused_adam and self._precision() != "16-mixed",
+            fused=self.cfg.fused_adam and trainer_precision(self) != "16-mixed",
             eps=self.cfg.adam_eps,
             weight_decay=self.cfg.weight_decay,
         )
@@ -419,9 +419,6 @@ class PPOModule(L.LightningModule):
         self.nonfinite_skips = state["nonfinite_skips"]
 
     # --------------------------------------------------------------------------------- helpers
-    def _precision(self) -> str:
-        return str(self._trainer.precision) if self._trainer is not None else "32-true"
-
     def _clip_gradients(self, optimizer, max_norm: float) -> None:
         """Clip the global gradient norm of all trained parameters to ``max_norm``.
 
@@ -431,7 +428,7 @@ class PPOModule(L.LightningModule):
         there is nothing to unscale). PPO runs under the DDP family only, where every rank holds
         the full, already averaged gradients, so the local norm is the global one.
         """
-        if self._precision() == "16-mixed":
+        if trainer_precision(self) == "16-mixed":
             self.clip_gradients(
                 optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm"
             )

@@ -15,7 +15,7 @@ import torch
 from rlhf_lightning.config import RMConfig
 from rlhf_lightning.losses import bradley_terry_loss
 from rlhf_lightning.models import encode_for_reward
-from rlhf_lightning.optim import adamw
+from rlhf_lightning.optim import adamw, trainer_precision
 from rlhf_lightning.schedules import warmup_decay_lambda
 
 
@@ -74,8 +74,7 @@ class RewardModelModule(L.LightningModule):
 
     def _fused_allowed(self) -> bool:
         """Lightning's mixed-precision plugins refuse to clip gradients of a fused optimizer."""
-        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        return not (precision.endswith("-mixed") and self.cfg.gradient_clip_val)
+        return not (trainer_precision(self).endswith("-mixed") and self.cfg.gradient_clip_val)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
