@@ -4,7 +4,9 @@
 (same seed), then reports:
 
 - ``reward`` / ``gold_score``: mean score of the policy's responses under the reward (and gold)
-  source, and ``reference_reward``: the same for the reference's responses;
+  source, and ``reference_reward``: the same for the reference's responses; each with its
+  standard error over prompts (``*_std_error``: sample std / sqrt(n), 0 for a single prompt), the
+  noise to beat when two policies are compared on the same prompts;
 - ``kl``: mean over prompts of ``sum_t log pi(y_t | .) - log pi_ref(y_t | .)`` over the policy's
   own responses (the k1 estimator of KL(pi || pi_ref) per sequence), with both models' logits
   divided by the sampling temperature, as in PPO's KL penalty. With ``top_k``/``top_p`` the
@@ -258,6 +260,14 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
+def std_error(scores: torch.Tensor) -> float:
+    """Standard error of the mean of (n,) scores: sample std (n - 1) / sqrt(n); 0 when n == 1."""
+    n = scores.numel()
+    if n < 2:
+        return 0.0
+    return (scores.double().std(unbiased=True) / n**0.5).item()
+
+
 def win_rate(scores_a, scores_b) -> float:
     """Share of pairs with ``scores_a[i] > scores_b[i]``, ties counting 0.5: (N,), (N,) -> float."""
     a = torch.as_tensor(scores_a, dtype=torch.float64).flatten()
@@ -329,7 +339,9 @@ def evaluate_policy(
 
     metrics = {
         "reward": scores.mean().item(),
+        "reward_std_error": std_error(scores),
         "reference_reward": ref_scores.mean().item(),
+        "reference_reward_std_error": std_error(ref_scores),
         "kl": kl.mean().item(),
         "response_length": lengths.mean().item(),
         "ended_frac": ended.mean().item(),
@@ -339,5 +351,7 @@ def evaluate_policy(
         "num_prompts": len(prompts),
     }
     if gold is not None:
-        metrics["gold_score"] = gold(prompts, responses).mean().item()
+        gold_scores = gold(prompts, responses)
+        metrics["gold_score"] = gold_scores.mean().item()
+        metrics["gold_score_std_error"] = std_error(gold_scores)
     return metrics

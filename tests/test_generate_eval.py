@@ -19,6 +19,7 @@ from rlhf_lightning.evaluation import (
     reward_from_spec,
     sample_rollouts,
     sequence_kl,
+    std_error,
     win_rate,
 )
 from rlhf_lightning.models import load_causal_lm, load_tokenizer, make_tiny_model_dir
@@ -110,6 +111,17 @@ def test_evaluate_policy_against_itself(tiny):
     assert metrics["distinct_1"] == distinct_n(responses, 1)
     assert metrics["response_length"] == 6.0 and metrics["ended_frac"] == 0.0
     assert metrics["num_prompts"] == 3 and "gold_score" in metrics
+    scores = TokenFractionReward("e")(PROMPTS, responses).tolist()
+    mean = sum(scores) / 3
+    naive_se = (sum((s - mean) ** 2 for s in scores) / 2) ** 0.5 / 3**0.5
+    assert metrics["reward_std_error"] == pytest.approx(naive_se)
+    assert metrics["reference_reward_std_error"] == metrics["reward_std_error"]
+    assert "gold_score_std_error" in metrics
+
+
+def test_std_error():
+    assert std_error(torch.tensor([1.0, 3.0])) == pytest.approx(1.0)  # std sqrt(2) / sqrt(2)
+    assert std_error(torch.tensor([2.0])) == 0.0
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -250,6 +262,7 @@ def test_rlhf_eval_end_to_end(tiny_model_dir, other_dir, tmp_path, capsys):
     metrics = result["metrics"]
     expected_keys = {"reward", "reference_reward", "gold_score", "kl", "response_length"}
     expected_keys |= {"ended_frac", "distinct_1", "distinct_2", "win_rate", "num_prompts"}
+    expected_keys |= {"reward_std_error", "reference_reward_std_error", "gold_score_std_error"}
     assert set(metrics) == expected_keys
     assert metrics["num_prompts"] == 5 and 0 < metrics["response_length"] <= 5
     assert 0 <= metrics["win_rate"] <= 1 and metrics["kl"] > 0

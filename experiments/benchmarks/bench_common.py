@@ -150,6 +150,31 @@ def count_params(*modules) -> int:
     return total
 
 
+def add_save_arguments(parser) -> None:
+    """``--save-every K --save-dir DIR``: export the policy for the reward-reached evaluation."""
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="save the policy (a plain HF dir) to SAVE_DIR/iter_NNN every K iterations and after "
+        "the last one (0: never); saving is not timed",
+    )
+    parser.add_argument("--save-dir", default=None, help="where --save-every writes")
+
+
+def check_save_arguments(parser, args) -> None:
+    if args.save_every < 0:
+        parser.error("--save-every must be >= 0")
+    if args.save_every and not args.save_dir:
+        parser.error("--save-every needs --save-dir")
+
+
+def save_due(args, done: int, total: int) -> bool:
+    """Whether to save after ``done`` of ``total`` iterations (every ``--save-every`` and last)."""
+    return bool(args.save_every) and (done % args.save_every == 0 or done == total)
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 

@@ -34,6 +34,8 @@ REPO = HERE.parents[1]
 DEFAULT_PROMPTS = REPO / "experiments" / "sentiment" / "data" / "prompts_train.jsonl"
 
 sys.path.insert(0, str(HERE))  # bench_common
+from bench_common import add_save_arguments, check_save_arguments, save_due  # noqa: E402
+
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
@@ -78,10 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--no-fused-adam", action="store_true", help="PyTorch's default AdamW")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full result here")
+    add_save_arguments(p)
     args = p.parse_args(argv)
     args.micro = args.micro or args.minibatch
     if args.iterations < 1 or args.warmup < 0:
         p.error("--iterations must be >= 1 and --warmup >= 0")
+    check_save_arguments(p, args)
     return args
 
 
@@ -116,7 +120,7 @@ def main(argv=None) -> dict:
     from rlhf_lightning.kl import FixedKLController
     from rlhf_lightning.models import load_tokenizer
     from rlhf_lightning.modules.ppo import PPOModule
-    from rlhf_lightning.tasks.ppo import build_policy
+    from rlhf_lightning.tasks.ppo import build_policy, export_policy
 
     class ShapeRecordingPPOModule(PPOModule):
         """``PPOModule`` that notes each rollout's padded shape (for the FLOP count) and
@@ -226,6 +230,10 @@ def main(argv=None) -> dict:
             self.rows.append(
                 {"wall_s": now - self._last_end, "global_step": trainer.global_step, **m}
             )
+            done = trainer.current_epoch + 1
+            if save_due(args, done, total_iterations):  # not timed: the clock restarts after
+                export_policy(pl_module, tokenizer, Path(args.save_dir) / f"iter_{done:03d}")
+                now = time.perf_counter()
             self._last_end = now
 
     timer = PhaseTimer()

@@ -44,6 +44,8 @@ DEFAULT_PROMPTS = REPO / "experiments" / "sentiment" / "data" / "prompts_train.j
 PREFERRED_PAD_TOKEN = "<|endoftext|>"
 
 sys.path.insert(0, str(HERE))  # bench_common
+from bench_common import add_save_arguments, check_save_arguments, save_due  # noqa: E402
+
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
@@ -89,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--matmul-reps", type=int, default=5)
     p.add_argument("--json", default=None, metavar="OUT", help="write the full result here")
+    add_save_arguments(p)
     args = p.parse_args(argv)
     args.micro = args.micro or args.minibatch
     args.rollout_forward_batch = args.rollout_forward_batch or args.batch
@@ -96,6 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--minibatch must divide --batch and --micro must divide --minibatch")
     if args.iterations < 1 or args.warmup < 0:
         p.error("--iterations must be >= 1 and --warmup >= 0")
+    check_save_arguments(p, args)
     return args
 
 
@@ -320,6 +324,13 @@ def main(argv=None) -> dict:
             row.update(end=now, start=self.last, optimizer_steps=clock["opt_steps"])
             clock["rows"].append(row)
             clock["cur"], clock["opt_steps"] = {}, 0
+            done = len(clock["rows"])
+            if save_due(args, done, total_iterations):  # not timed: the clock restarts after
+                trained = clock["trainer"].accelerator.unwrap_model(clock["trainer"].model)
+                out = Path(args.save_dir) / f"iter_{done:03d}"
+                trained.policy.save_pretrained(out, safe_serialization=True)
+                tokenizer.save_pretrained(out)
+                now = time.perf_counter()
             self.last = now
             self._maybe_start_timed(len(clock["rows"]))
 
@@ -335,6 +346,7 @@ def main(argv=None) -> dict:
         callbacks=[IterationClock()],
     )
     clock["update_model"] = trainer.model
+    clock["trainer"] = trainer
     torch_optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
 
     def count_step(*_a, **_kw):

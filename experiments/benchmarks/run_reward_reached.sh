@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Reward reached after the same number of PPO iterations: rlhf_lightning vs TRL 1.12.
+#
+# Both train SmolLM2-135M against VADER (scored on the decoded response text) with the same
+# rollout batch, optimizer steps, epochs, lengths, learning rates and dtype; each saves its policy
+# every SAVE_EVERY iterations. Then every saved policy (and the untouched base) is evaluated by the
+# same code, rlhf-eval, on the same held-out prompts with the same sampling seed.
+#
+#   bash experiments/benchmarks/run_reward_reached.sh OUT [ITERATIONS] [SAVE_EVERY]
+#
+# Needs /tmp/trl-venv (setup_trl_venv.sh) and a SmolLM2 timing reward model at $TIMING_RM
+# (make_timing_rm.py) to start our separate critic from the same kind of fresh 1-logit head as
+# TRL's value model. One job at a time: on a 2-core machine runs must not share the CPU.
+set -euo pipefail
+OUT=${1:?usage: run_reward_reached.sh OUT [ITERATIONS] [SAVE_EVERY]}
+ITERATIONS=${2:-40}
+SAVE_EVERY=${3:-20}
+TIMING_RM=${TIMING_RM:-/tmp/smollm2-timing-rm}
+TRL_PYTHON=${TRL_PYTHON:-/tmp/trl-venv/bin/python}
+LR=${LR:-3e-5}
+NUM_EVAL_PROMPTS=${NUM_EVAL_PROMPTS:-128}
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+mkdir -p "$OUT"
+MODEL_DIR=$(python -c 'from rlhf_lightning.models import resolve_model_source as r; print(r("builtin:smollm2")[0])')
+
+# TRL steps AdamW once per epoch at batch 8 (gradient accumulation spans its two minibatches, see
+# README), so ours runs one minibatch of 8 in micro-batches of 4: 4 optimizer steps per iteration
+# on both sides. One learning rate for policy and value, as TRL has.
+W="--batch 8 --minibatch 8 --micro 4 --epochs 4 --new-tokens 48 --stop-token none
+   --precision bf16-mixed --device cpu --threads 2 --warmup 0 --iterations $ITERATIONS
+   --save-every $SAVE_EVERY --reward vader --seed 0"
+
+run() {  # name, command...
+  local name=$1; shift
+  if [ -f "$OUT/$name.json" ]; then echo "skip $name (done)"; return; fi
+  echo "== $name: $(date -u +%H:%M:%S)"
+  /usr/bin/time -v "$@" --save-dir "$OUT/$name" --json "$OUT/$name.json" \
+    >"$OUT/$name.log" 2>&1 || { echo "$name failed, see $OUT/$name.log"; exit 1; }
+  tail -1 "$OUT/$name.log"
+}
+
+run trl "$TRL_PYTHON" "$HERE/bench_trl.py" --model-dir "$MODEL_DIR" $W --lr "$LR"
+run ours_critic python "$HERE/bench_ppo.py" --policy builtin:smollm2 $W --critic "$TIMING_RM" \
+  --policy-lr "$LR" --value-lr "$LR"
+run ours_shared python "$HERE/bench_ppo.py" --policy builtin:smollm2 $W \
+  --policy-lr "$LR" --value-lr "$LR"
+
+evaluate() {  # policy dir, output json
+  [ -f "$2" ] && return
+  echo "== eval $1: $(date -u +%H:%M:%S)"
+  rlhf-eval "$1" --reference "$MODEL_DIR" --reward vader \
+    --prompts "$REPO/experiments/sentiment/data/prompts_eval.jsonl" --num-prompts "$NUM_EVAL_PROMPTS" \
+    --max-new-tokens 48 --stop-token none --temperature 0.7 --batch-size 32 --seed 0 \
+    --dtype float32 --device cpu --output "$2" >"$2.log" 2>&1 || { echo "eval failed: $2.log"; exit 1; }
+}
+evaluate "$MODEL_DIR" "$OUT/base_eval.json"
+for run_dir in "$OUT"/trl "$OUT"/ours_critic "$OUT"/ours_shared; do
+  for d in "$run_dir"/iter_*; do evaluate "$d" "$d/eval.json"; done
+done
+python "$HERE/reward_table.py" "$OUT"

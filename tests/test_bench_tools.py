@@ -1,0 +1,74 @@
+"""The benchmark helpers that decide what is saved and how the reward-reached table is built."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from bench_common import add_save_arguments, check_save_arguments, save_due  # noqa: E402
+from reward_table import collect, markdown  # noqa: E402
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_save_arguments(parser)
+    args = parser.parse_args(argv)
+    check_save_arguments(parser, args)
+    return args
+
+
+def test_save_due_every_k_and_after_the_last_iteration():
+    args = _parse(["--save-every", "20", "--save-dir", "x"])
+    assert [n for n in range(1, 46) if save_due(args, n, 45)] == [20, 40, 45]
+    never = _parse([])
+    assert not any(save_due(never, n, 5) for n in range(1, 6))
+
+
+def test_save_arguments_errors():
+    with pytest.raises(SystemExit):
+        _parse(["--save-every", "5"])  # no --save-dir
+    with pytest.raises(SystemExit):
+        _parse(["--save-every", "-1", "--save-dir", "x"])
+
+
+def _metrics(reward, se=0.05):
+    return {
+        "metrics": {
+            "reward": reward,
+            "reward_std_error": se,
+            "kl": 1.5,
+            "distinct_2": 0.8,
+            "win_rate": 0.6,
+        }
+    }
+
+
+def test_reward_table_collects_base_then_runs_in_iteration_order(tmp_path):
+    (tmp_path / "base_eval.json").write_text(json.dumps(_metrics(0.1)))
+    bench = {"summary": {"iteration_s": 12.5, "peak_rss_process_bytes": 3 * 2**30}}
+    (tmp_path / "trl.json").write_text(json.dumps(bench))
+    for iteration, reward in ((40, 0.5), (20, 0.3)):
+        d = tmp_path / "trl" / f"iter_{iteration:03d}"
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps(_metrics(reward)))
+    d = tmp_path / "ours_shared" / "iter_020"  # no ours_shared.json: the run is not listed
+    d.mkdir(parents=True)
+    (d / "eval.json").write_text(json.dumps(_metrics(0.9)))
+
+    rows = collect(tmp_path)
+    assert [(r["run"], r["iteration"], r["reward"]) for r in rows] == [
+        ("base", 0, 0.1),
+        ("trl", 20, 0.3),
+        ("trl", 40, 0.5),
+    ]
+    assert rows[1]["s_per_iter"] == 12.5 and rows[1]["peak_rss_gib"] == 3.0
+    table = markdown(rows).splitlines()
+    assert len(table) == 2 + 3
+    assert "| 40 | 0.500 ± 0.050 |" in table[-1] and "| 12.5 | 3.00 |" in table[-1]
