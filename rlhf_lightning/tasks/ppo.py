@@ -18,7 +18,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from rlhf_lightning.config import ConfigError, policy_options_from, ppo_config_from
+from rlhf_lightning.config import (
+    ConfigError,
+    PolicyOptions,
+    policy_options_from,
+    ppo_config_from,
+)
 from rlhf_lightning.models import PolicyWithValueHead, ScalarRewardModel, load_reward_tokenizer
 from rlhf_lightning.models.adapters import (
     AdaptersDisabled,
@@ -97,13 +102,14 @@ def check_critic_tokenizer(ppo_cfg, tokenizer) -> None:
         )
 
 
-def build_policy(cfg: DictConfig, ppo_cfg):
+def build_policy(cfg: DictConfig, ppo_cfg, options: PolicyOptions | None = None):
     """Policy with value head (or critic) and the frozen reference, in the policy's dtype.
 
     With ``policy.lora`` the reference is the policy with its adapters disabled (no copy of the
-    weights); otherwise a frozen deep copy of the policy LM.
+    weights); otherwise a frozen deep copy of the policy LM. ``options`` default to
+    ``policy_options_from(cfg.policy)``.
     """
-    options = policy_options_from(cfg.policy)
+    options = options or policy_options_from(cfg.policy)
     lm = load_policy_lm(cfg)
     if options.lora is not None:
         ref_lm = AdaptersDisabled(inject_lora(lm, **asdict(options.lora)))
@@ -158,7 +164,8 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
 
     reward = build_reward(instantiate(cfg.reward))
     gold = build_reward(instantiate(cfg.gold_reward)) if cfg.get("gold_reward") else None
-    policy, ref_lm = build_policy(cfg, ppo_cfg)
+    options = policy_options_from(cfg.policy)
+    policy, ref_lm = build_policy(cfg, ppo_cfg, options)
     kl_controller = instantiate(ppo_cfg.kl.controller)
     module = PPOModule(
         policy,
@@ -170,7 +177,7 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         gold,
         seed=cfg.seed,
         policy_source=cfg.policy.name_or_path,
-        policy_lora=asdict(lora) if (lora := policy_options_from(cfg.policy).lora) else None,
+        policy_lora=asdict(options.lora) if options.lora else None,
     )
 
     checkpoint = ModelCheckpoint(
