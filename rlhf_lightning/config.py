@@ -102,6 +102,9 @@ class PPOConfig:
     rollout_batch_size: int = 16
     minibatch_size: int = 8
     micro_batch_size: int = 4
+    experience_batch_size: int | None = None
+    """Rollouts per no-grad forward when making experience (policy + values, reference); None:
+    ``micro_batch_size``. No activations are kept there, so it can be larger."""
     ppo_epochs: int = 4
     gamma: float = 1.0
     lam: float = 0.95
@@ -134,6 +137,11 @@ class PPOConfig:
     kl: KLConfig = field(default_factory=KLConfig)
 
     @property
+    def experience_rows(self) -> int:
+        """Rollouts per forward in experience making."""
+        return self.experience_batch_size or self.micro_batch_size
+
+    @property
     def minibatches_per_epoch(self) -> int:
         return self.rollout_batch_size // self.minibatch_size
 
@@ -146,6 +154,12 @@ class PPOConfig:
         for name in ("num_iterations", "rollout_batch_size", "minibatch_size", "micro_batch_size"):
             value = getattr(self, name)
             _check(value >= 1, f"{p}.{name}", f"must be a positive integer, got {value}")
+        if self.experience_batch_size is not None:
+            _check(
+                self.experience_batch_size >= 1,
+                f"{p}.experience_batch_size",
+                f"must be a positive integer (or null), got {self.experience_batch_size}",
+            )
         _check(self.ppo_epochs >= 1, f"{p}.ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
         _check(
             self.rollout_batch_size % self.minibatch_size == 0,

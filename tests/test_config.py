@@ -11,6 +11,7 @@ BAD_PPO = [
     ({"minibatch_size": -4}, "algorithm.minibatch_size"),
     ({"rollout_batch_size": 10, "minibatch_size": 4}, "algorithm.minibatch_size"),
     ({"minibatch_size": 8, "micro_batch_size": 3}, "algorithm.micro_batch_size"),
+    ({"experience_batch_size": 0}, "algorithm.experience_batch_size"),
     ({"ppo_epochs": 0}, "algorithm.ppo_epochs"),
     ({"gamma": 1.5}, "algorithm.gamma"),
     ({"gamma": -0.1}, "algorithm.gamma"),

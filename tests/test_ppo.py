@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
@@ -78,6 +80,28 @@ def test_gradient_accumulation_matches_one_batch():
     assert whole.keys() == accumulated.keys() and whole
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-7)
+
+
+def test_experience_batch_size_only_chunks_the_forwards():
+    module = tiny_ppo_module(tiny_ppo_config(stop_token="a", micro_batch_size=8))
+    torch.nn.init.normal_(module.policy.value_head.weight)  # non-zero values to compare
+    with torch.no_grad():  # a reference that differs from the policy: non-zero KL
+        for p in module.ref_lm.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    whole = _experience(module, kl_coef=0.1)
+    assert whole.kl.abs().sum() > 0 and whole.old_values.abs().sum() > 0
+    chunk_sizes = []
+    module.ref_lm.register_forward_hook(
+        lambda _m, _args, kwargs, _out: chunk_sizes.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True,
+    )
+    for rows in (1, 3, 16):
+        module.cfg = dataclasses.replace(module.cfg, experience_batch_size=rows)
+        chunk_sizes.clear()
+        chunked = _experience(module, kl_coef=0.1)  # same seed: the same rollouts
+        assert chunk_sizes == [min(rows, 16 - start) for start in range(0, 16, rows)]
+        for name in ("old_logprobs", "ref_logprobs", "old_values", "advantages", "returns"):
+            torch.testing.assert_close(getattr(chunked, name), getattr(whole, name))
 
 
 def test_kl_coefficient_zero_gives_only_the_score_at_the_last_real_token():

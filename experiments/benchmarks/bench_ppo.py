@@ -59,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="rollouts per iteration")
     p.add_argument("--minibatch", type=int, default=4, help="rollouts per optimizer step")
     p.add_argument("--micro", type=int, default=None, help="rollouts per forward (default: mb)")
+    p.add_argument(
+        "--experience-batch",
+        type=int,
+        default=None,
+        help="rollouts per no-grad experience forward (default: --micro)",
+    )
     p.add_argument("--epochs", type=int, default=4, help="PPO epochs per iteration")
     p.add_argument("--new-tokens", type=int, default=48, help="max_new_tokens of the rollouts")
     p.add_argument(
@@ -146,6 +152,7 @@ def main(argv=None) -> dict:
         rollout_batch_size=args.batch,
         minibatch_size=args.minibatch,
         micro_batch_size=args.micro,
+        experience_batch_size=args.experience_batch,
         ppo_epochs=args.epochs,
         policy_lr=args.policy_lr,
         value_lr=args.value_lr,

@@ -132,7 +132,8 @@ def make_experience(
 ) -> Experience:
     """Compute old logprobs, values, reference logprobs, rewards and advantages of a rollout.
 
-    Forward passes run in micro-batches of ``cfg.micro_batch_size`` rows to bound memory.
+    Forward passes run in chunks of ``cfg.experience_rows`` rows (``experience_batch_size``,
+    default ``micro_batch_size``) to bound memory.
 
     Args:
         policy: ``PolicyWithValueHead``; ``policy(input_ids, attention_mask)`` -> logits, values.
@@ -148,7 +149,7 @@ def make_experience(
     T = cfg.generation.temperature
 
     old_logprobs, old_values, ref_logprobs = [], [], []
-    for rows in torch.arange(input_ids.shape[0]).split(cfg.micro_batch_size):
+    for rows in torch.arange(input_ids.shape[0]).split(cfg.experience_rows):
         ids, am = input_ids[rows], attention_mask[rows]
         logits, values = policy(ids, am, response_start=P)
         old_logprobs.append(logprobs_from_logits(logits, ids[:, P:], T))
