@@ -86,6 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--no-fused-adam", action="store_true", help="PyTorch's default AdamW")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full result here")
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="OUT",
+        help="torch.profiler over the timed iterations: ops by self CPU time to OUT (text)",
+    )
     add_save_arguments(p)
     args = p.parse_args(argv)
     args.micro = args.micro or args.minibatch
@@ -228,6 +234,8 @@ def main(argv=None) -> dict:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 self.sampler.start()
+                if profiler is not None:
+                    profiler.start()
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             if device.type == "cuda":
@@ -243,6 +251,12 @@ def main(argv=None) -> dict:
                 now = time.perf_counter()
             self._last_end = now
 
+    profiler = None
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities)
     timer = PhaseTimer()
     trainer = L.Trainer(
         accelerator=args.device,
@@ -261,6 +275,12 @@ def main(argv=None) -> dict:
     )
     trainer.fit(module, datamodule=datamodule)
     peak_rss_timed = timer.sampler.stop()
+    if profiler is not None:
+        profiler.stop()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort, row_limit=40)
+        Path(args.profile).write_text(table + "\n")
+        print(f"profile of the timed iterations -> {args.profile}")
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
     iterations = []
