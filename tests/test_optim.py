@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlhf_lightning.optim import adamw
+from rlhf_lightning.rewards import CallableReward
 from tests.ppo_helpers import tiny_ppo_config, tiny_ppo_module
 
 
@@ -50,7 +51,9 @@ def test_ppo_clips_the_global_gradient_norm():
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for p in params:
         p.grad = torch.full_like(p, 3.0)
-    module._clip_gradients(optimizer, max_norm=0.5)
+    naive = sum(p.numel() * 9.0 for p in params) ** 0.5  # every entry 3
+    assert module._clip_gradients(optimizer, max_norm=None) == pytest.approx(naive, rel=1e-5)
+    assert module._clip_gradients(optimizer, max_norm=0.5) == pytest.approx(naive, rel=1e-5)
     total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
     torch.testing.assert_close(total, torch.tensor(0.5))
 
@@ -58,7 +61,13 @@ def test_ppo_clips_the_global_gradient_norm():
 def test_ppo_under_bf16_mixed_uses_the_fused_optimizer_and_clips():
     from tests.ppo_helpers import fit
 
-    module = tiny_ppo_module(tiny_ppo_config(num_iterations=1, max_grad_norm=1e-3))
-    trainer, _ = fit(module, max_epochs=1, precision="bf16-mixed")
+    def distinct_characters(prompts, responses):  # varies across rollouts: non-zero gradients
+        return [float(len(set(r))) for r in responses]
+
+    cfg = tiny_ppo_config(num_iterations=1, max_grad_norm=1e-3)
+    module = tiny_ppo_module(cfg, reward=CallableReward(distinct_characters))
+    trainer, history = fit(module, max_epochs=1, precision="bf16-mixed")
     assert trainer.optimizers[0].defaults["fused"]
     assert trainer.global_step == module.cfg.optimizer_steps_per_iteration
+    assert history[-1]["optim/grad_norm"] > 1e-3  # every step was clipped, and it says so
+    assert history[-1]["optim/clipped_frac"] == 1.0

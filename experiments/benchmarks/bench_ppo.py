@@ -78,6 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--policy-lr", type=float, default=1e-5)
     p.add_argument("--value-lr", type=float, default=1e-4)
+    p.add_argument(
+        "--max-grad-norm",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=1.0,
+        help="gradient clipping norm, or none (TRL's PPO does not clip)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--matmul-reps", type=int, default=5)
@@ -168,6 +174,7 @@ def main(argv=None) -> dict:
         eval_every=0,
         sample_table_every=0,
         fused_adam=not args.no_fused_adam,
+        max_grad_norm=args.max_grad_norm,
         generation=GenerationConfig(
             temperature=args.temperature,
             max_new_tokens=args.new_tokens,

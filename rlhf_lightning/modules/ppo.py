@@ -13,7 +13,8 @@ prompts per epoch (``RolloutSampler``), and ``training_step`` on it does
    term); one optimizer and LR-scheduler step per minibatch; the epoch loop stops early when the
    approx KL exceeds ``target_kl``;
 4. **log** -- everything, namespaced (``objective/``, ``kl/``, ``policy/``, ``value/``, ``loss/``,
-   ``rollout/``, ``time/``, ``perf/``).
+   ``optim/`` (gradient norm before clipping, share of clipped steps), ``rollout/``, ``time/``,
+   ``perf/``).
 
 Counters: ``trainer.current_epoch`` counts PPO iterations; ``trainer.global_step`` counts
 optimizer steps (``ppo_epochs * rollout_batch_size / minibatch_size`` per iteration, fewer when
@@ -251,8 +252,11 @@ class PPOModule(L.LightningModule):
                     optimizer.zero_grad(set_to_none=True)
                     self.nonfinite_skips += 1
                     continue
-                if cfg.max_grad_norm is not None:
-                    self._clip_gradients(optimizer, cfg.max_grad_norm)
+                grad_norm = self._clip_gradients(optimizer, cfg.max_grad_norm)
+                if grad_norm is not None:
+                    stats["optim/grad_norm"] = grad_norm
+                    clipped = cfg.max_grad_norm is not None and grad_norm > cfg.max_grad_norm
+                    stats["optim/clipped_frac"] = float(clipped)
                 optimizer.step()
                 scheduler.step()
                 minibatches += 1
@@ -419,22 +423,28 @@ class PPOModule(L.LightningModule):
         self.nonfinite_skips = state["nonfinite_skips"]
 
     # --------------------------------------------------------------------------------- helpers
-    def _clip_gradients(self, optimizer, max_norm: float) -> None:
-        """Clip the global gradient norm of all trained parameters to ``max_norm``.
+    def _clip_gradients(self, optimizer, max_norm: float | None) -> float | None:
+        """Clip the global gradient norm of all trained parameters to ``max_norm`` (None: only
+        measure it); returns the norm before clipping (None under ``16-mixed``).
 
-        With ``16-mixed`` Lightning's precision plugin unscales the fp16 gradients first. In every
-        other precision the gradients are already true gradients, and ``clip_grad_norm_`` does it
-        directly (Lightning's bf16-mixed plugin refuses to clip for a fused optimizer, although
-        there is nothing to unscale). PPO runs under the DDP family only, where every rank holds
-        the full, already averaged gradients, so the local norm is the global one.
+        With ``16-mixed`` Lightning's precision plugin unscales the fp16 gradients first, and the
+        norm is not reported. In every other precision the gradients are already true
+        gradients, and ``clip_grad_norm_`` does it directly (Lightning's bf16-mixed plugin
+        refuses to clip for a fused optimizer, although there is nothing to unscale). PPO runs
+        under the DDP family only, where every rank holds the full, already averaged gradients,
+        so the local norm is the global one.
         """
         if trainer_precision(self) == "16-mixed":
-            self.clip_gradients(
-                optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm"
-            )
-            return
+            if max_norm is not None:
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm"
+                )
+            return None
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if max_norm is None:
+            grads = [p.grad for p in params if p.grad is not None]
+            return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def _check_finite(self, name: str, values: torch.Tensor, iteration: int) -> None:
         if not torch.isfinite(values).all():
