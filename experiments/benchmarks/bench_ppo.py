@@ -78,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--policy-lr", type=float, default=1e-5)
     p.add_argument("--value-lr", type=float, default=1e-4)
+    p.add_argument("--adam-eps", type=float, default=1e-5, help="AdamW epsilon (TRL: 1e-8)")
     p.add_argument(
         "--max-grad-norm",
         type=lambda v: None if v.lower() == "none" else float(v),
@@ -175,6 +176,7 @@ def main(argv=None) -> dict:
         sample_table_every=0,
         fused_adam=not args.no_fused_adam,
         max_grad_norm=args.max_grad_norm,
+        adam_eps=args.adam_eps,
         generation=GenerationConfig(
             temperature=args.temperature,
             max_new_tokens=args.new_tokens,

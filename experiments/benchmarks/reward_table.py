@@ -1,8 +1,8 @@
 """The reward-reached table of ``run_reward_reached.sh``: held-out scores of every saved policy.
 
-Reads, under OUT: ``base_eval.json`` (the untouched policy), and for each run NAME in RUNS that
-has a ``NAME.json`` (bench_ppo.py / bench_trl.py result) the ``NAME/iter_NNN/eval.json`` files
-(rlhf-eval of the policy saved after NNN iterations). Prints one markdown row per evaluated
+Reads, under OUT: ``base_eval.json`` (the untouched policy), and for each run NAME (RUNS first,
+then any other) that has a ``NAME.json`` (bench_ppo.py / bench_trl.py result) the
+``NAME/iter_NNN/eval.json`` files (rlhf-eval of the policy saved after NNN iterations). Prints one markdown row per evaluated
 policy and writes ``OUT/reward_reached.json`` with the same numbers.
 
     python experiments/benchmarks/reward_table.py OUT
@@ -14,10 +14,13 @@ import json
 import sys
 from pathlib import Path
 
-RUNS = {  # name -> what it is
+RUNS = {  # name (run_reward_reached.sh) -> what it is
     "trl": "TRL 1.12 (separate value model)",
     "ours_critic": "rlhf_lightning, separate critic",
+    "ours_critic_trlopt": "rlhf_lightning, separate critic, no clipping, AdamW eps 1e-8",
     "ours_shared": "rlhf_lightning, shared trunk (default)",
+    "ours_shared_noclip": "rlhf_lightning, shared trunk, no clipping",
+    "ours_shared_trlopt": "rlhf_lightning, shared trunk, no clipping, AdamW eps 1e-8",
 }
 HEADER = (
     "| run | iteration | held-out VADER (± SE) | KL to base | distinct-2 | win rate vs base "
@@ -45,9 +48,10 @@ def collect(out: Path) -> list[dict]:
     """Rows: the base policy (iteration 0), then each run's saved policies in iteration order."""
     base = json.loads((out / "base_eval.json").read_text())["metrics"]
     rows = [_row("base", 0, base, None)]
-    for name in RUNS:
+    others = sorted(p.stem for p in out.glob("*.json") if p.stem not in RUNS)
+    for name in [*RUNS, *others]:
         bench_file = out / f"{name}.json"
-        if not bench_file.exists():
+        if not bench_file.exists() or not (out / name).is_dir():
             continue
         bench = json.loads(bench_file.read_text())
         for eval_file in sorted((out / name).glob("iter_*/eval.json")):

@@ -8,6 +8,11 @@
 #
 #   bash experiments/benchmarks/run_reward_reached.sh OUT [ITERATIONS] [SAVE_EVERY]
 #
+# Environment: RUNS (default "trl ours_critic ours_shared"; also ours_shared_noclip,
+# ours_shared_trlopt, ours_critic_trlopt: ours without gradient clipping / and with TRL's AdamW
+# epsilon 1e-8), SEED (0), LR (3e-5), NUM_EVAL_PROMPTS (128). Finished runs and evaluations are
+# skipped, so a second call with more RUNS only adds those.
+#
 # Needs /tmp/trl-venv (setup_trl_venv.sh) and a SmolLM2 timing reward model at $TIMING_RM
 # (make_timing_rm.py) to start our separate critic from the same kind of fresh 1-logit head as
 # TRL's value model. One job at a time: on a 2-core machine runs must not share the CPU.
@@ -30,7 +35,8 @@ MODEL_DIR=$(python -c 'from rlhf_lightning.models import resolve_model_source as
 # on both sides. One learning rate for policy and value, as TRL has.
 W="--batch 8 --minibatch 8 --micro 4 --epochs 4 --new-tokens 48 --stop-token none
    --precision bf16-mixed --device cpu --threads 2 --warmup 0 --iterations $ITERATIONS
-   --save-every $SAVE_EVERY --reward vader --seed 0"
+   --save-every $SAVE_EVERY --reward vader --seed ${SEED:-0}"
+TRL_OPT="--max-grad-norm none --adam-eps 1e-8"  # TRL's PPO never clips; HF's AdamW eps
 
 run() {  # name, command...
   local name=$1; shift
@@ -41,11 +47,19 @@ run() {  # name, command...
   tail -1 "$OUT/$name.log"
 }
 
-run trl "$TRL_PYTHON" "$HERE/bench_trl.py" --model-dir "$MODEL_DIR" $W --lr "$LR"
-run ours_critic python "$HERE/bench_ppo.py" --policy builtin:smollm2 $W --critic "$TIMING_RM" \
-  --policy-lr "$LR" --value-lr "$LR"
-run ours_shared python "$HERE/bench_ppo.py" --policy builtin:smollm2 $W \
-  --policy-lr "$LR" --value-lr "$LR"
+OURS="python $HERE/bench_ppo.py --policy builtin:smollm2 $W --policy-lr $LR --value-lr $LR"
+RUNS=${RUNS:-trl ours_critic ours_shared}
+for name in $RUNS; do
+  case $name in
+    trl) run trl "$TRL_PYTHON" "$HERE/bench_trl.py" --model-dir "$MODEL_DIR" $W --lr "$LR" ;;
+    ours_critic) run $name $OURS --critic "$TIMING_RM" ;;
+    ours_critic_trlopt) run $name $OURS --critic "$TIMING_RM" $TRL_OPT ;;
+    ours_shared) run $name $OURS ;;
+    ours_shared_noclip) run $name $OURS --max-grad-norm none ;;
+    ours_shared_trlopt) run $name $OURS $TRL_OPT ;;
+    *) echo "unknown run $name"; exit 2 ;;
+  esac
+done
 
 evaluate() {  # policy dir, output json
   [ -f "$2" ] && return
@@ -56,7 +70,7 @@ evaluate() {  # policy dir, output json
     --dtype float32 --device cpu --output "$2" >"$2.log" 2>&1 || { echo "eval failed: $2.log"; exit 1; }
 }
 evaluate "$MODEL_DIR" "$OUT/base_eval.json"
-for run_dir in "$OUT"/trl "$OUT"/ours_critic "$OUT"/ours_shared; do
-  for d in "$run_dir"/iter_*; do evaluate "$d" "$d/eval.json"; done
+for name in $RUNS; do
+  for d in "$OUT/$name"/iter_*; do evaluate "$d" "$d/eval.json"; done
 done
 python "$HERE/reward_table.py" "$OUT"
