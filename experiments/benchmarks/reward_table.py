@@ -2,8 +2,9 @@
 
 Reads, under OUT: ``base_eval.json`` (the untouched policy), and for each run NAME (RUNS first,
 then any other) that has a ``NAME.json`` (bench_ppo.py / bench_trl.py result) the
-``NAME/iter_NNN/eval.json`` files (rlhf-eval of the policy saved after NNN iterations). Prints one markdown row per evaluated
-policy and writes ``OUT/reward_reached.json`` with the same numbers.
+``NAME/iter_NNN/eval.json`` files (rlhf-eval of the policy saved after NNN iterations).
+Prints one markdown row per evaluated policy and writes ``OUT/reward_reached.json`` with the
+same numbers.
 
     python experiments/benchmarks/reward_table.py OUT
 """
