@@ -39,9 +39,20 @@ class GenerationConfig:
     min_new_tokens: int = 0
     stop_token: str | None = "eos"
     """``"eos"``: the tokenizer's EOS; ``None``: never stop early; else a string of one token."""
+    sampling_dtype: str | None = None
+    """None: sample with the trained weights. ``bfloat16`` / ``float16`` / ``float32``: sample
+    from a copy of the policy LM with its parameters in that dtype, refreshed from the policy
+    before every rollout (KV-cached decoding reads every weight per token, so bf16 weights halve
+    that traffic; +1 copy of the LM in memory). The logprobs of the losses still come from the
+    trained policy, so the samples come from a slightly different (rounded) policy."""
 
     def __post_init__(self) -> None:
         p = "algorithm.generation"
+        _check(
+            self.sampling_dtype in (None, "bfloat16", "float16", "float32"),
+            f"{p}.sampling_dtype",
+            f"must be null, bfloat16, float16 or float32, got {self.sampling_dtype!r}",
+        )
         _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
         _check(self.top_k >= 0, f"{p}.top_k", f"must be >= 0, got {self.top_k}")
         _check(0 < self.top_p <= 1, f"{p}.top_p", f"must be in (0, 1], got {self.top_p}")

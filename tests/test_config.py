@@ -33,6 +33,7 @@ BAD_PPO = [
     ({"kl": {"coef": -0.1}}, "algorithm.kl.coef"),
     ({"kl": {"target": 0.0}}, "algorithm.kl.target"),
     ({"generation": {"temperature": 0.0}}, "algorithm.generation.temperature"),
+    ({"generation": {"sampling_dtype": "int8"}}, "algorithm.generation.sampling_dtype"),
     ({"generation": {"top_p": 0.0}}, "algorithm.generation.top_p"),
     ({"generation": {"max_new_tokens": 0}}, "algorithm.generation.max_new_tokens"),
     (

@@ -104,6 +104,54 @@ def test_experience_batch_size_only_chunks_the_forwards():
             torch.testing.assert_close(getattr(chunked, name), getattr(whole, name))
 
 
+def _sample(module, seed=0):
+    torch.manual_seed(seed)
+    return module.sample(prompt_batch(module.tokenizer, 8)).response_ids
+
+
+def test_sampling_copy_follows_the_policy_and_stays_out_of_the_state():
+    module = tiny_ppo_module(tiny_ppo_config())
+    keys = set(module.state_dict())
+    exact = _sample(module)
+    module.cfg = dataclasses.replace(
+        module.cfg,
+        generation=dataclasses.replace(module.cfg.generation, sampling_dtype="float32"),
+    )
+    assert torch.equal(_sample(module), exact)  # a same-dtype copy samples exactly alike
+    sampler = module.sampling_lm()
+    assert sampler is not module.policy.lm and set(module.state_dict()) == keys
+    with torch.no_grad():  # an "update": the copy must pick it up at the next rollout
+        for p in module.policy.lm.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    module.cfg = dataclasses.replace(
+        module.cfg, generation=dataclasses.replace(module.cfg.generation, sampling_dtype=None)
+    )
+    updated = _sample(module)
+    assert not torch.equal(updated, exact)
+    module.cfg = dataclasses.replace(
+        module.cfg,
+        generation=dataclasses.replace(module.cfg.generation, sampling_dtype="float32"),
+    )
+    assert torch.equal(_sample(module), updated)
+    assert module.sampling_lm() is sampler  # refreshed in place, not copied again
+
+
+def test_bfloat16_sampling_copy_rounds_parameters_and_keeps_buffers():
+    cfg = tiny_ppo_config()
+    cfg = dataclasses.replace(
+        cfg, generation=dataclasses.replace(cfg.generation, sampling_dtype="bfloat16")
+    )
+    module = tiny_ppo_module(cfg)
+    sampler = module.sampling_lm()
+    for (name, p), src in zip(sampler.named_parameters(), module.policy.lm.parameters()):
+        assert p.dtype == torch.bfloat16 and not p.requires_grad, name
+        assert torch.equal(p, src.detach().to(torch.bfloat16)), name
+    for (name, b), src in zip(sampler.named_buffers(), module.policy.lm.buffers()):
+        assert b.dtype == src.dtype, name
+    assert module.policy.lm.lm_head.weight.dtype == torch.float32  # the policy is untouched
+    assert _sample(module).shape[0] == 8
+
+
 def test_kl_coefficient_zero_gives_only_the_score_at_the_last_real_token():
     module = tiny_ppo_module(tiny_ppo_config())
     tok = module.tokenizer

@@ -71,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--stop-token", default="eos", help="eos | none (always generate --new-tokens tokens)"
     )
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument(
+        "--sampling-dtype",
+        default=None,
+        choices=("bfloat16", "float16", "float32"),
+        help="sample from a copy of the policy in this dtype (default: the trained weights)",
+    )
     p.add_argument("--iterations", type=int, default=3, help="timed PPO iterations")
     p.add_argument("--warmup", type=int, default=1, help="untimed PPO iterations run first")
     p.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
@@ -181,6 +187,7 @@ def main(argv=None) -> dict:
             temperature=args.temperature,
             max_new_tokens=args.new_tokens,
             stop_token=None if args.stop_token.lower() == "none" else args.stop_token,
+            sampling_dtype=args.sampling_dtype,
         ),
         kl=KLConfig(),
     )

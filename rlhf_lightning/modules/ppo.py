@@ -43,7 +43,12 @@ from rlhf_lightning.losses import explained_variance, ppo_policy_loss, value_los
 from rlhf_lightning.ops import entropy_from_logits, logprobs_from_logits, masked_mean
 from rlhf_lightning.optim import adamw, trainer_precision
 from rlhf_lightning.rollout.experience import Experience, make_experience, sequence_kl
-from rlhf_lightning.rollout.generation import Rollout, resolve_stop_token_ids, sample_responses
+from rlhf_lightning.rollout.generation import (
+    Rollout,
+    resolve_stop_token_ids,
+    sample_responses,
+    sampling_copy,
+)
 from rlhf_lightning.schedules import warmup_decay_lambda
 
 EVAL_SEED = 1234
@@ -169,10 +174,20 @@ class PPOModule(L.LightningModule):
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
     # ------------------------------------------------------------------------------- training
+    def sampling_lm(self):
+        """The LM that samples rollouts: the policy's, or its ``generation.sampling_dtype`` copy
+        (refreshed from the policy here, so it always holds the current weights)."""
+        dtype = self.cfg.generation.sampling_dtype
+        if dtype is None:
+            return self.policy.lm
+        previous = self._frozen.get("sampler")
+        self._frozen["sampler"] = sampling_copy(self.policy.lm, getattr(torch, dtype), previous)
+        return self._frozen["sampler"]
+
     def sample(self, batch: dict) -> Rollout:
         """One response per prompt of a ``PromptDataModule`` batch, from the current policy."""
         return sample_responses(
-            self.policy.lm,
+            self.sampling_lm(),
             self.tokenizer,
             batch["input_ids"],
             batch["attention_mask"],

@@ -8,6 +8,7 @@ nothing after the stop token can leak into logprobs, values, KL or losses.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,25 @@ def hf_generation_config(
         repetition_penalty=1.0,
         num_beams=1,
     )
+
+
+def sampling_copy(lm, dtype: torch.dtype, previous=None):
+    """A copy of ``lm`` for sampling only: its parameters are ``lm``'s cast to ``dtype``.
+
+    Buffers keep their dtype (e.g. fp32 rotary frequencies), tied weights stay tied, nothing
+    requires grad. With ``previous`` (an earlier copy of the same ``lm``) the parameters are
+    refreshed in place instead of copying the module again.
+    """
+    if previous is None:
+        previous = copy.deepcopy(lm)
+        for p in previous.parameters():
+            p.requires_grad_(False)
+            p.data = p.data.to(dtype)
+        previous.eval()
+    with torch.no_grad():
+        for dst, src in zip(previous.parameters(), lm.parameters(), strict=True):
+            dst.copy_(src)
+    return previous
 
 
 def sample_responses(
