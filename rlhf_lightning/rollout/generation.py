@@ -112,12 +112,12 @@ def sampling_copy(lm, dtype: torch.dtype, previous=None):
     requires grad. With ``previous`` (an earlier copy of the same ``lm``) the parameters are
     refreshed in place instead of copying the module again.
     """
-    if previous is None:
-        previous = copy.deepcopy(lm)
-        for p in previous.parameters():
+    if previous is None:  # a fresh copy already holds the current weights
+        fresh = copy.deepcopy(lm)
+        for p in fresh.parameters():
             p.requires_grad_(False)
             p.data = p.data.to(dtype)
-        previous.eval()
+        return fresh.eval()
     with torch.no_grad():
         for dst, src in zip(previous.parameters(), lm.parameters(), strict=True):
             dst.copy_(src)
