@@ -10,6 +10,7 @@ from rlhf_lightning.models import load_causal_lm, load_tokenizer
 from rlhf_lightning.rollout.generation import (
     resolve_stop_token_ids,
     sample_responses,
+    sampling_copy,
     truncate_after_stop,
 )
 from rlhf_lightning.schedules import warmup_decay_lambda
@@ -90,3 +91,20 @@ def test_warmup_then_linear_decay_to_zero():
     ]
     g = warmup_decay_lambda(total_steps=4, decay="constant")
     assert [g(s) for s in range(4)] == [1.0] * 4
+
+
+def test_sampling_copy_casts_without_sharing_or_copying_grads():
+    lm = load_causal_lm("builtin:tiny")
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # tied in the tiny model
+    for p in lm.parameters():
+        p.grad = torch.ones_like(p)
+    for dtype in (torch.float32, torch.bfloat16):
+        copy_ = sampling_copy(lm, dtype)
+        assert copy_.lm_head.weight is copy_.model.embed_tokens.weight  # still tied
+        assert not copy_.training
+        for (name, p), src in zip(copy_.named_parameters(), lm.parameters(), strict=True):
+            assert p.dtype == dtype and not p.requires_grad and p.grad is None, name
+            assert p.data_ptr() != src.data_ptr(), name  # its own storage, even in fp32
+            assert torch.equal(p, src.detach().to(dtype)), name
+        for b, src in zip(copy_.buffers(), lm.buffers(), strict=True):
+            assert b.dtype == src.dtype and b.data_ptr() != src.data_ptr()

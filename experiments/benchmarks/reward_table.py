@@ -22,6 +22,7 @@ RUNS = {  # name (run_reward_reached.sh) -> what it is
     "ours_shared": "rlhf_lightning, shared trunk (default)",
     "ours_shared_noclip": "rlhf_lightning, shared trunk, no clipping",
     "ours_shared_trlopt": "rlhf_lightning, shared trunk, no clipping, AdamW eps 1e-8",
+    "ours_shared_eps8": "rlhf_lightning, shared trunk, clipping 1.0, AdamW eps 1e-8",
 }
 HEADER = (
     "| run | iteration | held-out VADER (± SE) | KL to base | distinct-2 | win rate vs base "

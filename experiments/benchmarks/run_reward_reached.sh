@@ -10,7 +10,7 @@
 #
 # Environment: RUNS (default "trl ours_critic ours_shared"; also ours_shared_noclip,
 # ours_shared_trlopt, ours_critic_trlopt: ours without gradient clipping / and with TRL's AdamW
-# epsilon 1e-8), SEED (0), LR (3e-5), NUM_EVAL_PROMPTS (128). Finished runs and evaluations are
+# epsilon 1e-8; ours_shared_eps8: TRL's epsilon with our clipping), SEED (0), LR (3e-5), NUM_EVAL_PROMPTS (128). Finished runs and evaluations are
 # skipped, so a second call with more RUNS only adds those.
 #
 # Needs /tmp/trl-venv (setup_trl_venv.sh) and a SmolLM2 timing reward model at $TIMING_RM
@@ -57,6 +57,7 @@ for name in $RUNS; do
     ours_shared) run $name $OURS ;;
     ours_shared_noclip) run $name $OURS --max-grad-norm none ;;
     ours_shared_trlopt) run $name $OURS $TRL_OPT ;;
+    ours_shared_eps8) run $name $OURS --adam-eps 1e-8 ;;
     *) echo "unknown run $name"; exit 2 ;;
   esac
 done

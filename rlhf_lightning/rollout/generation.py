@@ -113,11 +113,14 @@ def sampling_copy(lm, dtype: torch.dtype, previous=None):
     refreshed in place instead of copying the module again.
     """
     if previous is None:  # a fresh copy already holds the current weights
-        fresh = copy.deepcopy(lm)
-        for p in fresh.parameters():
-            p.requires_grad_(False)
-            p.data = p.data.to(dtype)
-        return fresh.eval()
+        # Cast each parameter first and hand the casts to deepcopy through its memo, so the
+        # full-precision weights (and any .grad) are never copied: the peak grows by the cast
+        # copy only. parameters() yields a tied weight once, so it stays tied in the copy.
+        memo = {
+            id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+            for p in lm.parameters()
+        }
+        return copy.deepcopy(lm, memo).eval()
     with torch.no_grad():
         for dst, src in zip(previous.parameters(), lm.parameters(), strict=True):
             dst.copy_(src)
