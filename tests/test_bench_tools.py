@@ -1,4 +1,4 @@
-"""The benchmark helpers that decide what is saved and how the reward-reached table is built."""
+"""The benchmark helpers: what is saved, the reward-reached table, Adam's step size vs eps."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+from adam_eps_damping import step_sizes  # noqa: E402
 from bench_common import add_save_arguments, check_save_arguments, save_due  # noqa: E402
 from reward_table import collect, markdown  # noqa: E402
 
@@ -72,3 +73,19 @@ def test_reward_table_collects_base_then_runs_in_iteration_order(tmp_path):
     table = markdown(rows).splitlines()
     assert len(table) == 2 + 3
     assert "| 40 | 0.500 ± 0.050 |" in table[-1] and "| 12.5 | 3.00 |" in table[-1]
+
+
+def test_adam_first_step_size_against_hand_computation():
+    import torch
+
+    g = torch.tensor([1e-5, 1e-5, 3e-5])
+    sizes = step_sizes(g, (1e-5, 0.0))
+    assert sizes[1e-5] == pytest.approx((0.5 + 0.5 + 0.75) / 3)
+    assert sizes[0.0] == pytest.approx(1.0)
+    # clipped to norm 1: [3, 4] (norm 5) -> [0.6, 0.8]; with eps 0.2: (0.75 + 0.8) / 2
+    clipped = step_sizes(torch.tensor([3.0, 4.0]), (0.2,), max_norm=1.0)
+    assert clipped[0.2] == pytest.approx(0.775)
+    # a norm already below max_norm is left alone
+    assert step_sizes(torch.tensor([0.3, 0.4]), (0.2,), max_norm=1.0)[0.2] == pytest.approx(
+        (0.6 + 0.4 / 0.6) / 2
+    )
