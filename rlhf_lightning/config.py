@@ -131,6 +131,10 @@ class PPOConfig:
     max_grad_norm: float | None = 1.0
     value_model: str = "shared"
     critic_path: str | None = None
+    critic_warmup_iterations: int = 0
+    """The first N iterations train the value function alone (value head, or the critic): the
+    policy loss is dropped and the policy gets no gradient, so advantages come from a fitted
+    baseline before the policy moves."""
     policy_lr: float = 1e-5
     value_lr: float = 1e-4
     weight_decay: float = 0.0
@@ -205,6 +209,17 @@ class PPOConfig:
             self.value_model == "shared" or bool(self.critic_path),
             f"{p}.critic_path",
             "value_model=critic needs critic_path (a saved reward model to start the critic from)",
+        )
+        _check(
+            0 <= self.critic_warmup_iterations < self.num_iterations,
+            f"{p}.critic_warmup_iterations",
+            f"must be in [0, num_iterations={self.num_iterations}) so the policy trains at all, "
+            f"got {self.critic_warmup_iterations}",
+        )
+        _check(
+            self.critic_warmup_iterations == 0 or self.vf_coef > 0,
+            f"{p}.vf_coef",
+            "must be > 0 with critic_warmup_iterations (the warm-up loss is vf_coef x value loss)",
         )
         for name in ("policy_lr", "value_lr"):
             _check(getattr(self, name) > 0, f"{p}.{name}", "must be > 0")

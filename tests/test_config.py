@@ -24,6 +24,12 @@ BAD_PPO = [
     ({"target_kl": 0.0}, "algorithm.target_kl"),
     ({"value_model": "twin"}, "algorithm.value_model"),
     ({"value_model": "critic"}, "algorithm.critic_path"),
+    ({"critic_warmup_iterations": -1}, "algorithm.critic_warmup_iterations"),
+    (
+        {"num_iterations": 3, "critic_warmup_iterations": 3},
+        "algorithm.critic_warmup_iterations",
+    ),
+    ({"critic_warmup_iterations": 1, "vf_coef": 0.0}, "algorithm.vf_coef"),
     ({"policy_lr": 0.0}, "algorithm.policy_lr"),
     ({"warmup_ratio": 1.0}, "algorithm.warmup_ratio"),
     ({"lr_decay": "cosine"}, "algorithm.lr_decay"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import lightning as L
@@ -262,3 +263,80 @@ def test_value_head_runs_in_fp32_under_bf16_autocast():
     assert captured["out"].dtype == torch.float32 and values.dtype == torch.float32
     expected = captured["hidden"].float() @ head.weight.T + head.bias
     torch.testing.assert_close(values, expected.squeeze(-1), rtol=1e-6, atol=1e-6)
+
+
+def _with_critic(module):
+    """The module's policy with a separate critic: a copy of the tiny LM's bare backbone."""
+    from rlhf_lightning.models import PolicyWithValueHead
+
+    lm = module.policy.lm
+    module.policy = PolicyWithValueHead(lm, critic_backbone=copy.deepcopy(lm.model))
+    return module
+
+
+@pytest.mark.parametrize("value_model", ["shared", "critic"])
+def test_values_alone_match_the_forward_and_reach_only_the_value_function(value_model):
+    module = tiny_ppo_module(tiny_ppo_config())
+    if value_model == "critic":
+        _with_critic(module)
+    policy = module.policy
+    torch.nn.init.normal_(policy.value_head.weight)  # non-zero values to compare
+    exp = _experience(module, n=4)
+    P = exp.query_ids.shape[1]
+    _, expected = policy(exp.input_ids, exp.attention_mask, response_start=P)
+    values = policy.values(exp.input_ids, exp.attention_mask, response_start=P)
+    torch.testing.assert_close(values, expected)
+    policy.zero_grad(set_to_none=True)
+    values.sum().backward()
+    assert all(p.grad is None for p in policy.lm.parameters())
+    assert policy.value_head.weight.grad is not None
+    if value_model == "critic":
+        assert all(p.grad is not None for p in policy.critic_backbone.parameters())
+    # The value head's gradient is that of the full loss (the policy loss does not reach it).
+    head_grad = policy.value_head.weight.grad.clone()
+    policy.zero_grad(set_to_none=True)
+    policy(exp.input_ids, exp.attention_mask, response_start=P)[1].sum().backward()
+    torch.testing.assert_close(policy.value_head.weight.grad, head_grad)
+
+
+def _distinct_characters(prompts, responses):
+    """A score that varies between responses of the tiny model, so the values have a target."""
+    return [len(set(r)) / 10 for r in responses]
+
+
+class _PolicySnapshots(L.Callback):
+    """The policy LM's parameters and the value head's weight at the end of every iteration."""
+
+    def __init__(self) -> None:
+        self.lm, self.head = [], []
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.lm.append([p.detach().clone() for p in module.policy.lm.parameters()])
+        self.head.append(module.policy.value_head.weight.detach().clone())
+
+
+@pytest.mark.parametrize("value_model", ["shared", "critic"])
+def test_critic_warmup_trains_only_the_value_function_then_the_policy(value_model):
+    cfg = tiny_ppo_config(num_iterations=3, critic_warmup_iterations=2)
+    module = tiny_ppo_module(cfg, reward=_distinct_characters)
+    if value_model == "critic":
+        _with_critic(module)
+    start = [p.detach().clone() for p in module.policy.lm.parameters()]
+    critic_start = (
+        [p.detach().clone() for p in module.policy.critic_backbone.parameters()]
+        if (value_model == "critic")
+        else None
+    )
+    snapshots = _PolicySnapshots()
+    _, history = fit(module, max_epochs=3, callbacks=[snapshots])
+    for it in (0, 1):  # warm-up: the policy is bit-identical, the value function moves
+        assert all(torch.equal(a, b) for a, b in zip(snapshots.lm[it], start))
+        assert history[it]["value/warmup"] == 1.0
+    assert not torch.equal(snapshots.head[0], torch.zeros_like(snapshots.head[0]))
+    assert not torch.equal(snapshots.head[1], snapshots.head[0])
+    if critic_start is not None:
+        moved = [p for p, q in zip(module.policy.critic_backbone.parameters(), critic_start)]
+        assert any(not torch.equal(p, q) for p, q in zip(moved, critic_start))
+    # Iteration 2 is a normal PPO iteration: the policy moves.
+    assert history[2]["value/warmup"] == 0.0
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots.lm[2], start))

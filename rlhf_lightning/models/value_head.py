@@ -90,6 +90,38 @@ class PolicyWithValueHead(nn.Module):
             values = self.value_head(hidden.float()).squeeze(-1)
         return logits, values
 
+    def values(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        response_start: int | None = None,
+    ) -> torch.Tensor:
+        """The values of :meth:`forward` alone, with gradients only for the value function's own
+        parameters: (B, T) -> (B, T) fp32, or (B, T - P) with ``response_start=P``.
+
+        With a shared trunk the policy LM runs without grad (only the value head learns) and its
+        LM head is skipped; a separate critic backbone keeps its gradients. Used for critic
+        warm-up, where the policy must not move.
+        """
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        keep = slice(None) if response_start is None else slice(response_start - 1, -1)
+        if self.critic_backbone is None:
+            with torch.no_grad():
+                hidden = self.lm.base_model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                ).last_hidden_state[:, keep]
+        else:
+            hidden = backbone_last_hidden_state(
+                self.critic_backbone, input_ids, attention_mask, position_ids
+            )[:, keep]
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)
+
     def generate(self, **kwargs):
         """`self.lm.generate(**kwargs)`."""
         return self.lm.generate(**kwargs)

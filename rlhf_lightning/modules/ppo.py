@@ -250,7 +250,8 @@ class PPOModule(L.LightningModule):
             self._log_samples("train/samples", exp.prompts, exp.responses, exp.scores.tolist())
 
     def ppo_update(self, exp: Experience, iteration: int) -> dict[str, float]:
-        """``ppo_epochs`` x shuffled minibatches x micro-batches of clipped PPO updates."""
+        """``ppo_epochs`` x shuffled minibatches x micro-batches of clipped PPO updates (of the
+        value function alone in the first ``critic_warmup_iterations``)."""
         cfg = self.cfg
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
@@ -275,8 +276,9 @@ class PPOModule(L.LightningModule):
                 optimizer.step()
                 scheduler.step()
                 minibatches += 1
-                ratio_max = max(ratio_max, stats.pop("policy/ratio_max"))
-                epoch_kl.append(stats["policy/approx_kl"])
+                ratio_max = max(ratio_max, stats.pop("policy/ratio_max", 0.0))
+                if "policy/approx_kl" in stats:  # absent in critic warm-up
+                    epoch_kl.append(stats["policy/approx_kl"])
                 for key, value in stats.items():
                     sums[key] += value
             epochs_done += 1
@@ -285,8 +287,10 @@ class PPOModule(L.LightningModule):
                 if mean_kl > cfg.target_kl:
                     break
         out = {key: value / max(minibatches, 1) for key, value in sums.items()}
-        out["policy/ratio_max"] = ratio_max
+        if iteration >= cfg.critic_warmup_iterations:
+            out["policy/ratio_max"] = ratio_max
         out["policy/epochs"] = float(epochs_done)
+        out["value/warmup"] = float(iteration < cfg.critic_warmup_iterations)
         return out
 
     def minibatch_backward(
@@ -296,36 +300,55 @@ class PPOModule(L.LightningModule):
 
         Each micro-batch's loss is weighted by its share of the minibatch's response tokens, so
         the accumulated gradient equals that of the token-mean loss over the whole minibatch.
-        Returns the token-weighted statistics, or None when a loss was non-finite and
-        ``on_nonfinite=skip`` (with ``error`` it raises :class:`NonFiniteError`).
+        In critic warm-up (``iteration < critic_warmup_iterations``) the loss is the value loss
+        alone and only the value function gets gradients. Returns the token-weighted statistics,
+        or None when a loss was non-finite and ``on_nonfinite=skip`` (with ``error`` it raises
+        :class:`NonFiniteError`).
         """
+        value_only = iteration < self.cfg.critic_warmup_iterations
         total_tokens = exp.response_mask[rows].sum().clamp(min=1)
         stats: dict[str, float] = defaultdict(float)
         ratio_max = 0.0
         for micro_rows in rows.split(micro_batch_size):
             part = exp.select(micro_rows)
             weight = part.response_mask.sum() / total_tokens
-            loss, micro_stats = self.micro_batch_loss(part)
+            loss, micro_stats = self.micro_batch_loss(part, value_only=value_only)
             if not torch.isfinite(loss):
                 if self.cfg.on_nonfinite == "error":
                     raise NonFiniteError(
                         f"non-finite loss ({loss.item()}) at PPO iteration {iteration}: policy "
-                        f"loss {micro_stats['loss/policy']}, value loss "
+                        f"loss {micro_stats.get('loss/policy')}, value loss "
                         f"{micro_stats['loss/value']}; the last good checkpoint is kept"
                     )
                 return None
             backward(loss * weight)
-            ratio_max = max(ratio_max, micro_stats.pop("policy/ratio_max"))
+            ratio_max = max(ratio_max, micro_stats.pop("policy/ratio_max", 0.0))
             for key, value in micro_stats.items():
                 stats[key] += value * float(weight)
-        stats["policy/ratio_max"] = ratio_max
+        if not value_only:
+            stats["policy/ratio_max"] = ratio_max
         return dict(stats)
 
-    def micro_batch_loss(self, part: Experience) -> tuple[torch.Tensor, dict[str, float]]:
-        """One forward of the policy gives logprobs, entropy and values; returns the PPO loss."""
+    def micro_batch_loss(
+        self, part: Experience, value_only: bool = False
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One forward of the policy gives logprobs, entropy and values; returns the PPO loss.
+
+        ``value_only`` (critic warm-up): ``vf_coef`` x the value loss from
+        ``PolicyWithValueHead.values``, which gives no gradient to the policy.
+        """
         cfg = self.cfg
         mask = part.response_mask
         P = part.query_ids.shape[1]
+        if value_only:
+            values = self.policy.values(part.input_ids, part.attention_mask, response_start=P)
+            vf_loss, vf = value_loss(values, part.old_values, part.returns, mask, cfg.value_clip)
+            loss = cfg.vf_coef * vf_loss
+            return loss, {
+                "loss/value": float(vf_loss.detach()),
+                "loss/total": float(loss.detach()),
+                "value/clipfrac": float(vf["clipfrac"]),
+            }
         logits, values = self.policy(part.input_ids, part.attention_mask, response_start=P)
         values = values.float()
         T = cfg.generation.temperature
