@@ -105,8 +105,8 @@ class _NaNOnFirstMinibatch:
     def __init__(self, module) -> None:
         self.module, self.inner, self.calls = module, module.micro_batch_loss, 0
 
-    def __call__(self, part):
-        loss, stats = self.inner(part)
+    def __call__(self, part, **kwargs):
+        loss, stats = self.inner(part, **kwargs)
         self.calls += 1
         return (loss * float("nan"), stats) if self.calls == 1 else (loss, stats)
 
