@@ -21,6 +21,15 @@ from rlhf_lightning.models.reward_model import ScalarRewardModel, backbone_last_
 _LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+def _positions(attention_mask, position_ids, response_start):
+    """Position ids (counted over real tokens when None) and the slice of positions to keep:
+    all, or with ``response_start=P`` the ones that predict tokens P..T-1 (P-1..T-2)."""
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    keep = slice(None) if response_start is None else slice(response_start - 1, -1)
+    return position_ids, keep
+
+
 class PolicyWithValueHead(nn.Module):
     """`lm` (a `*ForCausalLM`) with a zero-initialised float32 `nn.Linear(d, 1)` value head.
 
@@ -70,25 +79,12 @@ class PolicyWithValueHead(nn.Module):
         tokens, and the LM head runs on those positions alone (the prompt's logits are never
         materialised).
         """
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
-        hidden = self.lm.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state  # (B, T, d)
-        keep = slice(None) if response_start is None else slice(response_start - 1, -1)
-        hidden = hidden[:, keep]
+        position_ids, keep = _positions(attention_mask, position_ids, response_start)
+        hidden = self._trunk_hidden(input_ids, attention_mask, position_ids, keep)  # (B, T', d)
         logits = self.lm.get_output_embeddings()(hidden)
         if self.critic_backbone is not None:
-            hidden = backbone_last_hidden_state(
-                self.critic_backbone, input_ids, attention_mask, position_ids
-            )[:, keep]
-        # fp32 even under mixed-precision autocast (which would run this Linear in bf16/fp16).
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            values = self.value_head(hidden.float()).squeeze(-1)
-        return logits, values
+            hidden = self._critic_hidden(input_ids, attention_mask, position_ids, keep)
+        return logits, self._value_head_fp32(hidden)
 
     def values(
         self,
@@ -104,21 +100,33 @@ class PolicyWithValueHead(nn.Module):
         LM head is skipped; a separate critic backbone keeps its gradients. Used for critic
         warm-up, where the policy must not move.
         """
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
-        keep = slice(None) if response_start is None else slice(response_start - 1, -1)
-        if self.critic_backbone is None:
-            with torch.no_grad():
-                hidden = self.lm.base_model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                ).last_hidden_state[:, keep]
+        position_ids, keep = _positions(attention_mask, position_ids, response_start)
+        if self.critic_backbone is not None:
+            hidden = self._critic_hidden(input_ids, attention_mask, position_ids, keep)
         else:
-            hidden = backbone_last_hidden_state(
-                self.critic_backbone, input_ids, attention_mask, position_ids
-            )[:, keep]
+            with torch.no_grad():
+                hidden = self._trunk_hidden(input_ids, attention_mask, position_ids, keep)
+        return self._value_head_fp32(hidden)
+
+    def _trunk_hidden(self, input_ids, attention_mask, position_ids, keep) -> torch.Tensor:
+        """The policy LM's last hidden states at the ``keep`` positions: (B, T', d)."""
+        return self.lm.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state[:, keep]
+
+    def _critic_hidden(self, input_ids, attention_mask, position_ids, keep) -> torch.Tensor:
+        """The critic backbone's last hidden states at the ``keep`` positions: (B, T', d)."""
+        hidden = backbone_last_hidden_state(
+            self.critic_backbone, input_ids, attention_mask, position_ids
+        )
+        return hidden[:, keep]
+
+    def _value_head_fp32(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T', d) -> (B, T') fp32, even under mixed-precision autocast (which would run
+        this Linear in bf16/fp16)."""
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return self.value_head(hidden.float()).squeeze(-1)
 
