@@ -108,3 +108,59 @@ def test_sampling_copy_casts_without_sharing_or_copying_grads():
             assert torch.equal(p, src.detach().to(dtype)), name
         for b, src in zip(copy_.buffers(), lm.buffers(), strict=True):
             assert b.dtype == src.dtype and b.data_ptr() != src.data_ptr()
+
+
+def _tiny_rollout(lm, tok, gen, stops, n=16, seed=0):
+    prompts = [f"p{i}" for i in range(n)]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    return sample_responses(lm, tok, enc["input_ids"], enc["attention_mask"], prompts, gen, stops)
+
+
+def test_the_checkpoints_generation_defaults_do_not_change_what_is_sampled():
+    """generate() fills every field left unset from the checkpoint's generation_config (SmolLM2:
+    eos_token_id=2): with stop_token=null rows must still run to max_new_tokens, and a stop
+    token must be the only thing that ends a row."""
+    tok = load_tokenizer("builtin:tiny", padding_side="left")
+    lm = load_causal_lm("builtin:tiny")
+    lm.generation_config.eos_token_id = list(range(len(tok)))  # any token would end a row
+    lm.generation_config.suppress_tokens = list(range(1, len(tok)))  # only token 0 left
+    saved = lm.generation_config.to_dict()
+    gen = GenerationConfig(temperature=1.0, max_new_tokens=8, stop_token=None)
+    rollout = _tiny_rollout(lm, tok, gen, [])
+    assert rollout.response_ids.shape[1] == 8 and rollout.response_mask.all()
+    assert len(set(rollout.response_ids.flatten().tolist())) > 1  # nothing suppressed
+    stops = resolve_stop_token_ids(tok, "e")
+    rollout = _tiny_rollout(lm, tok, GenerationConfig(temperature=1.0, max_new_tokens=8), stops)
+    for ids, mask in zip(rollout.response_ids, rollout.response_mask):
+        assert not any(t in stops for t in ids[mask].tolist()[:-1])
+    assert rollout.response_mask.sum(1).max() > 1  # rows run past their first token
+    assert lm.generation_config.to_dict() == saved  # the model's own config is put back
+
+
+def test_top_k_zero_samples_from_the_whole_vocabulary():
+    """top_k=0 means no top-k filter (transformers would put in its default of 50 for None)."""
+    tok = load_tokenizer("builtin:tiny", padding_side="left")
+    lm = load_causal_lm("builtin:tiny")
+    assert len(tok) == 100
+    gen = GenerationConfig(temperature=20.0, top_k=0, max_new_tokens=8, stop_token=None)
+    rollout = _tiny_rollout(lm, tok, gen, [])
+    ids = torch.cat([rollout.query_ids, rollout.response_ids], 1)
+    mask = torch.cat([rollout.query_mask, rollout.response_mask.long()], 1)
+    with torch.no_grad():
+        logits = lm(input_ids=ids, attention_mask=mask).logits[
+            :, rollout.query_ids.shape[1] - 1 : -1
+        ]
+    sampled = logits.gather(-1, rollout.response_ids.unsqueeze(-1))
+    ranks = (logits > sampled).sum(-1)  # 0: the most likely token
+    assert ranks.max() >= 60  # a top-50 filter would never sample these
+    # and an explicit top_k still filters
+    gen = GenerationConfig(temperature=20.0, top_k=5, max_new_tokens=8, stop_token=None)
+    rollout = _tiny_rollout(lm, tok, gen, [])
+    ids = torch.cat([rollout.query_ids, rollout.response_ids], 1)
+    with torch.no_grad():
+        logits = lm(input_ids=ids, attention_mask=mask).logits[
+            :, rollout.query_ids.shape[1] - 1 : -1
+        ]
+    sampled = logits.gather(-1, rollout.response_ids.unsqueeze(-1))
+    assert (logits > sampled).sum(-1).max() < 5

@@ -214,9 +214,9 @@ def test_ppo_learns_a_toy_reward_and_a_large_kl_coefficient_holds_it_back():
     for beta in (0.0, 5.0):
         L.seed_everything(0)
         cfg = tiny_ppo_config(
-            num_iterations=12, ppo_epochs=4, kl_coef=beta, policy_lr=1e-3, value_lr=1e-3
+            num_iterations=20, ppo_epochs=4, kl_coef=beta, policy_lr=1e-3, value_lr=1e-3
         )
-        _, history = fit(tiny_ppo_module(cfg), max_epochs=12)
+        _, history = fit(tiny_ppo_module(cfg), max_epochs=20)
         results[beta] = history
 
     def mean(rows, key):

@@ -10,7 +10,11 @@
 #
 # Environment: RUNS (default "trl ours_critic ours_shared"; also ours_shared_noclip,
 # ours_shared_trlopt, ours_critic_trlopt: ours without gradient clipping / and with TRL's AdamW
-# epsilon 1e-8; ours_shared_eps8: TRL's epsilon with our clipping), SEED (0), LR (3e-5), NUM_EVAL_PROMPTS (128). Finished runs and evaluations are
+# epsilon 1e-8; ours_shared_eps8: TRL's epsilon with our clipping), SEED (0), LR (3e-5),
+# NUM_EVAL_PROMPTS (128), STOP (eos: a response ends at <|im_end|> and both frameworks mask what
+# follows; none: never stop early -- ours then samples all 48 tokens, while TRL 1.12 still lets
+# transformers end rows at the model's eos and trains on the eos tokens it pads them with).
+# Finished runs and evaluations are
 # skipped, so a second call with more RUNS only adds those.
 #
 # Needs /tmp/trl-venv (setup_trl_venv.sh) and a SmolLM2 timing reward model at $TIMING_RM
@@ -24,6 +28,7 @@ TIMING_RM=${TIMING_RM:-/tmp/smollm2-timing-rm}
 TRL_PYTHON=${TRL_PYTHON:-/tmp/trl-venv/bin/python}
 LR=${LR:-3e-5}
 NUM_EVAL_PROMPTS=${NUM_EVAL_PROMPTS:-128}
+STOP=${STOP:-eos}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -33,7 +38,7 @@ MODEL_DIR=$(python -c 'from rlhf_lightning.models import resolve_model_source as
 # TRL steps AdamW once per epoch at batch 8 (gradient accumulation spans its two minibatches, see
 # README), so ours runs one minibatch of 8 in micro-batches of 4: 4 optimizer steps per iteration
 # on both sides. One learning rate for policy and value, as TRL has.
-W="--batch 8 --minibatch 8 --micro 4 --epochs 4 --new-tokens 48 --stop-token none
+W="--batch 8 --minibatch 8 --micro 4 --epochs 4 --new-tokens 48 --stop-token $STOP
    --precision bf16-mixed --device cpu --threads 2 --warmup 0 --iterations $ITERATIONS
    --save-every $SAVE_EVERY --reward vader --seed ${SEED:-0}"
 TRL_OPT="--max-grad-norm none --adam-eps 1e-8"  # TRL's PPO never clips; HF's AdamW eps
@@ -67,7 +72,7 @@ evaluate() {  # policy dir, output json
   echo "== eval $1: $(date -u +%H:%M:%S)"
   rlhf-eval "$1" --reference "$MODEL_DIR" --reward vader \
     --prompts "$REPO/experiments/sentiment/data/prompts_eval.jsonl" --num-prompts "$NUM_EVAL_PROMPTS" \
-    --max-new-tokens 48 --stop-token none --temperature 0.7 --batch-size 32 --seed 0 \
+    --max-new-tokens 48 --stop-token "$STOP" --temperature 0.7 --batch-size 32 --seed 0 \
     --dtype float32 --device cpu --output "$2" >"$2.log" 2>&1 || { echo "eval failed: $2.log"; exit 1; }
 }
 evaluate "$MODEL_DIR" "$OUT/base_eval.json"

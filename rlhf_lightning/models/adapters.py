@@ -124,6 +124,15 @@ class AdaptersDisabled:
         with adapters_disabled(self.lm):
             return self.lm.generate(**kwargs)
 
+    @property
+    def generation_config(self):
+        """The policy LM's (``generate`` reads it from there)."""
+        return self.lm.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self.lm.generation_config = value
+
     def parameters(self):
         return self.lm.parameters()
 

@@ -8,6 +8,7 @@ nothing after the stop token can leak into logprobs, values, KL or losses.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -89,11 +90,18 @@ def resolve_stop_token_ids(tokenizer, stop_token: str | None) -> list[int]:
 def hf_generation_config(
     gen: GenerationConfig, stop_token_ids: list[int], pad_token_id: int
 ) -> HFGenerationConfig:
-    """A complete transformers GenerationConfig, so no model default (top_p, ...) sneaks in."""
+    """A transformers GenerationConfig that samples exactly softmax(logits / T) (with top-k /
+    top-p only when asked), for :func:`sample_responses`.
+
+    ``top_k`` is passed as 0 when off, never None: ``generate`` replaces None with its global
+    default (50). The fields left None here (``eos_token_id`` without stop tokens, ...) are
+    filled from the model's ``generation_config`` unless :func:`checkpoint_generation_defaults_off`
+    hides it, as :func:`sample_responses` does.
+    """
     return HFGenerationConfig(
         do_sample=True,
         temperature=gen.temperature,
-        top_k=gen.top_k if gen.top_k > 0 else None,
+        top_k=gen.top_k,
         top_p=gen.top_p,
         max_new_tokens=gen.max_new_tokens,
         min_new_tokens=gen.min_new_tokens if stop_token_ids else 0,
@@ -103,6 +111,24 @@ def hf_generation_config(
         repetition_penalty=1.0,
         num_beams=1,
     )
+
+
+@contextlib.contextmanager
+def checkpoint_generation_defaults_off(lm):
+    """Hide ``lm.generation_config`` (the checkpoint's generation defaults) inside the block.
+
+    ``generate`` fills every field that the config it is given leaves None from the model's
+    ``generation_config`` (``eos_token_id``, ``suppress_tokens``, ``no_repeat_ngram_size``, ...).
+    A rollout must sample the distribution whose logprobs PPO computes, so none of them may come
+    in: with SmolLM2's ``eos_token_id=2``, ``stop_token=null`` rows would still end at
+    ``<|im_end|>`` and be filled with pad tokens that were never sampled but would be trained on.
+    """
+    saved = lm.generation_config
+    lm.generation_config = HFGenerationConfig()
+    try:
+        yield
+    finally:
+        lm.generation_config = saved
 
 
 def sampling_copy(lm, dtype: torch.dtype, previous=None):
@@ -144,7 +170,7 @@ def sample_responses(
         prompts: the B prompt texts (kept for reward sources that read text).
     """
     config = hf_generation_config(gen, stop_token_ids, tokenizer.pad_token_id)
-    with torch.inference_mode():
+    with torch.inference_mode(), checkpoint_generation_defaults_off(lm):
         sequences = lm.generate(
             input_ids=query_ids, attention_mask=query_mask, generation_config=config
         )
