@@ -27,7 +27,13 @@ def _check(ok: bool, key: str, reason: str) -> None:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Sampling settings of the rollouts (``algorithm.generation``)."""
+    """Sampling settings of the rollouts (``algorithm.generation``).
+
+    PPO's logprobs, KL and losses use the full ``softmax(logits / temperature)``. Whatever else
+    reshapes the sampling distribution (``top_k > 0``, ``top_p < 1``, ``min_new_tokens > 0``,
+    which masks the stop token) makes the rollouts slightly off-policy; the defaults do none of
+    it, and the checkpoint's own ``generation_config`` is ignored while sampling.
+    """
 
     temperature: float = 0.7
     """Sampling temperature; the logprobs used in the losses divide the logits by it too."""
