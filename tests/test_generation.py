@@ -164,3 +164,23 @@ def test_top_k_zero_samples_from_the_whole_vocabulary():
         ]
     sampled = logits.gather(-1, rollout.response_ids.unsqueeze(-1))
     assert (logits > sampled).sum(-1).max() < 5
+
+
+def test_sampled_first_tokens_follow_softmax_of_logits_over_temperature():
+    """End to end: the sampler draws from exactly the distribution PPO's logprobs assume."""
+    tok = load_tokenizer("builtin:tiny", padding_side="left")
+    lm = load_causal_lm("builtin:tiny")
+    n, temperature = 4000, 2.0
+    enc = tok(["p1"], return_tensors="pt")
+    ids, mask = enc["input_ids"].repeat(n, 1), enc["attention_mask"].repeat(n, 1)
+    gen = GenerationConfig(temperature=temperature, max_new_tokens=1, stop_token=None)
+    torch.manual_seed(0)
+    rollout = sample_responses(lm, tok, ids, mask, ["p1"] * n, gen, [])
+    counts = torch.bincount(rollout.response_ids[:, 0], minlength=len(tok)).double()
+    with torch.no_grad():
+        logits = lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    expected = torch.softmax(logits[0, -1].double() / temperature, -1)
+    total_variation = 0.5 * (counts / n - expected).abs().sum()
+    # Sampling noise alone is ~0.06 here; a top-50 filter would remove the tail's mass.
+    assert total_variation < 0.1, float(total_variation)
+    assert expected.topk(50).values.sum() < 0.85  # the tail a top-50 filter drops is > 0.15
