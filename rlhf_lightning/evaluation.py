@@ -312,13 +312,16 @@ def evaluate_policy(
     gen: GenerationConfig | None = None,
     batch_size: int = 16,
     seed: int = 0,
+    samples: list[dict] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``policy_lm`` on ``prompts`` against the reference ``ref_lm`` (same tokenizer).
 
     Keys: ``reward``, ``reference_reward``, ``gold_score`` (with ``gold``), ``kl``,
     ``response_length``, ``ended_frac``, ``distinct_1``, ``distinct_2``, ``win_rate`` (policy vs
     reference samples under ``judge``, default ``reward``), ``num_prompts``. See the module
-    docstring for their definitions.
+    docstring for their definitions. With a ``samples`` list, one row per prompt is appended to
+    it: ``prompt``, ``response``, ``reference_response``, ``reward``, ``reference_reward``,
+    ``kl``, ``response_length`` (and ``gold_score`` with ``gold``).
     """
     gen = gen or GenerationConfig()
     prompts = list(prompts)
@@ -350,8 +353,20 @@ def evaluate_policy(
         "win_rate": win_rate(judged, ref_judged),
         "num_prompts": len(prompts),
     }
+    columns = {
+        "prompt": prompts,
+        "response": responses,
+        "reference_response": ref_responses,
+        "reward": scores.tolist(),
+        "reference_reward": ref_scores.tolist(),
+        "kl": kl.tolist(),
+        "response_length": lengths.int().tolist(),
+    }
     if gold is not None:
         gold_scores = gold(prompts, responses)
         metrics["gold_score"] = gold_scores.mean().item()
         metrics["gold_score_std_error"] = std_error(gold_scores)
+        columns["gold_score"] = gold_scores.tolist()
+    if samples is not None:
+        samples.extend(dict(zip(columns, row)) for row in zip(*columns.values()))
     return metrics

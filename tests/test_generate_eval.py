@@ -257,9 +257,15 @@ def test_rlhf_eval_end_to_end(tiny_model_dir, other_dir, tmp_path, capsys):
     argv = [str(tiny_model_dir), "--prompts", "shipped:sentiment/data/tiny_prompts.jsonl"]
     argv += ["--reference", str(other_dir), "--reward", "token_fraction:e", "--gold", "vader"]
     argv += ["--num-prompts", "5", "--max-new-tokens", "5", "--batch-size", "2"]
-    eval_cli.main([*argv, "--output", str(out)])
+    samples_file = tmp_path / "samples.jsonl"
+    eval_cli.main([*argv, "--output", str(out), "--samples", str(samples_file)])
     result = json.loads(out.read_text())
     metrics = result["metrics"]
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert len(rows) == 5 and set(result) == {"metrics", "settings"}
+    assert {"prompt", "response", "reference_response", "gold_score"} <= set(rows[0])
+    for key in ("reward", "reference_reward", "kl", "gold_score", "response_length"):
+        assert sum(r[key] for r in rows) / 5 == pytest.approx(metrics[key], abs=1e-6), key
     expected_keys = {"reward", "reference_reward", "gold_score", "kl", "response_length"}
     expected_keys |= {"ended_frac", "distinct_1", "distinct_2", "win_rate", "num_prompts"}
     expected_keys |= {"reward_std_error", "reference_reward_std_error", "gold_score_std_error"}

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--judge", help="SPEC that judges the win rate (default: --reward)")
     parser.add_argument("--num-prompts", type=int, help="use only the first N prompts")
     parser.add_argument("--output", help="write the metrics and settings as JSON here")
+    parser.add_argument(
+        "--samples", help="write one JSON line per prompt here (texts, rewards, KL, length)"
+    )
     add_model_args(parser)
     add_generation_args(parser)
     return parser
@@ -78,7 +81,7 @@ def default_reference(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Evaluate; returns ``{"metrics": {...}, "settings": {...}}``."""
+    """Evaluate; returns ``{"metrics": {...}, "settings": {...}, "samples": [a row a prompt]}``."""
     gen = generation_config_from(args)
     prompts = read_prompts(args.prompts)[: args.num_prompts]
     if not prompts:
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     policy_lm.to(device)
     ref_lm.to(device)
+    samples: list[dict] = []
     metrics = evaluate_policy(
         policy_lm,
         ref_lm,
@@ -109,10 +113,11 @@ def run(args: argparse.Namespace) -> dict:
         gen=gen,
         batch_size=args.batch_size,
         seed=args.seed,
+        samples=samples,
     )
-    settings = {key: value for key, value in vars(args).items() if key != "output"}
+    settings = {key: value for key, value in vars(args).items() if key not in ("output", "samples")}
     settings["reference"] = reference
-    return {"metrics": metrics, "settings": settings}
+    return {"metrics": metrics, "settings": settings, "samples": samples}
 
 
 def format_table(metrics: dict) -> str:
@@ -135,11 +140,17 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as error:  # ConfigError is a ValueError
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(format_table(result["metrics"]))
+    samples = result.pop("samples")
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {out}")
+    if args.samples:
+        out = Path(args.samples)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(row) + "\n" for row in samples), encoding="utf-8")
+        print(f"wrote {out} ({len(samples)} rows)")
 
 
 if __name__ == "__main__":
