@@ -184,3 +184,24 @@ def test_sampled_first_tokens_follow_softmax_of_logits_over_temperature():
     # Sampling noise alone is ~0.06 here; a top-50 filter would remove the tail's mass.
     assert total_variation < 0.1, float(total_variation)
     assert expected.topk(50).values.sum() < 0.85  # the tail a top-50 filter drops is > 0.15
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampler_logprobs_are_those_of_the_distribution_sampled_from(top_k):
+    from rlhf_lightning.rollout.experience import reference_logprobs
+
+    tok = load_tokenizer("builtin:tiny", padding_side="left")
+    lm = load_causal_lm("builtin:tiny")
+    stops = resolve_stop_token_ids(tok, "e")
+    gen = GenerationConfig(temperature=0.7, top_k=top_k, max_new_tokens=8)
+    rollout = _tiny_rollout(lm, tok, gen, stops)
+    ids = torch.cat([rollout.query_ids, rollout.response_ids], 1)
+    mask = torch.cat([rollout.query_mask, rollout.response_mask.long()], 1)
+    with torch.no_grad():
+        full = reference_logprobs(lm, ids, mask, rollout.query_ids.shape[1], 0.7)
+    got, m = rollout.sampler_logprobs, rollout.response_mask
+    assert got.shape == full.shape and (got[~m] == 0).all() and (~m).any()
+    if top_k == 0:  # the full softmax(logits / T): the learner's own logprobs
+        torch.testing.assert_close(got[m], full[m], atol=1e-4, rtol=0)
+    else:  # renormalised over the top 5: every sampled token is more likely than in full
+        assert (got[m] >= full[m] - 1e-5).all() and (got[m] - full[m]).mean() > 0.05

@@ -340,3 +340,15 @@ def test_critic_warmup_trains_only_the_value_function_then_the_policy(value_mode
     # Iteration 2 is a normal PPO iteration: the policy moves.
     assert history[2]["value/warmup"] == 0.0
     assert any(not torch.equal(a, b) for a, b in zip(snapshots.lm[2], start))
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_ppo_logs_how_far_the_sampler_is_from_the_learner(top_k):
+    cfg = tiny_ppo_config(num_iterations=1)
+    cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, top_k=top_k))
+    _, history = fit(tiny_ppo_module(cfg), max_epochs=1)
+    if top_k == 0:
+        assert abs(history[0]["rollout/sampler_kl"]) < 1e-4
+        assert history[0]["rollout/sampler_logprob_max_abs_diff"] < 1e-3
+    else:
+        assert history[0]["rollout/sampler_kl"] > 0.05

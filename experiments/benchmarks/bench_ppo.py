@@ -322,6 +322,7 @@ def main(argv=None) -> dict:
                 "flop_update": 6.0 * n_policy * tokens * epochs_done,
                 "score": row["objective/score"],
                 "kl": row["kl/sequence"],
+                "sampler_kl": row.get("rollout/sampler_kl"),
             }
         )
         previous_step = row["global_step"]

@@ -222,6 +222,13 @@ class PPOModule(L.LightningModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         self.kl_ctl.update(float(_all_ranks_mean(seq_kl.mean())), len(exp.prompts) * world)
         metrics = self._rollout_metrics(exp, raw_scores, seq_kl, kl_coef)
+        if rollout.sampler_logprobs is not None:
+            # How far the distribution sampled from is from the one the losses use (k1 over
+            # the sampled tokens): ~0 unless top-k/top-p, min_new_tokens or a lower-precision
+            # sampling copy reshape it.
+            gap = (rollout.sampler_logprobs.to(mask.device) - exp.old_logprobs)[mask]
+            metrics["rollout/sampler_kl"] = gap.mean()
+            metrics["rollout/sampler_logprob_max_abs_diff"] = gap.abs().max()
         metrics.update(update)
         n_generated = float(mask.sum())
         n_trained = n_generated * update["policy/epochs"]

@@ -14,6 +14,13 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from rlhf_lightning.config import GenerationConfig
 
@@ -29,6 +36,9 @@ class Rollout:
     ended: torch.Tensor  # (B,) bool, the response emitted the stop token
     prompts: list[str]
     responses: list[str]
+    # (B, R) fp32: log-probability of each response token under the distribution it was drawn
+    # from (after temperature, top-k, top-p and generate's own processors); 0 on padding.
+    sampler_logprobs: torch.Tensor | None = None
 
 
 def truncate_after_stop(
@@ -90,19 +100,19 @@ def resolve_stop_token_ids(tokenizer, stop_token: str | None) -> list[int]:
 def hf_generation_config(
     gen: GenerationConfig, stop_token_ids: list[int], pad_token_id: int
 ) -> HFGenerationConfig:
-    """A transformers GenerationConfig that samples exactly softmax(logits / T) (with top-k /
-    top-p only when asked), for :func:`sample_responses`.
+    """The transformers GenerationConfig of :func:`sample_responses`: plain sampling, lengths
+    and stop tokens. Temperature, top-k and top-p are left neutral here because
+    :class:`SampledTokenLogprobs` applies them (so it sees the final distribution).
 
-    ``top_k`` is passed as 0 when off, never None: ``generate`` replaces None with its global
-    default (50). The fields left None here (``eos_token_id`` without stop tokens, ...) are
-    filled from the model's ``generation_config`` unless :func:`checkpoint_generation_defaults_off`
-    hides it, as :func:`sample_responses` does.
+    Every field that shapes sampling is set explicitly, never None: ``generate`` fills None
+    fields from the model's ``generation_config`` (unless :func:`checkpoint_generation_defaults_off`
+    hides it, as :func:`sample_responses` does) and then from its global defaults (``top_k=50``).
     """
     return HFGenerationConfig(
         do_sample=True,
-        temperature=gen.temperature,
-        top_k=gen.top_k,
-        top_p=gen.top_p,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
         max_new_tokens=gen.max_new_tokens,
         min_new_tokens=gen.min_new_tokens if stop_token_ids else 0,
         eos_token_id=list(stop_token_ids) or None,
@@ -111,6 +121,41 @@ def hf_generation_config(
         repetition_penalty=1.0,
         num_beams=1,
     )
+
+
+class SampledTokenLogprobs(LogitsProcessor):
+    """The last logits processor of a rollout: applies the temperature (and top-k / top-p) and
+    records each sampled token's log-probability under the distribution it was drawn from.
+
+    ``generate`` runs custom processors after its own (e.g. the one that masks stop tokens before
+    ``min_new_tokens``) and, as the config leaves none, adds no warper after this one: the scores
+    returned here are what it samples from. The token drawn at one step is read from
+    ``input_ids`` at the next call, and the last one by :meth:`logprobs`.
+    """
+
+    def __init__(self, gen: GenerationConfig) -> None:
+        warpers = [TemperatureLogitsWarper(gen.temperature)]
+        if gen.top_k > 0:
+            warpers.append(TopKLogitsWarper(gen.top_k))
+        if gen.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(gen.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self._last: torch.Tensor | None = None  # (B, V) log-softmax of the latest step
+        self._taken: list[torch.Tensor] = []  # (B, 1) per earlier step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._last is not None:  # input_ids now end with the token drawn from _last
+            self._taken.append(self._last.gather(1, input_ids[:, -1:]))
+        scores = self.warpers(input_ids, scores)
+        self._last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def logprobs(self, generated: torch.Tensor) -> torch.Tensor | None:
+        """(B, R) generated tokens -> (B, R) fp32 log-probabilities, or None if the recorded
+        steps do not line up with them (so a wrong number is never returned)."""
+        if self._last is None or len(self._taken) != generated.shape[1] - 1:
+            return None
+        return torch.cat([*self._taken, self._last.gather(1, generated[:, -1:])], dim=1)
 
 
 @contextlib.contextmanager
@@ -170,17 +215,25 @@ def sample_responses(
         prompts: the B prompt texts (kept for reward sources that read text).
     """
     config = hf_generation_config(gen, stop_token_ids, tokenizer.pad_token_id)
+    recorder = SampledTokenLogprobs(gen)
     with torch.inference_mode(), checkpoint_generation_defaults_off(lm):
         sequences = lm.generate(
-            input_ids=query_ids, attention_mask=query_mask, generation_config=config
+            input_ids=query_ids,
+            attention_mask=query_mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([recorder]),
         )
+        generated = sequences[:, query_ids.shape[1] :]
+        sampler_logprobs = recorder.logprobs(generated)
     # Leave inference mode: these tensors feed forward passes that need autograd later.
-    generated = sequences[:, query_ids.shape[1] :].clone()
+    generated = generated.clone()
     if generated.shape[1] == 0:  # pragma: no cover - generate always makes >= 1 token
         raise RuntimeError("generate() returned no new tokens")
     response_ids, response_mask, ended = truncate_after_stop(
         generated, stop_token_ids, tokenizer.pad_token_id
     )
+    if sampler_logprobs is not None:
+        sampler_logprobs = torch.where(response_mask, sampler_logprobs.clone(), 0.0)
     responses = decode_responses(tokenizer, response_ids, response_mask, stop_token_ids)
     return Rollout(
         query_ids=query_ids,
@@ -190,6 +243,7 @@ def sample_responses(
         ended=ended,
         prompts=list(prompts),
         responses=responses,
+        sampler_logprobs=sampler_logprobs,
     )
 
 
