@@ -13,8 +13,12 @@ prompts per epoch (``RolloutSampler``), and ``training_step`` on it does
    term); one optimizer and LR-scheduler step per minibatch; the epoch loop stops early when the
    approx KL exceeds ``target_kl``;
 4. **log** -- everything, namespaced (``objective/``, ``kl/``, ``policy/``, ``value/``, ``loss/``,
-   ``optim/`` (gradient norm before clipping, share of clipped steps), ``rollout/``, ``time/``,
-   ``perf/``).
+   ``optim/`` (gradient norm before clipping, share of clipped steps), ``rollout/`` (incl.
+   ``sampler_kl``: how far the distribution sampled from is from the one the losses use),
+   ``time/``, ``perf/``).
+
+The first ``critic_warmup_iterations`` iterations update the value function alone (step 3 with
+the value loss only; the policy gets no gradient).
 
 Counters: ``trainer.current_epoch`` counts PPO iterations; ``trainer.global_step`` counts
 optimizer steps (``ppo_epochs * rollout_batch_size / minibatch_size`` per iteration, fewer when
