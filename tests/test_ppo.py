@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 
+from rlhf_lightning.kl import AdaptiveKLController
 from rlhf_lightning.rollout.experience import make_experience
 from rlhf_lightning.rollout.generation import Rollout, sample_responses
 from tests.ppo_helpers import fit, prompt_batch, tiny_ppo_config, tiny_ppo_module
@@ -319,6 +320,7 @@ class _PolicySnapshots(L.Callback):
 def test_critic_warmup_trains_only_the_value_function_then_the_policy(value_model):
     cfg = tiny_ppo_config(num_iterations=3, critic_warmup_iterations=2)
     module = tiny_ppo_module(cfg, reward=_distinct_characters)
+    module.kl_ctl = AdaptiveKLController(0.1, target=6.0, horizon=100.0)  # KL 0 would lower it
     if value_model == "critic":
         _with_critic(module)
     start = [p.detach().clone() for p in module.policy.lm.parameters()]
@@ -332,6 +334,7 @@ def test_critic_warmup_trains_only_the_value_function_then_the_policy(value_mode
     for it in (0, 1):  # warm-up: the policy is bit-identical, the value function moves
         assert all(torch.equal(a, b) for a, b in zip(snapshots.lm[it], start))
         assert history[it]["value/warmup"] == 1.0
+        assert history[it]["kl/coef"] == pytest.approx(0.1)  # controller untouched
     assert not torch.equal(snapshots.head[0], torch.zeros_like(snapshots.head[0]))
     assert not torch.equal(snapshots.head[1], snapshots.head[0])
     if critic_start is not None:

@@ -18,7 +18,7 @@ prompts per epoch (``RolloutSampler``), and ``training_step`` on it does
    ``time/``, ``perf/``).
 
 The first ``critic_warmup_iterations`` iterations update the value function alone (step 3 with
-the value loss only; the policy gets no gradient).
+the value loss only; the policy gets no gradient, and an adaptive KL controller is left alone).
 
 Counters: ``trainer.current_epoch`` counts PPO iterations; ``trainer.global_step`` counts
 optimizer steps (``ppo_epochs * rollout_batch_size / minibatch_size`` per iteration, fewer when
@@ -224,7 +224,9 @@ class PPOModule(L.LightningModule):
 
         seq_kl = sequence_kl(exp)
         world = self.trainer.world_size if self.trainer is not None else 1
-        self.kl_ctl.update(float(_all_ranks_mean(seq_kl.mean())), len(exp.prompts) * world)
+        kl_now = float(_all_ranks_mean(seq_kl.mean()))  # every rank joins the reduction
+        if iteration >= cfg.critic_warmup_iterations:  # in warm-up the policy does not move
+            self.kl_ctl.update(kl_now, len(exp.prompts) * world)
         metrics = self._rollout_metrics(exp, raw_scores, seq_kl, kl_coef)
         if rollout.sampler_logprobs is not None:
             # How far the distribution sampled from is from the one the losses use (k1 over
