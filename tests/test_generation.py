@@ -138,32 +138,28 @@ def test_the_checkpoints_generation_defaults_do_not_change_what_is_sampled():
     assert lm.generation_config.to_dict() == saved  # the model's own config is put back
 
 
+def _sampled_ranks(lm, rollout) -> torch.Tensor:
+    """(B, R) rank of each sampled token among the LM's logits at its step (0: the top one)."""
+    ids = torch.cat([rollout.query_ids, rollout.response_ids], 1)
+    mask = torch.cat([rollout.query_mask, rollout.response_mask.long()], 1)
+    with torch.no_grad():
+        logits = lm(input_ids=ids, attention_mask=mask).logits
+    logits = logits[:, rollout.query_ids.shape[1] - 1 : -1]
+    sampled = logits.gather(-1, rollout.response_ids.unsqueeze(-1))
+    return (logits > sampled).sum(-1)
+
+
 def test_top_k_zero_samples_from_the_whole_vocabulary():
     """top_k=0 means no top-k filter (transformers would put in its default of 50 for None)."""
     tok = load_tokenizer("builtin:tiny", padding_side="left")
     lm = load_causal_lm("builtin:tiny")
     assert len(tok) == 100
     gen = GenerationConfig(temperature=20.0, top_k=0, max_new_tokens=8, stop_token=None)
-    rollout = _tiny_rollout(lm, tok, gen, [])
-    ids = torch.cat([rollout.query_ids, rollout.response_ids], 1)
-    mask = torch.cat([rollout.query_mask, rollout.response_mask.long()], 1)
-    with torch.no_grad():
-        logits = lm(input_ids=ids, attention_mask=mask).logits[
-            :, rollout.query_ids.shape[1] - 1 : -1
-        ]
-    sampled = logits.gather(-1, rollout.response_ids.unsqueeze(-1))
-    ranks = (logits > sampled).sum(-1)  # 0: the most likely token
-    assert ranks.max() >= 60  # a top-50 filter would never sample these
+    # a top-50 filter would never sample these
+    assert _sampled_ranks(lm, _tiny_rollout(lm, tok, gen, [])).max() >= 60
     # and an explicit top_k still filters
     gen = GenerationConfig(temperature=20.0, top_k=5, max_new_tokens=8, stop_token=None)
-    rollout = _tiny_rollout(lm, tok, gen, [])
-    ids = torch.cat([rollout.query_ids, rollout.response_ids], 1)
-    with torch.no_grad():
-        logits = lm(input_ids=ids, attention_mask=mask).logits[
-            :, rollout.query_ids.shape[1] - 1 : -1
-        ]
-    sampled = logits.gather(-1, rollout.response_ids.unsqueeze(-1))
-    assert (logits > sampled).sum(-1).max() < 5
+    assert _sampled_ranks(lm, _tiny_rollout(lm, tok, gen, [])).max() < 5
 
 
 def test_sampled_first_tokens_follow_softmax_of_logits_over_temperature():
