@@ -8,8 +8,10 @@ import torch
 from rlhf_lightning.config import GenerationConfig
 from rlhf_lightning.models import load_causal_lm, load_tokenizer
 from rlhf_lightning.rollout.generation import (
+    TokenSampler,
     resolve_stop_token_ids,
     sample_responses,
+    sample_tokens,
     sampling_copy,
     truncate_after_stop,
 )
@@ -190,7 +192,7 @@ def test_sampler_logprobs_are_those_of_the_distribution_sampled_from(top_k):
     lm = load_causal_lm("builtin:tiny")
     stops = resolve_stop_token_ids(tok, "e")
     gen = GenerationConfig(temperature=0.7, top_k=top_k, max_new_tokens=8)
-    rollout = _tiny_rollout(lm, tok, gen, stops)
+    rollout = _tiny_rollout(lm, tok, gen, stops, n=64)  # some rows stop early (padding)
     ids = torch.cat([rollout.query_ids, rollout.response_ids], 1)
     mask = torch.cat([rollout.query_mask, rollout.response_mask.long()], 1)
     with torch.no_grad():
@@ -201,3 +203,37 @@ def test_sampler_logprobs_are_those_of_the_distribution_sampled_from(top_k):
         torch.testing.assert_close(got[m], full[m], atol=1e-4, rtol=0)
     else:  # renormalised over the top 5: every sampled token is more likely than in full
         assert (got[m] >= full[m] - 1e-5).all() and (got[m] - full[m]).mean() > 0.05
+
+
+def test_sample_tokens_draws_from_the_given_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.0, 0.3])  # two tokens of probability 0
+    n = 40_000
+    logprobs = probs.log().expand(n, -1)
+    torch.manual_seed(0)
+    drawn = sample_tokens(logprobs)
+    assert drawn.shape == (n, 1) and drawn.dtype == torch.long
+    frequencies = torch.bincount(drawn[:, 0], minlength=5).double() / n
+    assert frequencies[1] == 0 and frequencies[3] == 0
+    # ~0.003 is the sampling noise of each frequency here
+    torch.testing.assert_close(frequencies, probs.double(), atol=0.012, rtol=0)
+    # unnormalised log-probabilities are fine too, and a single finite entry is always drawn
+    last_only = torch.full((1000, 5), float("-inf"))
+    last_only[:, -1] = 3.0
+    assert (sample_tokens(last_only) == 4).all()
+
+
+def test_rollout_fails_if_generate_does_not_append_the_drawn_tokens(monkeypatch):
+    """The sampler's tokens and the rollout's must agree, or the rollout is not the configured
+    sampling (e.g. if a warper ran after ours): a clear error instead."""
+    tok = load_tokenizer("builtin:tiny", padding_side="left")
+    lm = load_causal_lm("builtin:tiny")
+    gen = GenerationConfig(temperature=20.0, max_new_tokens=6, stop_token=None)
+    draw_only = TokenSampler.__call__
+
+    def draw_but_return_the_scores(self, input_ids, scores):
+        draw_only(self, input_ids, scores)
+        return scores  # generate's argmax then takes the greedy token, not the drawn one
+
+    monkeypatch.setattr(TokenSampler, "__call__", draw_but_return_the_scores)
+    with pytest.raises(RuntimeError, match="did not append the tokens"):
+        _tiny_rollout(lm, tok, gen, [])

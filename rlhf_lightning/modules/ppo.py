@@ -39,6 +39,7 @@ from collections import defaultdict
 import lightning as L
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from rlhf_lightning.config import PPOConfig
 from rlhf_lightning.evaluation import sequence_kl as eval_sequence_kl
@@ -206,19 +207,23 @@ class PPOModule(L.LightningModule):
         torch.manual_seed(self.iteration_seed(iteration))
         t0 = time.perf_counter()
         self.policy.eval()
-        rollout = self.sample(batch)
+        with record_function("ppo/rollout"):  # labels for torch.profiler; free without one
+            rollout = self.sample(batch)
         t1 = time.perf_counter()
-        raw_scores = torch.as_tensor(self.reward(rollout.prompts, rollout.responses)).float()
+        with record_function("ppo/reward"):
+            raw_scores = torch.as_tensor(self.reward(rollout.prompts, rollout.responses)).float()
         raw_scores = raw_scores.to(self.device)
         self._check_finite("reward scores", raw_scores, iteration)
         kl_coef = float(self.kl_ctl.value)
-        exp = make_experience(self.policy, self.ref_lm, rollout, raw_scores, cfg, kl_coef)
+        with record_function("ppo/experience_forwards"):
+            exp = make_experience(self.policy, self.ref_lm, rollout, raw_scores, cfg, kl_coef)
         mask = exp.response_mask
         for name in ("old_logprobs", "ref_logprobs", "old_values"):
             self._check_finite(name.replace("_", " "), getattr(exp, name)[mask], iteration)
         t2 = time.perf_counter()
         self.policy.train()
-        update = self.ppo_update(exp, iteration)
+        with record_function("ppo/update"):
+            update = self.ppo_update(exp, iteration)
         self.policy.eval()
         t3 = time.perf_counter()
 
@@ -281,7 +286,8 @@ class PPOModule(L.LightningModule):
                     optimizer.zero_grad(set_to_none=True)
                     self.nonfinite_skips += 1
                     continue
-                grad_norm = self._clip_gradients(optimizer, cfg.max_grad_norm)
+                with record_function("ppo/clip_gradients"):
+                    grad_norm = self._clip_gradients(optimizer, cfg.max_grad_norm)
                 if grad_norm is not None:
                     stats["optim/grad_norm"] = grad_norm
                     clipped = cfg.max_grad_norm is not None and grad_norm > cfg.max_grad_norm
@@ -325,7 +331,8 @@ class PPOModule(L.LightningModule):
         for micro_rows in rows.split(micro_batch_size):
             part = exp.select(micro_rows)
             weight = part.response_mask.sum() / total_tokens
-            loss, micro_stats = self.micro_batch_loss(part, value_only=value_only)
+            with record_function("ppo/forward_and_loss"):
+                loss, micro_stats = self.micro_batch_loss(part, value_only=value_only)
             if not torch.isfinite(loss):
                 if self.cfg.on_nonfinite == "error":
                     raise NonFiniteError(
@@ -334,7 +341,8 @@ class PPOModule(L.LightningModule):
                         f"{micro_stats['loss/value']}; the last good checkpoint is kept"
                     )
                 return None
-            backward(loss * weight)
+            with record_function("ppo/backward"):
+                backward(loss * weight)
             ratio_max = max(ratio_max, micro_stats.pop("policy/ratio_max", 0.0))
             for key, value in micro_stats.items():
                 stats[key] += value * float(weight)

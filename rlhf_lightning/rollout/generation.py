@@ -100,19 +100,19 @@ def resolve_stop_token_ids(tokenizer, stop_token: str | None) -> list[int]:
 def hf_generation_config(
     gen: GenerationConfig, stop_token_ids: list[int], pad_token_id: int
 ) -> HFGenerationConfig:
-    """The transformers GenerationConfig of :func:`sample_responses`: plain sampling, lengths
-    and stop tokens. Temperature, top-k and top-p are left neutral here because
-    :class:`SampledTokenLogprobs` applies them (so it sees the final distribution).
+    """The transformers GenerationConfig of :func:`sample_responses`: lengths and stop tokens.
 
-    Every field that shapes sampling is set explicitly, never None: ``generate`` fills None
+    Temperature, top-k, top-p and the draw itself belong to :class:`TokenSampler`, the last
+    logits processor, which returns scores that are finite at the drawn token only; ``generate``
+    runs greedy (``do_sample=False``: no warpers of its own, an argmax instead of
+    ``torch.multinomial``) and so appends exactly that token.
+
+    Every field that shapes decoding is set explicitly, never None: ``generate`` fills None
     fields from the model's ``generation_config`` (unless :func:`checkpoint_generation_defaults_off`
-    hides it, as :func:`sample_responses` does) and then from its global defaults (``top_k=50``).
+    hides it, as :func:`sample_responses` does) and then from its global defaults.
     """
     return HFGenerationConfig(
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
+        do_sample=False,
         max_new_tokens=gen.max_new_tokens,
         min_new_tokens=gen.min_new_tokens if stop_token_ids else 0,
         eos_token_id=list(stop_token_ids) or None,
@@ -123,14 +123,31 @@ def hf_generation_config(
     )
 
 
-class SampledTokenLogprobs(LogitsProcessor):
-    """The last logits processor of a rollout: applies the temperature (and top-k / top-p) and
-    records each sampled token's log-probability under the distribution it was drawn from.
+def sample_tokens(logprobs: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row by inverse CDF: (B, V) log-probabilities -> (B, 1) long.
 
-    ``generate`` runs custom processors after its own (e.g. the one that masks stop tokens before
-    ``min_new_tokens``) and, as the config leaves none, adds no warper after this one: the scores
-    returned here are what it samples from. The token drawn at one step is read from
-    ``input_ids`` at the next call, and the last one by :meth:`logprobs`.
+    The cumulative sums are float64, so the draw follows the given distribution to ~1e-12, and
+    a token of probability 0 (e.g. cut by top-k) is never drawn. On CPU this is ~40x faster than
+    ``torch.multinomial``, which draws an exponential variate for every vocabulary entry (8.0 vs
+    0.2 ms per decoding step at B=8, V=49152; 0.37 s of a 48-token rollout). Uses the global
+    torch RNG, so ``torch.manual_seed`` makes rollouts reproducible.
+    """
+    cdf = logprobs.float().exp().double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # strictly below
+    return torch.searchsorted(cdf, u, right=True)
+
+
+class TokenSampler(LogitsProcessor):
+    """The last logits processor of a rollout, and its sampler.
+
+    Applies the temperature (and top-k / top-p), draws each row's next token with
+    :func:`sample_tokens`, records the token and its log-probability under the distribution it
+    was drawn from, and returns scores that are 0 at the drawn token and -inf elsewhere, so that
+    ``generate`` in greedy mode (:func:`hf_generation_config`) appends it. ``generate`` runs
+    custom processors after its own (e.g. the one that masks stop tokens before
+    ``min_new_tokens``), so those are part of the distribution drawn from.
     """
 
     def __init__(self, gen: GenerationConfig) -> None:
@@ -140,22 +157,23 @@ class SampledTokenLogprobs(LogitsProcessor):
         if gen.top_p < 1.0:
             warpers.append(TopPLogitsWarper(gen.top_p))
         self.warpers = LogitsProcessorList(warpers)
-        self._last: torch.Tensor | None = None  # (B, V) log-softmax of the latest step
-        self._taken: list[torch.Tensor] = []  # (B, 1) per earlier step
+        self._tokens: list[torch.Tensor] = []  # (B, 1) long per step
+        self._logprobs: list[torch.Tensor] = []  # (B, 1) fp32 per step
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self._last is not None:  # input_ids now end with the token drawn from _last
-            self._taken.append(self._last.gather(1, input_ids[:, -1:]))
-        scores = self.warpers(input_ids, scores)
-        self._last = torch.log_softmax(scores.float(), dim=-1)
-        return scores
+        logprobs = torch.log_softmax(self.warpers(input_ids, scores).float(), dim=-1)
+        token = sample_tokens(logprobs)
+        self._tokens.append(token)
+        self._logprobs.append(logprobs.gather(1, token))
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
-    def logprobs(self, generated: torch.Tensor) -> torch.Tensor | None:
-        """(B, R) generated tokens -> (B, R) fp32 log-probabilities, or None if the recorded
-        steps do not line up with them (so a wrong number is never returned)."""
-        if self._last is None or len(self._taken) != generated.shape[1] - 1:
-            return None
-        return torch.cat([*self._taken, self._last.gather(1, generated[:, -1:])], dim=1)
+    def drawn(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``steps`` draws: tokens (B, steps) long and their log-probabilities (B,
+        steps) fp32. ``generate`` may run one step more and drop it (its deferred stop check on
+        GPU), hence "first"."""
+        if len(self._tokens) < steps:
+            raise RuntimeError(f"generate() made {steps} tokens but drew {len(self._tokens)}")
+        return torch.cat(self._tokens[:steps], 1), torch.cat(self._logprobs[:steps], 1)
 
 
 @contextlib.contextmanager
@@ -215,25 +233,35 @@ def sample_responses(
         prompts: the B prompt texts (kept for reward sources that read text).
     """
     config = hf_generation_config(gen, stop_token_ids, tokenizer.pad_token_id)
-    recorder = SampledTokenLogprobs(gen)
+    sampler = TokenSampler(gen)
     with torch.inference_mode(), checkpoint_generation_defaults_off(lm):
         sequences = lm.generate(
             input_ids=query_ids,
             attention_mask=query_mask,
             generation_config=config,
-            logits_processor=LogitsProcessorList([recorder]),
+            logits_processor=LogitsProcessorList([sampler]),
         )
         generated = sequences[:, query_ids.shape[1] :]
-        sampler_logprobs = recorder.logprobs(generated)
+        if generated.shape[1] == 0:  # pragma: no cover - generate always makes >= 1 token
+            raise RuntimeError("generate() returned no new tokens")
+        drawn_ids, drawn_logprobs = sampler.drawn(generated.shape[1])
     # Leave inference mode: these tensors feed forward passes that need autograd later.
-    generated = generated.clone()
-    if generated.shape[1] == 0:  # pragma: no cover - generate always makes >= 1 token
-        raise RuntimeError("generate() returned no new tokens")
+    generated, drawn_ids, drawn_logprobs = (
+        generated.clone(),
+        drawn_ids.clone(),
+        drawn_logprobs.clone(),
+    )
     response_ids, response_mask, ended = truncate_after_stop(
         generated, stop_token_ids, tokenizer.pad_token_id
     )
-    if sampler_logprobs is not None:
-        sampler_logprobs = torch.where(response_mask, sampler_logprobs.clone(), 0.0)
+    if not torch.equal(
+        drawn_ids[response_mask].to(response_ids.device), response_ids[response_mask]
+    ):
+        raise RuntimeError(
+            "generate() did not append the tokens TokenSampler drew (a logits processor or "
+            "warper ran after it?): the rollout would not follow the configured sampling"
+        )
+    sampler_logprobs = torch.where(response_mask, drawn_logprobs.to(response_mask.device), 0.0)
     responses = decode_responses(tokenizer, response_ids, response_mask, stop_token_ids)
     return Rollout(
         query_ids=query_ids,
