@@ -237,3 +237,18 @@ def test_rollout_fails_if_generate_does_not_append_the_drawn_tokens(monkeypatch)
     monkeypatch.setattr(TokenSampler, "__call__", draw_but_return_the_scores)
     with pytest.raises(RuntimeError, match="did not append the tokens"):
         _tiny_rollout(lm, tok, gen, [])
+
+
+def test_token_sampler_returns_the_first_draws_when_generate_drops_a_step():
+    """On GPU, generate's deferred stop check runs one step more and drops it: the draws that
+    made the tokens are the first ones."""
+    sampler = TokenSampler(GenerationConfig(temperature=1.0))
+    scores = torch.log(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    for _ in range(3):  # every draw is forced: token 1 in row 0, token 2 in row 1
+        out = sampler(torch.zeros(2, 1, dtype=torch.long), scores.clone())
+        assert (out.argmax(-1) == torch.tensor([1, 2])).all()
+        assert torch.isinf(out).sum() == 4  # -inf everywhere but at the drawn token
+    tokens, logprobs = sampler.drawn(2)
+    assert tokens.tolist() == [[1, 1], [2, 2]] and (logprobs == 0).all()
+    with pytest.raises(RuntimeError, match="drew 3"):
+        sampler.drawn(4)

@@ -246,11 +246,7 @@ def sample_responses(
             raise RuntimeError("generate() returned no new tokens")
         drawn_ids, drawn_logprobs = sampler.drawn(generated.shape[1])
     # Leave inference mode: these tensors feed forward passes that need autograd later.
-    generated, drawn_ids, drawn_logprobs = (
-        generated.clone(),
-        drawn_ids.clone(),
-        drawn_logprobs.clone(),
-    )
+    generated = generated.clone()
     response_ids, response_mask, ended = truncate_after_stop(
         generated, stop_token_ids, tokenizer.pad_token_id
     )
