@@ -89,3 +89,22 @@ def test_adam_first_step_size_against_hand_computation():
     assert step_sizes(torch.tensor([0.3, 0.4]), (0.2,), max_norm=1.0)[0.2] == pytest.approx(
         (0.6 + 0.4 / 0.6) / 2
     )
+
+
+def test_timing_reward_model_head_init(tmp_path):
+    """--head-std gives TRL's value-head init (N(0, std), zero bias); the default keeps ours."""
+    import make_timing_rm
+    import torch
+
+    from rlhf_lightning.models import ScalarRewardModel
+
+    make_timing_rm.main(["--backbone", "builtin:tiny", "--out", str(tmp_path / "ours")])
+    make_timing_rm.main(
+        ["--backbone", "builtin:tiny", "--out", str(tmp_path / "trl"), "--head-std", "1e-4"]
+    )
+    ours = ScalarRewardModel.from_pretrained(tmp_path / "ours").head
+    trl = ScalarRewardModel.from_pretrained(tmp_path / "trl").head
+    d = ours.weight.shape[1]
+    assert float(ours.weight.std()) == pytest.approx((d + 1) ** -0.5, rel=0.5)
+    assert float(trl.weight.std()) == pytest.approx(1e-4, rel=0.5)
+    assert torch.count_nonzero(trl.bias) == 0

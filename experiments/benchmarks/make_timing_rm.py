@@ -21,6 +21,13 @@ def main(argv=None) -> None:
     p.add_argument("--backbone", default="builtin:smollm2", help="name_or_path of the backbone")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--head-std",
+        type=float,
+        default=None,
+        help="initialise the head N(0, STD) with zero bias (TRL's value head: 0.02); default: "
+        "the reward model's own init, N(0, 1/sqrt(d+1))",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -29,6 +36,10 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)
     model = ScalarRewardModel.from_backbone(args.backbone)
+    if args.head_std is not None:
+        with torch.no_grad():
+            torch.nn.init.normal_(model.head.weight, std=args.head_std)
+            model.head.bias.zero_()
     tokenizer = load_reward_tokenizer(args.backbone)
     model.save_pretrained(args.out, tokenizer)
     print(f"untrained reward model on {args.backbone} -> {args.out}")
