@@ -18,8 +18,11 @@
 # skipped, so a second call with more RUNS only adds those.
 #
 # Needs /tmp/trl-venv (setup_trl_venv.sh) and a SmolLM2 timing reward model at $TIMING_RM
-# (make_timing_rm.py) to start our separate critic from the same kind of fresh 1-logit head as
-# TRL's value model. One job at a time: on a 2-core machine runs must not share the CPU.
+# (make_timing_rm.py) to start our separate critic from a fresh 1-logit head. Made with
+# `--head-std 0.02` it is initialised as TRL's value head; the default (our reward-model init,
+# std 0.043) doubles the critic's initial noise, which slowed the critic runs of session 4 (see
+# README, "The separate critic's head init"). One job at a time: on a 2-core machine runs must
+# not share the CPU.
 set -euo pipefail
 OUT=${1:?usage: run_reward_reached.sh OUT [ITERATIONS] [SAVE_EVERY]}
 ITERATIONS=${2:-40}
