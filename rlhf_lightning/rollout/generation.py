@@ -250,14 +250,12 @@ def sample_responses(
     response_ids, response_mask, ended = truncate_after_stop(
         generated, stop_token_ids, tokenizer.pad_token_id
     )
-    if not torch.equal(
-        drawn_ids[response_mask].to(response_ids.device), response_ids[response_mask]
-    ):
+    if not torch.equal(drawn_ids[response_mask], response_ids[response_mask]):
         raise RuntimeError(
             "generate() did not append the tokens TokenSampler drew (a logits processor or "
             "warper ran after it?): the rollout would not follow the configured sampling"
         )
-    sampler_logprobs = torch.where(response_mask, drawn_logprobs.to(response_mask.device), 0.0)
+    sampler_logprobs = torch.where(response_mask, drawn_logprobs, 0.0)
     responses = decode_responses(tokenizer, response_ids, response_mask, stop_token_ids)
     return Rollout(
         query_ids=query_ids,
