@@ -1,4 +1,5 @@
-"""The benchmark helpers: what is saved, the reward-reached table, Adam's step size vs eps."""
+"""The benchmark helpers: what is saved, the reward-reached and speed tables, Adam's step size
+vs eps."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ sys.path.insert(0, str(BENCH))
 from adam_eps_damping import step_sizes  # noqa: E402
 from bench_common import add_save_arguments, check_save_arguments, save_due  # noqa: E402
 from reward_table import collect, markdown  # noqa: E402
+from speed_table import collect as collect_speed  # noqa: E402
+from speed_table import markdown as speed_markdown  # noqa: E402
+from speed_table import summarize  # noqa: E402
 
 
 def _parse(argv):
@@ -73,6 +77,41 @@ def test_reward_table_collects_base_then_runs_in_iteration_order(tmp_path):
     table = markdown(rows).splitlines()
     assert len(table) == 2 + 3
     assert "| 40 | 0.500 ± 0.050 |" in table[-1] and "| 12.5 | 3.00 |" in table[-1]
+
+
+def _bench(tmp_path, name, s_per_iter, rss_gib):
+    summary = {"iteration_s": s_per_iter, "peak_rss_process_bytes": rss_gib * 2**30}
+    (tmp_path / f"{name}.json").write_text(json.dumps({"summary": summary}))
+
+
+def test_speed_table_medians_and_ratios_against_hand_computation(tmp_path):
+    for k, (s, rss) in enumerate([(40.0, 7.0), (36.0, 7.2), (38.0, 6.8)], start=1):
+        _bench(tmp_path, f"trl_r{k}", s, rss)
+    for k, (s, rss) in enumerate([(20.0, 4.0), (24.0, 4.2), (19.0, 4.1)], start=1):
+        _bench(tmp_path, f"ours_r{k}", s, rss)
+    _bench(tmp_path, "ours_copy_r2", 18.0, 4.5)
+    _bench(tmp_path, "ours_copy_r4", 17.0, 4.5)  # no TRL run in round 4: no paired ratio
+    (tmp_path / "speed_side_by_side.json").write_text("[]")  # not a result file
+    (tmp_path / "ours_r1.log").write_text("")
+
+    rows = summarize(collect_speed(tmp_path))
+    assert [r["variant"] for r in rows] == ["trl", "ours", "ours_copy"]
+    trl, ours, copy = rows
+    assert trl["median_s_per_iter"] == 38.0 and trl["speed_ratio"] == 1.0
+    assert ours["s_per_iter"] == [20.0, 24.0, 19.0] and ours["median_s_per_iter"] == 20.0
+    assert ours["speed_ratio"] == pytest.approx(38.0 / 20.0)
+    assert ours["paired_ratios"] == pytest.approx([40 / 20, 36 / 24, 38 / 19])
+    assert ours["memory_ratio"] == pytest.approx(4.1 / 7.0)
+    assert copy["rounds"] == [2, 4] and copy["paired_ratios"] == pytest.approx([36 / 18])
+    assert copy["speed_ratio"] == pytest.approx(38.0 / 17.5)
+    line = speed_markdown(rows).splitlines()[3]
+    assert line.startswith("| ours | 20.0, 24.0, 19.0 | 20.0 | 1.90x | 2.00, 1.50, 2.00 |")
+
+
+def test_speed_table_needs_trl(tmp_path):
+    _bench(tmp_path, "ours_r1", 20.0, 4.0)
+    with pytest.raises(ValueError, match="trl"):
+        summarize(collect_speed(tmp_path))
 
 
 def test_adam_first_step_size_against_hand_computation():
