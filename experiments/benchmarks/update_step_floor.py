@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,9 @@ from rlhf_lightning.models import resolve_model_source
 from rlhf_lightning.models.loading import disable_dropout, load_causal_lm
 from rlhf_lightning.models.value_head import PolicyWithValueHead
 from rlhf_lightning.ops import logprobs_from_logits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common
+from bench_common import matmul_peak_flops  # noqa: E402
 
 B, P, R = 4, 14, 48  # rollouts per micro-batch, prompt and response positions
 
@@ -66,8 +71,8 @@ def matmul_rates(d: int, kv: int, inner: int, vocab: int, layers: int, reps: int
         total_s += seconds * count
         total_flop += flop * count
         print(f"{name:26s} {m}x{k}x{n}: {flop / seconds / 1e9:6.1f} GFLOP/s")
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    peak = 2 * 2048**3 / median_time(lambda: torch.mm(a, b), reps)
+    square = matmul_peak_flops(torch.device("cpu"), torch.float32, size=2048, reps=reps)
+    peak = 2 * 2048**3 / square["median_s"]
     print(
         f"one micro-batch forward + backward: {total_flop / 1e9:.0f} GFLOP in {total_s:.3f} s of "
         f"matmuls ({total_flop / total_s / 1e9:.1f} GFLOP/s); 2048^3: {peak / 1e9:.1f} GFLOP/s"
