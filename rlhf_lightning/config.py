@@ -13,10 +13,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_lightning.errors import UserError
+
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An impossible or contradictory configuration value."""
 
 
@@ -46,18 +48,20 @@ class GenerationConfig:
     stop_token: str | None = "eos"
     """``"eos"``: the tokenizer's EOS; ``None``: never stop early; else a string of one token."""
     sampling_dtype: str | None = None
-    """None: sample with the trained weights. ``bfloat16`` / ``float16`` / ``float32``: sample
-    from a copy of the policy LM with its parameters in that dtype, refreshed from the policy
-    before every rollout (KV-cached decoding reads every weight per token, so bf16 weights halve
-    that traffic; +1 copy of the LM in memory). The logprobs of the losses still come from the
-    trained policy, so the samples come from a slightly different (rounded) policy."""
+    """None: sample with the trained weights. ``auto``: ``bfloat16`` where the device computes
+    natively in bf16 (``rlhf_lightning.hardware``), else None. ``bfloat16`` / ``float16`` /
+    ``float32``: sample from a copy of the policy LM with its parameters in that dtype,
+    refreshed from the policy before every rollout (KV-cached decoding reads every weight per
+    token, so bf16 weights halve that traffic; +1 copy of the LM in memory). The logprobs of the
+    losses still come from the trained policy, so the samples come from a slightly different
+    (rounded) policy."""
 
     def __post_init__(self) -> None:
         p = "algorithm.generation"
         _check(
-            self.sampling_dtype in (None, "bfloat16", "float16", "float32"),
+            self.sampling_dtype in (None, "auto", "bfloat16", "float16", "float32"),
             f"{p}.sampling_dtype",
-            f"must be null, bfloat16, float16 or float32, got {self.sampling_dtype!r}",
+            f"must be null, auto, bfloat16, float16 or float32, got {self.sampling_dtype!r}",
         )
         _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
         _check(self.top_k >= 0, f"{p}.top_k", f"must be >= 0, got {self.top_k}")

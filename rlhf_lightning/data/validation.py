@@ -19,6 +19,8 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from rlhf_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ON_BAD_ROW = ("error", "skip")
@@ -27,7 +29,7 @@ EXAMPLES_PER_REASON = 5
 T = TypeVar("T")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """A data file or row that cannot be used; the message names the source and the row."""
 
 

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 from torch import nn
 
+from rlhf_lightning.errors import UserError
 from rlhf_lightning.models._util import resolve_dtype, write_directory_atomically
 from rlhf_lightning.models.convert import convert_gguf_to_hf, remove_gguf_quantization
 from rlhf_lightning.models.tiny import make_tiny_model_dir
@@ -44,7 +45,7 @@ _DROPOUT_MODULES = (
 )
 
 
-class ModelNotAvailableError(OSError):
+class ModelNotAvailableError(UserError, OSError):
     """A model or tokenizer cannot be loaded: not reachable and not in the local cache."""
 
 

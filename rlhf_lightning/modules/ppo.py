@@ -42,7 +42,9 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from rlhf_lightning.config import PPOConfig
+from rlhf_lightning.errors import UserError
 from rlhf_lightning.evaluation import sequence_kl as eval_sequence_kl
+from rlhf_lightning.hardware import resolve_sampling_dtype
 from rlhf_lightning.kl import kl_penalty
 from rlhf_lightning.losses import explained_variance, ppo_policy_loss, value_loss
 from rlhf_lightning.ops import entropy_from_logits, logprobs_from_logits, masked_mean
@@ -59,7 +61,7 @@ from rlhf_lightning.schedules import warmup_decay_lambda
 EVAL_SEED = 1234
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """A NaN or inf in a quantity PPO depends on."""
 
 
@@ -182,7 +184,7 @@ class PPOModule(L.LightningModule):
     def sampling_lm(self):
         """The LM that samples rollouts: the policy's, or its ``generation.sampling_dtype`` copy
         (refreshed from the policy here, so it always holds the current weights)."""
-        dtype = self.cfg.generation.sampling_dtype
+        dtype = resolve_sampling_dtype(self.cfg.generation.sampling_dtype, self.device.type)
         if dtype is None:
             return self.policy.lm
         previous = self._frozen.get("sampler")

@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_lightning.config import ConfigError
+from rlhf_lightning.hardware import resolve_precision
 from rlhf_lightning.tracking import run_name
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, **overrides) -> L.Trainer:
     sweep varies, e.g. ``algorithm.kl.coef=0.1`` (``rlhf_lightning.tracking.run_name``).
     """
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["precision"] = trainer_precision_from(cfg)
     if isinstance(trainer_kwargs.get("strategy"), dict):  # a configured strategy (_target_)
         trainer_kwargs["strategy"] = instantiate(cfg.trainer.strategy)
     trainer_kwargs.update(overrides)
@@ -119,9 +121,17 @@ def strategy_name(cfg: DictConfig) -> str:
     return strategy if isinstance(strategy, str) else str(strategy.get("_target_"))
 
 
+def trainer_precision_from(cfg: DictConfig) -> str:
+    """``trainer.precision`` with ``auto`` resolved for the accelerator (``hardware.py``)."""
+    return resolve_precision(
+        str(cfg.trainer.get("precision", "auto")), cfg.trainer.get("accelerator")
+    )
+
+
 def check_strategy_available(cfg: DictConfig) -> None:
     """Sharded strategies need GPUs (Lightning's FSDP / DeepSpeed) and DeepSpeed its package:
-    say so before any model loads."""
+    say so before any model loads. Also resolves (and reports) ``trainer.precision``."""
+    trainer_precision_from(cfg)
     name = strategy_name(cfg)
     sharded = name.startswith("deepspeed") or "fsdp" in name.lower()
     if sharded and cfg.trainer.get("accelerator") == "cpu":
