@@ -1,16 +1,34 @@
-"""Per-token rewards, rewards-to-go and GAE advantages for response tokens (pure torch).
+"""Advantage estimators for response tokens: pure torch functions and the configurable
+components that apply them (``algorithm.advantage._target_``).
 
 Token rewards (Ziegler et al. 2019; Huang et al. 2024, "The N+ implementation details of RLHF with
-PPO"): every response token gets ``-kl_coef * KL_t``; the sequence score of the reward model is
-added at the last real token.
+PPO"): every response token gets ``-kl_coef * KL_t`` (when the KL is in the reward); the sequence
+score of the reward source is added at the last real token. The sequence return is their sum.
 
-Rewards-to-go (REINFORCE, the "reducing variance" step of the seed slides
-``004_f10ad3a5f684abf0.txt``): ``G_t = r_t + gamma * G_{t+1}``.
+The policy-gradient ladder of the seed slides (``004_f10ad3a5f684abf0.txt``), one estimator per
+rung, each weighting ``grad log pi(y_t | s_t)``:
 
-Generalized Advantage Estimation (Schulman et al. 2016, "High-Dimensional Continuous Control Using
-Generalized Advantage Estimation"): ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t +
-gamma * lam * A_{t+1}``; the returns (value targets) are ``A_t + V_t``. ``lam = 1`` gives the
-discounted return minus ``V_t``; ``lam = 0`` gives the one-step TD error.
+- :class:`SequenceReturn` (REINFORCE, Williams 1992): the whole sequence's return ``R`` at every
+  token.
+- :class:`RewardsToGo`: ``G_t = r_t + gamma * G_{t+1}``, only the rewards from t on ("reducing
+  variance": an action cannot affect the rewards before it).
+- :class:`RewardsToGoBaseline`: ``G_t - V(s_t)`` with a learned value as the baseline.
+- :class:`GAE` (Schulman et al. 2016): ``delta_t = r_t + gamma * V_{t+1} - V_t``,
+  ``A_t = delta_t + gamma * lam * A_{t+1}``; returns (value targets) ``A_t + V_t``. ``lam = 1``
+  is the discounted return minus ``V_t``; ``lam = 0`` the one-step TD error.
+
+Critic-free estimators over ``k`` samples per prompt (rows ordered group by group), each giving
+one advantage per sequence, broadcast to its tokens:
+
+- :class:`LeaveOneOut` (RLOO, Ahmadian et al. 2024, "Back to Basics"): ``R_i`` minus the mean of
+  the other ``k - 1`` returns of its group.
+- :class:`GroupNormalized` (GRPO, Shao et al. 2024, "DeepSeekMath"): ``(R_i - mean_g) / (std_g +
+  eps)``; with ``scale_by_std=false`` the group mean only (Dr. GRPO, Liu et al. 2025,
+  "Understanding R1-Zero-Like Training", who show the std division biases the update towards
+  groups with little spread).
+
+REINFORCE++ (Hu 2025) is :class:`RewardsToGo` with the advantages whitened over the global batch
+(``algorithm.whiten_advantages``), not an estimator of its own.
 
 Masking: positions where the mask is False are not part of the trajectory. Their rewards and values
 are never read (they may hold NaN), their outputs are 0, and the recursions step over them: the
@@ -21,9 +39,12 @@ terminal value of 0 after each row's last real token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from rlhf_lightning.errors import require
 from rlhf_lightning.kl import kl_penalty
 from rlhf_lightning.ops import as_bool_mask, last_true_index, zero_masked
 
@@ -116,3 +137,185 @@ def token_rewards(
     score_at_last = torch.zeros_like(kl).scatter(1, last[:, None], scores[:, None].to(kl.dtype))
     rewards = zero_masked(score_at_last - kl_coef * kl, keep)
     return rewards, kl
+
+
+def sequence_returns(rewards: Tensor, mask: Tensor) -> Tensor:
+    """Undiscounted return of each sequence: the sum of its real tokens' rewards.
+
+    rewards: (B, T); mask: (B, T) bool or 0/1 -> (B,).
+    """
+    _check_same_shape(rewards, mask=mask)
+    return zero_masked(rewards, as_bool_mask(mask, rewards.shape)).sum(dim=1)
+
+
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    """(B,) scores ordered group by group -> (B / group_size, group_size)."""
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
+    if group_size < 1 or scores.numel() % group_size:
+        raise ValueError(
+            f"group_size {group_size} must be >= 1 and divide the number of scores "
+            f"({scores.numel()})"
+        )
+    return scores.view(-1, group_size)
+
+
+def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
+    """Leave-one-out advantages: each score minus the mean of the other scores of its group.
+
+    scores: (B,) ordered group by group (rows ``i * k .. i * k + k - 1`` share a prompt),
+    group_size: k >= 2 -> (B,). Equals ``k / (k - 1) * (score - group mean)``.
+    """
+    if group_size < 2:
+        raise ValueError(f"leave-one-out needs group_size >= 2, got {group_size}")
+    groups = _groups(scores, group_size)
+    others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others_mean).reshape(-1)
+
+
+def grpo_advantages(
+    scores: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> Tensor:
+    """Group-normalised advantages: ``(score - group mean) / (group std + eps)``.
+
+    scores: (B,) ordered group by group, group_size: k >= 2 -> (B,). The std is the unbiased
+    sample std of the group (``k - 1`` in the denominator). ``scale_by_std=False`` returns
+    ``score - group mean`` (Dr. GRPO).
+    """
+    if group_size < 2:
+        raise ValueError(f"group normalisation needs group_size >= 2, got {group_size}")
+    groups = _groups(scores, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True, unbiased=True) + eps)
+    return centred.reshape(-1)
+
+
+def broadcast_to_tokens(per_sequence: Tensor, mask: Tensor) -> Tensor:
+    """One value per sequence copied to each of its real tokens: (B,), (B, T) -> (B, T)."""
+    keep = as_bool_mask(mask, mask.shape)
+    if per_sequence.shape != keep.shape[:1]:
+        raise ValueError(
+            f"per_sequence has shape {tuple(per_sequence.shape)}, expected ({keep.shape[0]},)"
+        )
+    return zero_masked(per_sequence[:, None].expand(keep.shape), keep)
+
+
+# ---------------------------------------------------------------------------------- components
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an estimator may read. B rollouts (k per prompt, group by group), T response tokens.
+
+    rewards: (B, T) per-token rewards (score at the last real token, ``-beta * KL_t`` when the KL
+    is in the reward); values: (B, T) ``V(s_t)`` or None without a value model; mask: (B, T)
+    bool; group_size: k, the samples per prompt.
+    """
+
+    rewards: Tensor
+    values: Tensor | None
+    mask: Tensor
+    group_size: int = 1
+
+
+class AdvantageEstimator:
+    """Base of the estimators: ``estimator(inputs) -> (advantages, returns)``, both (B, T) and 0
+    on padding; ``returns`` are the value targets, None for estimators without a value model.
+
+    ``needs_values``: the estimator reads ``inputs.values`` (a value model is required);
+    ``min_group_size``: the smallest ``samples_per_prompt`` it works with.
+    """
+
+    needs_values = False
+    min_group_size = 1
+
+    def __call__(self, inputs: AdvantageInputs) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+
+def _check_gamma(gamma: float) -> None:
+    require(0 <= gamma <= 1, "gamma", f"must lie in [0, 1], got {gamma}")
+
+
+@dataclass(frozen=True)
+class SequenceReturn(AdvantageEstimator):
+    """REINFORCE: the sequence return ``R = sum_t r_t`` at every token, no baseline."""
+
+    def __call__(self, inputs):
+        per_sequence = sequence_returns(inputs.rewards, inputs.mask)
+        return broadcast_to_tokens(per_sequence, inputs.mask), None
+
+
+@dataclass(frozen=True)
+class RewardsToGo(AdvantageEstimator):
+    """``G_t``, the discounted sum of the rewards from token t on."""
+
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_gamma(self.gamma)
+
+    def __call__(self, inputs):
+        return rewards_to_go(inputs.rewards, inputs.mask, self.gamma), None
+
+
+@dataclass(frozen=True)
+class RewardsToGoBaseline(AdvantageEstimator):
+    """``G_t - V(s_t)``; the value model learns to predict ``G_t`` (its returns)."""
+
+    gamma: float = 1.0
+    needs_values = True
+
+    def __post_init__(self) -> None:
+        _check_gamma(self.gamma)
+
+    def __call__(self, inputs):
+        returns = rewards_to_go(inputs.rewards, inputs.mask, self.gamma)
+        keep = as_bool_mask(inputs.mask, returns.shape)
+        return zero_masked(returns - inputs.values, keep), returns
+
+
+@dataclass(frozen=True)
+class GAE(AdvantageEstimator):
+    """Generalized Advantage Estimation; returns = advantages + values."""
+
+    gamma: float = 1.0
+    lam: float = 0.95
+    needs_values = True
+
+    def __post_init__(self) -> None:
+        _check_gamma(self.gamma)
+        require(0 <= self.lam <= 1, "lam", f"must lie in [0, 1], got {self.lam}")
+
+    def __call__(self, inputs):
+        return gae(inputs.rewards, inputs.values, inputs.mask, self.gamma, self.lam)
+
+
+@dataclass(frozen=True)
+class LeaveOneOut(AdvantageEstimator):
+    """RLOO: the sequence return minus the mean return of the other samples of its prompt."""
+
+    min_group_size = 2
+
+    def __call__(self, inputs):
+        per_sequence = sequence_returns(inputs.rewards, inputs.mask)
+        advantages = rloo_advantages(per_sequence, inputs.group_size)
+        return broadcast_to_tokens(advantages, inputs.mask), None
+
+
+@dataclass(frozen=True)
+class GroupNormalized(AdvantageEstimator):
+    """GRPO: the sequence return normalised within its prompt's group (Dr. GRPO without std)."""
+
+    scale_by_std: bool = True
+    eps: float = 1e-6
+    min_group_size = 2
+
+    def __post_init__(self) -> None:
+        require(self.eps >= 0, "eps", f"must be >= 0, got {self.eps}")
+
+    def __call__(self, inputs):
+        per_sequence = sequence_returns(inputs.rewards, inputs.mask)
+        advantages = grpo_advantages(
+            per_sequence, inputs.group_size, scale_by_std=self.scale_by_std, eps=self.eps
+        )
+        return broadcast_to_tokens(advantages, inputs.mask), None

@@ -1,21 +1,33 @@
 """Typed, validated views of the Hydra config.
 
 Each dataclass documents its fields once and checks them in ``__post_init__``, so an impossible
-setting fails at startup -- before any model loads -- with a message naming the key. The task
-code builds them with :func:`ppo_config_from` / :func:`rm_config_from`; the raw ``DictConfig`` is
-never mutated during a run.
+setting fails at startup -- before any model loads -- with a message naming the key as it is
+written on the command line (``algorithm.kl.coef``). Components chosen by ``_target_`` (the
+advantage estimator, the policy loss, ...) are built here too, by :func:`build_component`, which
+checks their keys and types the same way. The raw ``DictConfig`` is never mutated during a run.
+
+The config of a policy-optimisation run (:class:`RLConfig`) is split by concern:
+
+- ``algorithm`` (:class:`AlgorithmConfig`, ``conf/algorithm/<preset>.yaml``): what is learned
+  and how -- estimator, losses, value model, KL, optimizer;
+- ``budget`` (:class:`Budget`, ``conf/budget/``): how much compute -- iterations and batch sizes;
+- ``generation`` (:class:`GenerationConfig`, ``conf/generation/``): how rollouts are sampled;
+- ``task`` (:class:`Cadence`): how often to evaluate, checkpoint and log sample tables.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import functools
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_lightning.errors import UserError
-
-KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
+from rlhf_lightning.errors import FieldError, UserError
+from rlhf_lightning.kl import KL_ESTIMATORS, KL_LOSS_ESTIMATORS
 
 
 class ConfigError(UserError, ValueError):
@@ -27,9 +39,115 @@ def _check(ok: bool, key: str, reason: str) -> None:
         raise ConfigError(f"invalid config: {key}: {reason}")
 
 
+# ------------------------------------------------------------------------------- type checks
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _matches(value: Any, tp) -> bool:
+    """Whether ``value`` (from YAML or the command line) has the annotated type ``tp``.
+
+    ``int`` rejects bools and floats (``2.0`` is not a batch size); ``float`` accepts ints;
+    ``X | None`` accepts None; containers check their own type only; ``Any`` accepts all.
+    """
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is not None:
+        tp = origin
+    if tp in (dict, Mapping):
+        return isinstance(value, Mapping)
+    return isinstance(value, tp)
+
+
+def check_fields(cls, data: Mapping, prefix: str) -> None:
+    """Unknown keys and wrongly typed values of ``data`` for dataclass ``cls``, named by key."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    for key in sorted(data):
+        _check(key in known, f"{prefix}.{key}", "unknown key")
+        expected = hints[key]
+        _check(
+            _matches(data[key], expected),
+            f"{prefix}.{key}",
+            f"must be {_type_name(expected)}, got {data[key]!r}",
+        )
+
+
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _to_dataclass(cls, node, prefix: str):
+    data = _plain(node)
+    _check(isinstance(data, Mapping), prefix, f"must be a mapping, got {data!r}")
+    check_fields(cls, data, prefix)
+    return cls, data
+
+
+def _build(cls, data: Mapping, prefix: str):
+    """``cls(**data)`` with a component's ``FieldError`` named by its full key."""
+    try:
+        return cls(**data)
+    except FieldError as error:
+        raise ConfigError(f"invalid config: {prefix}.{error.field}: {error.reason}") from None
+
+
+def build_component(node, key: str, base: type | None = None, **kwargs):
+    """Instantiate a ``_target_`` node (``_partial_: true`` gives a ``functools.partial``).
+
+    Checks, naming ``key``: the target imports; for dataclass targets, unknown keys and types;
+    the component's own ``__post_init__`` checks; an instance of ``base`` when given.
+    ``kwargs`` are passed on besides the node's keys.
+    """
+    from hydra.utils import get_object
+
+    data = _plain(node)
+    _check(
+        isinstance(data, Mapping) and "_target_" in data,
+        key,
+        f"needs a _target_ (a class or function to build), got {data!r}",
+    )
+    target = data["_target_"]
+    try:
+        obj = get_object(target)
+    except Exception as error:  # ImportError, AttributeError, ...
+        raise ConfigError(
+            f"invalid config: {key}._target_: cannot import {target!r}: {error}"
+        ) from None
+    _check(callable(obj), f"{key}._target_", f"{target!r} is not callable")
+    args = {k: v for k, v in data.items() if not k.startswith("_")}
+    if is_dataclass(obj):
+        check_fields(obj, args, key)
+    args.update(kwargs)
+    if data.get("_partial_"):
+        return functools.partial(obj, **args)
+    try:
+        instance = _build(obj, args, key)
+    except TypeError as error:  # a function target with wrong arguments
+        raise ConfigError(f"invalid config: {key}: {error}") from None
+    if base is not None:
+        _check(
+            isinstance(instance, base),
+            f"{key}._target_",
+            f"{target!r} does not give a {base.__name__}",
+        )
+    return instance
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Sampling settings of the rollouts (``algorithm.generation``).
+    """Sampling settings of the rollouts (``generation``, ``conf/generation/``).
 
     PPO's logprobs, KL and losses use the full ``softmax(logits / temperature)``. Whatever else
     reshapes the sampling distribution (``top_k > 0``, ``top_p < 1``, ``min_new_tokens > 0``,
@@ -57,7 +175,7 @@ class GenerationConfig:
     (rounded) policy."""
 
     def __post_init__(self) -> None:
-        p = "algorithm.generation"
+        p = "generation"
         _check(
             self.sampling_dtype in (None, "auto", "bfloat16", "float16", "float32"),
             f"{p}.sampling_dtype",
@@ -75,19 +193,81 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """How much compute an RL run spends (``budget``, ``conf/budget/``). Sizes are per rank and
+    count rollouts (prompt + sampled response).
+
+    Each iteration samples ``rollout_batch_size`` rollouts (``rollout_batch_size /
+    algorithm.samples_per_prompt`` prompts), splits them into minibatches of ``minibatch_size``
+    (one optimizer step each), each computed in micro-batches of ``micro_batch_size`` (gradient
+    accumulation). One iteration makes ``algorithm.epochs * rollout_batch_size / minibatch_size``
+    optimizer steps.
+    """
+
+    num_iterations: int = 20
+    """Iterations (Lightning epochs), one rollout batch each."""
+    rollout_batch_size: int = 16
+    """Rollouts sampled per iteration per rank."""
+    minibatch_size: int = 8
+    """Rollouts per optimizer step; divides rollout_batch_size."""
+    micro_batch_size: int = 4
+    """Rollouts per forward/backward (gradient accumulation); divides minibatch_size."""
+    experience_batch_size: int | None = None
+    """Rollouts per no-grad forward when making experience (policy, values, reference); None:
+    ``micro_batch_size``. No activations are kept there, so it can be larger."""
+
+    def __post_init__(self) -> None:
+        p = "budget"
+        for name in ("num_iterations", "rollout_batch_size", "minibatch_size", "micro_batch_size"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{p}.{name}", f"must be a positive integer, got {value}")
+        if self.experience_batch_size is not None:
+            _check(
+                self.experience_batch_size >= 1,
+                f"{p}.experience_batch_size",
+                f"must be a positive integer (or null), got {self.experience_batch_size}",
+            )
+        _check(
+            self.rollout_batch_size % self.minibatch_size == 0,
+            f"{p}.minibatch_size",
+            f"must divide rollout_batch_size ({self.rollout_batch_size}), got "
+            f"{self.minibatch_size}",
+        )
+        _check(
+            self.minibatch_size % self.micro_batch_size == 0,
+            f"{p}.micro_batch_size",
+            f"must divide minibatch_size ({self.minibatch_size}), got {self.micro_batch_size}",
+        )
+
+    @property
+    def experience_rows(self) -> int:
+        """Rollouts per forward in experience making."""
+        return self.experience_batch_size or self.micro_batch_size
+
+    @property
+    def minibatches_per_epoch(self) -> int:
+        return self.rollout_batch_size // self.minibatch_size
+
+
+@dataclass(frozen=True)
 class KLConfig:
-    """The KL penalty against the frozen reference (``algorithm.kl``)."""
+    """The KL penalty against the frozen reference (``algorithm.kl``).
+
+    ``placement`` is the one place that decides where the KL goes: :meth:`reward_coef` and
+    :meth:`loss_coef` give the coefficient of each site (0 at the other one).
+    """
 
     coef: float = 0.05
-    """beta: fixed coefficient, or the initial one of the adaptive controller."""
+    """beta: the fixed coefficient, or the adaptive controller's initial one."""
     estimator: str = "k1"
-    """Per-token estimator: k1 | abs | k2 | k3 (see :mod:`rlhf_lightning.kl`)."""
+    """Per-token estimator (see :mod:`rlhf_lightning.kl`). As a loss only k2 or k3_plus."""
     placement: str = "reward"
-    """``reward``: -beta*KL_t in the per-token reward; ``loss``: beta*KL added to the loss."""
-    controller: Any = None
-    """A ``_target_`` config of FixedKLController / AdaptiveKLController."""
-    target: float | None = None
-    horizon: float | None = None
+    """``reward``: ``-beta * KL_t`` in each token's reward (classic RLHF); ``loss``: ``beta * KL``
+    added to the loss (GRPO)."""
+    controller: dict = field(
+        default_factory=lambda: {"_target_": "rlhf_lightning.kl.FixedKLController"}
+    )
+    """A ``_target_`` node of a KL controller (``conf/kl/``), given ``coef`` when built."""
 
     def __post_init__(self) -> None:
         p = "algorithm.kl"
@@ -102,155 +282,233 @@ class KLConfig:
             f"{p}.placement",
             f"must be 'reward' or 'loss', got {self.placement!r}",
         )
-        if self.target is not None:
-            _check(self.target > 0, f"{p}.target", f"must be > 0, got {self.target}")
-        if self.horizon is not None:
-            _check(self.horizon > 0, f"{p}.horizon", f"must be > 0, got {self.horizon}")
+        _check(
+            self.placement == "reward" or self.estimator in KL_LOSS_ESTIMATORS,
+            f"{p}.estimator",
+            f"{self.estimator} as a loss term (algorithm.kl.placement=loss) has a biased gradient: "
+            "its expected gradient is not that of KL(pi || pi_ref) (k1: zero; k3: the reverse "
+            "KL's; abs: neither). Use k2 or k3_plus as a loss, or placement=reward",
+        )
+        self.build_controller()  # checks the controller's own settings now
+
+    def build_controller(self):
+        """A fresh controller (FixedKLController, AdaptiveKLController, ...) at ``coef``."""
+        return build_component(self.controller, "algorithm.kl.controller", coef=self.coef)
+
+    def reward_coef(self, value: float) -> float:
+        """The coefficient of the KL penalty in the per-token rewards."""
+        return value if self.placement == "reward" else 0.0
+
+    def loss_coef(self, value: float) -> float:
+        """The coefficient of the KL term in the loss."""
+        return value if self.placement == "loss" else 0.0
 
 
 @dataclass(frozen=True)
-class PPOConfig:
-    """PPO coefficients (``algorithm``). See ``conf/algorithm/ppo.yaml`` for the defaults' sources.
+class Cadence:
+    """How often a run evaluates, checkpoints and logs sample tables (``task.*``)."""
 
-    Sizes are per rank and count rollouts (prompt + sampled response):
-    ``rollout_batch_size`` rollouts per iteration, split into minibatches of ``minibatch_size``
-    (one optimizer step each), each computed in micro-batches of ``micro_batch_size`` (gradient
-    accumulation). One iteration therefore makes
-    ``ppo_epochs * rollout_batch_size / minibatch_size`` optimizer steps.
+    eval_every: int = 5
+    """Evaluate on held-out prompts every N iterations (0: never)."""
+    eval_batches: int | None = 2
+    """Held-out batches per evaluation (null: all)."""
+    sample_table_every: int = 5
+    """Log a table of prompts, responses and scores every N iterations (0: never)."""
+    checkpoint_every: int = 1
+    """Save a checkpoint every N iterations."""
+
+    def __post_init__(self) -> None:
+        for name in ("eval_every", "sample_table_every"):
+            _check(getattr(self, name) >= 0, f"task.{name}", "must be >= 0 (0 disables)")
+        _check(self.checkpoint_every >= 1, "task.checkpoint_every", "must be >= 1")
+        if self.eval_batches is not None:
+            _check(self.eval_batches >= 1, "task.eval_batches", "must be >= 1 (or null: all)")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The estimator and its coefficients (``algorithm``, ``conf/algorithm/<preset>.yaml``).
+
+    The components are built objects, chosen by ``_target_`` in the preset (see
+    :mod:`rlhf_lightning.advantages`, :mod:`rlhf_lightning.losses`,
+    :mod:`rlhf_lightning.models.value_head`).
     """
 
-    num_iterations: int = 20
-    rollout_batch_size: int = 16
-    minibatch_size: int = 8
-    micro_batch_size: int = 4
-    experience_batch_size: int | None = None
-    """Rollouts per no-grad forward when making experience (policy + values, reference); None:
-    ``micro_batch_size``. No activations are kept there, so it can be larger."""
-    ppo_epochs: int = 4
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.1
+    name: str
+    """The preset's name (for logs and the HParams table)."""
+    advantage: Any
+    """``AdvantageEstimator``: per-token advantages and value targets from the rewards."""
+    policy_loss: Any
+    """``PolicyLoss``: per-token policy loss (vanilla policy gradient or clipped surrogate)."""
+    loss_aggregation: Any
+    """``LossAggregation``: how per-token losses become one number (global denominators)."""
+    value_model: Any
+    """``ValueModel``: none, a head on the shared trunk, or a separate critic."""
+    optimizer: Callable
+    """``optimizer(param_groups)`` (a ``_partial_`` node); its ``lr`` is the policy's."""
+    kl: KLConfig
+    samples_per_prompt: int = 1
+    """k responses per prompt, kept together as a group (RLOO/GRPO baselines need k >= 2)."""
+    epochs: int = 4
+    """Passes over each rollout batch, reshuffled each time."""
     ent_coef: float = 0.0
-    whiten_rewards: bool = False
+    """Entropy bonus coefficient."""
     whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the rollout batch of all ranks."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to std 1 over the batch (the mean is kept)."""
     score_clip: float | None = None
+    """Clip sequence scores to [-c, c]; null disables."""
     missing_eos_penalty: float | None = None
+    """Score given to responses that never emit the stop token; null disables."""
     target_kl: float | None = None
+    """Stop the epoch loop early when the mean approx KL of an epoch exceeds this."""
     max_grad_norm: float | None = 1.0
-    value_model: str = "shared"
-    critic_path: str | None = None
-    critic_warmup_iterations: int = 0
-    """The first N iterations train the value function alone (value head, or the critic): the
-    policy loss is dropped and the policy gets no gradient, so advantages come from a fitted
-    baseline before the policy moves."""
-    policy_lr: float = 1e-5
-    value_lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-5
-    fused_adam: bool = True
-    """PyTorch's fused AdamW kernel where it applies (see ``rlhf_lightning.optim.adamw``)."""
+    """Clip the global gradient norm; null: measure only."""
     warmup_ratio: float = 0.0
+    """Linear learning-rate warm-up over this fraction of the optimizer steps."""
     lr_decay: str = "linear"
-    eval_every: int = 5
-    eval_batches: int | None = 2
-    sample_table_every: int = 5
-    checkpoint_every: int = 1
+    """``linear`` (to 0 at the last step, as in N+) or ``constant``."""
     on_nonfinite: str = "error"
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    kl: KLConfig = field(default_factory=KLConfig)
-
-    @property
-    def experience_rows(self) -> int:
-        """Rollouts per forward in experience making."""
-        return self.experience_batch_size or self.micro_batch_size
-
-    @property
-    def minibatches_per_epoch(self) -> int:
-        return self.rollout_batch_size // self.minibatch_size
-
-    @property
-    def optimizer_steps_per_iteration(self) -> int:
-        return self.ppo_epochs * self.minibatches_per_epoch
+    """``error``: a NaN/inf loss stops the run (all ranks); ``skip``: the minibatch is skipped."""
 
     def __post_init__(self) -> None:
         p = "algorithm"
-        for name in ("num_iterations", "rollout_batch_size", "minibatch_size", "micro_batch_size"):
-            value = getattr(self, name)
-            _check(value >= 1, f"{p}.{name}", f"must be a positive integer, got {value}")
-        if self.experience_batch_size is not None:
-            _check(
-                self.experience_batch_size >= 1,
-                f"{p}.experience_batch_size",
-                f"must be a positive integer (or null), got {self.experience_batch_size}",
-            )
-        _check(self.ppo_epochs >= 1, f"{p}.ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
+        _check(self.epochs >= 1, f"{p}.epochs", f"must be >= 1, got {self.epochs}")
         _check(
-            self.rollout_batch_size % self.minibatch_size == 0,
-            f"{p}.minibatch_size",
-            f"must divide rollout_batch_size ({self.rollout_batch_size}), got "
-            f"{self.minibatch_size}",
+            self.samples_per_prompt >= 1,
+            f"{p}.samples_per_prompt",
+            f"must be >= 1, got {self.samples_per_prompt}",
         )
         _check(
-            self.minibatch_size % self.micro_batch_size == 0,
-            f"{p}.micro_batch_size",
-            f"must divide minibatch_size ({self.minibatch_size}), got {self.micro_batch_size}",
+            self.samples_per_prompt >= self.advantage.min_group_size,
+            f"{p}.samples_per_prompt",
+            f"{type(self.advantage).__name__} compares samples of the same prompt: needs >= "
+            f"{self.advantage.min_group_size}, got {self.samples_per_prompt}",
         )
-        _check(0 <= self.gamma <= 1, f"{p}.gamma", f"must be in [0, 1], got {self.gamma}")
-        _check(0 <= self.lam <= 1, f"{p}.lam", f"must be in [0, 1], got {self.lam}")
-        _check(self.clip > 0, f"{p}.clip", f"must be > 0, got {self.clip}")
-        if self.value_clip is not None:
-            _check(self.value_clip > 0, f"{p}.value_clip", "must be > 0 (or null to disable)")
-        _check(self.vf_coef >= 0, f"{p}.vf_coef", f"must be >= 0, got {self.vf_coef}")
-        _check(self.ent_coef >= 0, f"{p}.ent_coef", f"must be >= 0, got {self.ent_coef}")
-        if self.score_clip is not None:
-            _check(self.score_clip > 0, f"{p}.score_clip", "must be > 0 (or null to disable)")
-        if self.target_kl is not None:
-            _check(self.target_kl > 0, f"{p}.target_kl", "must be > 0 (or null to disable)")
-        if self.max_grad_norm is not None:
-            _check(self.max_grad_norm > 0, f"{p}.max_grad_norm", "must be > 0 (or null)")
         _check(
-            self.value_model in ("shared", "critic"),
+            self.value_model.present or not self.advantage.needs_values,
             f"{p}.value_model",
-            f"must be 'shared' or 'critic', got {self.value_model!r}",
+            f"{type(self.advantage).__name__} needs a value model; choose "
+            "algorithm/value_model=shared or critic (or a critic-free estimator)",
         )
-        _check(
-            self.value_model == "shared" or bool(self.critic_path),
-            f"{p}.critic_path",
-            "value_model=critic needs critic_path (a saved reward model to start the critic from)",
-        )
-        _check(
-            0 <= self.critic_warmup_iterations < self.num_iterations,
-            f"{p}.critic_warmup_iterations",
-            f"must be in [0, num_iterations={self.num_iterations}) so the policy trains at all, "
-            f"got {self.critic_warmup_iterations}",
-        )
-        _check(
-            self.critic_warmup_iterations == 0 or self.vf_coef > 0,
-            f"{p}.vf_coef",
-            "must be > 0 with critic_warmup_iterations (the warm-up loss is vf_coef x value loss)",
-        )
-        for name in ("policy_lr", "value_lr"):
-            _check(getattr(self, name) > 0, f"{p}.{name}", "must be > 0")
-        _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
-        _check(self.adam_eps > 0, f"{p}.adam_eps", "must be > 0")
+        _check(self.ent_coef >= 0, f"{p}.ent_coef", f"must be >= 0, got {self.ent_coef}")
+        for name in ("score_clip", "target_kl", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(value > 0, f"{p}.{name}", f"must be > 0 (or null to disable), got {value}")
         _check(0 <= self.warmup_ratio < 1, f"{p}.warmup_ratio", "must be in [0, 1)")
         _check(
             self.lr_decay in ("linear", "constant"),
             f"{p}.lr_decay",
             f"must be 'linear' or 'constant', got {self.lr_decay!r}",
         )
-        for name in ("eval_every", "sample_table_every"):
-            _check(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0 (0 disables)")
-        _check(self.checkpoint_every >= 1, f"{p}.checkpoint_every", "must be >= 1")
-        if self.eval_batches is not None:
-            _check(self.eval_batches >= 1, f"{p}.eval_batches", "must be >= 1 (or null: all)")
         _check(
             self.on_nonfinite in ("error", "skip"),
             f"{p}.on_nonfinite",
             f"must be 'error' or 'skip', got {self.on_nonfinite!r}",
         )
+        self._check_optimizer()
+
+    def _check_optimizer(self) -> None:
+        import torch
+
+        try:
+            self.optimizer([{"params": [torch.zeros(1, requires_grad=True)]}])
+        except Exception as error:
+            raise ConfigError(f"invalid config: algorithm.optimizer: {error}") from None
+
+    @property
+    def policy_lr(self) -> float:
+        return self.optimizer.keywords.get("lr", 1e-3)
+
+    @property
+    def value_warmup_iterations(self) -> int:
+        return getattr(self.value_model, "warmup_iterations", 0)
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """Everything ``PPOModule`` needs, validated together (cross-group checks here)."""
+
+    algorithm: AlgorithmConfig
+    budget: Budget = field(default_factory=Budget)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    cadence: Cadence = field(default_factory=Cadence)
+
+    def __post_init__(self) -> None:
+        alg, budget = self.algorithm, self.budget
+        _check(
+            budget.rollout_batch_size % alg.samples_per_prompt == 0,
+            "algorithm.samples_per_prompt",
+            f"must divide budget.rollout_batch_size ({budget.rollout_batch_size}), got "
+            f"{alg.samples_per_prompt}",
+        )
+        _check(
+            alg.value_warmup_iterations < budget.num_iterations,
+            "algorithm.value_model.warmup_iterations",
+            f"must be < budget.num_iterations={budget.num_iterations} so the policy trains at "
+            f"all, got {alg.value_warmup_iterations}",
+        )
+        _check(
+            alg.missing_eos_penalty is None or self.generation.stop_token is not None,
+            "algorithm.missing_eos_penalty",
+            "needs a stop token: with generation.stop_token=null no response ever ends, so "
+            "every score would be replaced by the penalty (no learning signal)",
+        )
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        """Prompts per iteration per rank."""
+        return self.budget.rollout_batch_size // self.algorithm.samples_per_prompt
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        return self.algorithm.epochs * self.budget.minibatches_per_epoch
+
+
+def algorithm_config_from(node) -> AlgorithmConfig:
+    """Validate ``cfg.algorithm`` and build its components."""
+    from rlhf_lightning.advantages import AdvantageEstimator
+    from rlhf_lightning.losses import LossAggregation, PolicyLoss
+    from rlhf_lightning.models.value_head import ValueModel
+
+    data = dict(_plain(node))
+    _check(isinstance(data, Mapping), "algorithm", "must be a mapping")
+    components = {
+        "advantage": AdvantageEstimator,
+        "policy_loss": PolicyLoss,
+        "loss_aggregation": LossAggregation,
+        "value_model": ValueModel,
+    }
+    for name in (*components, "optimizer", "name"):
+        _check(name in data, f"algorithm.{name}", "required (choose an algorithm preset)")
+    built = {
+        name: build_component(data.pop(name), f"algorithm.{name}", base)
+        for name, base in components.items()
+    }
+    built["optimizer"] = build_component(data.pop("optimizer"), "algorithm.optimizer")
+    _, kl = _to_dataclass(KLConfig, data.pop("kl", {}), "algorithm.kl")
+    built["kl"] = _build(KLConfig, kl, "algorithm.kl")
+    check_fields(AlgorithmConfig, data, "algorithm")
+    return AlgorithmConfig(**data, **built)
+
+
+def rl_config_from(cfg: DictConfig) -> RLConfig:
+    """Validate ``cfg.algorithm``, ``cfg.budget``, ``cfg.generation`` and the cadence keys of
+    ``cfg.task`` together; returns the :class:`RLConfig` of the run."""
+    algorithm = algorithm_config_from(cfg.algorithm)
+    _, budget = _to_dataclass(Budget, cfg.get("budget") or {}, "budget")
+    _, generation = _to_dataclass(GenerationConfig, cfg.get("generation") or {}, "generation")
+    task = _plain(cfg.get("task") or {})
+    cadence = {k: task[k] for k in (f.name for f in fields(Cadence)) if k in task}
+    check_fields(Cadence, cadence, "task")
+    return RLConfig(
+        algorithm=algorithm,
+        budget=Budget(**budget),
+        generation=GenerationConfig(**generation),
+        cadence=Cadence(**cadence),
+    )
 
 
 @dataclass(frozen=True)
@@ -346,25 +604,6 @@ def policy_options_from(node: DictConfig | dict) -> PolicyOptions:
         gradient_checkpointing=data.get("gradient_checkpointing", False),
         compile=data.get("compile"),
     )
-
-
-def _to_dataclass(cls, node: DictConfig | dict, prefix: str):
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    _check(not unknown, f"{prefix}.{unknown[0]}" if unknown else prefix, "unknown key")
-    return cls, data
-
-
-def ppo_config_from(node: DictConfig | dict) -> PPOConfig:
-    """Validate ``cfg.algorithm`` and return it as a :class:`PPOConfig`."""
-    _, data = _to_dataclass(PPOConfig, node, "algorithm")
-    data = dict(data)
-    gen_cls, gen = _to_dataclass(
-        GenerationConfig, data.pop("generation", {}), "algorithm.generation"
-    )
-    kl_cls, kl = _to_dataclass(KLConfig, data.pop("kl", {}), "algorithm.kl")
-    return PPOConfig(**data, generation=gen_cls(**gen), kl=kl_cls(**kl))
 
 
 def rm_config_from(node: DictConfig | dict) -> RMConfig:

@@ -10,3 +10,21 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Base class of the errors caused by the user's input (config, data, files, rewards)."""
+
+
+class FieldError(ValueError):
+    """An invalid constructor argument of a configurable component (an advantage estimator, a
+    policy loss, ...). The config builder turns it into a ``ConfigError`` naming the full key,
+    e.g. ``algorithm.advantage.lam``, so components need not know where they sit in the config.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def require(ok: bool, field: str, reason: str) -> None:
+    """Raise :class:`FieldError` for ``field`` unless ``ok``."""
+    if not ok:
+        raise FieldError(field, reason)

@@ -4,7 +4,7 @@ bf16 is only fast where the hardware computes in it. A CUDA GPU with bf16 suppor
 AVX512-BF16 or AMX instructions, runs a bf16 matmul faster than an fp32 one; elsewhere PyTorch
 emulates it. On an AVX2-only AMD EPYC a 1024^3 bf16 matmul ran at ~1 GFLOP/s against ~135-175 in
 fp32, which made ``bf16-mixed`` training 10-50x slower. So ``trainer.precision: auto`` and
-``algorithm.generation.sampling_dtype: auto`` choose bf16 only where it is native, and say
+``generation.sampling_dtype: auto`` choose bf16 only where it is native, and say
 which choice was made and why. The decision reads CPU feature flags (deterministic, so every rank
 of a DDP job chooses alike), never a timing.
 """
@@ -100,17 +100,17 @@ def resolve_precision(precision: str, accelerator: str | None) -> str:
 
 @cache
 def resolve_sampling_dtype(sampling_dtype: str | None, device_type: str) -> str | None:
-    """``algorithm.generation.sampling_dtype``: ``auto`` becomes ``bfloat16`` where bf16 is
+    """``generation.sampling_dtype``: ``auto`` becomes ``bfloat16`` where bf16 is
     native, else None (sample with the trained weights). Explicit values are kept, with a
     warning for ``bfloat16`` on a device that emulates it."""
     support = bf16_support(device_type)
     if sampling_dtype == AUTO:
         chosen = "bfloat16" if support.native else None
-        log.info("algorithm.generation.sampling_dtype=auto -> %s (%s)", chosen, support.reason)
+        log.info("generation.sampling_dtype=auto -> %s (%s)", chosen, support.reason)
         return chosen
     if sampling_dtype == "bfloat16" and not support.native:
         log.warning(
-            "algorithm.generation.sampling_dtype=bfloat16 on a device without native bf16 "
+            "generation.sampling_dtype=bfloat16 on a device without native bf16 "
             "(%s): sampling will be much slower than with the float32 weights (null)",
             support.reason,
         )

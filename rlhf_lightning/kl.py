@@ -8,9 +8,15 @@ pi_ref(x)`` (J. Schulman, "Approximating KL Divergence", 2020 blog post):
 - ``k2 = d**2 / 2``: never negative, biased (low bias when the policies are close).
 - ``k3 = exp(-d) - 1 + d``: unbiased and never negative, low variance. Computed as
   ``expm1(-d) + d`` for precision when ``d`` is small.
+- ``k3_plus``: the value of k3 with the gradient of k2 (verl's "k3+").
 
-They are values for a reward (classic RLHF puts ``-coef * k`` into every token's reward); their
-gradients are not the gradient of the KL.
+In the reward (classic RLHF puts ``-coef * k`` into every token's reward) any of them serves as a
+value. As a **loss term** what matters is the gradient of ``E_{x ~ pi}[k(x)]`` with the sample
+held fixed: ``grad k2 = d * grad log pi(x)``, whose expectation is exactly ``grad KL(pi ||
+pi_ref)``; ``grad k1 = grad log pi(x)`` has expectation 0, and ``grad k3 = (1 - pi_ref / pi)
+grad log pi`` has the expectation of ``grad KL(pi_ref || pi)``, the other direction (Tang & Munos
+2025, "On a few pitfalls in KL divergence gradient estimation for RL"; "A Comedy of Estimators",
+2025). So only ``k2`` and ``k3_plus`` are accepted as a loss (``KL_LOSS_ESTIMATORS``).
 
 The coefficient is fixed (0.05 in Huang et al. 2024, "The N+ implementation details of RLHF with
 PPO") or adaptive (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"):
@@ -25,7 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
+from rlhf_lightning.errors import require
+
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3_plus")
+# Estimators whose gradient, as a loss on the policy's own samples, is that of KL(pi || pi_ref).
+KL_LOSS_ESTIMATORS = ("k2", "k3_plus")
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
@@ -48,6 +58,10 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
         return 0.5 * log_ratio**2
     if kind == "k3":
         return torch.expm1(-log_ratio) + log_ratio
+    if kind == "k3_plus":
+        k2 = 0.5 * log_ratio**2
+        k3 = torch.expm1(-log_ratio) + log_ratio
+        return k3.detach() + (k2 - k2.detach())
     raise ValueError(f"unknown KL estimator {kind!r}; valid kinds are {KL_ESTIMATORS}")
 
 
@@ -72,8 +86,7 @@ class FixedKLController(_KLController):
     """A coefficient that never changes; ``update`` does nothing."""
 
     def __init__(self, coef: float) -> None:
-        if not coef >= 0:
-            raise ValueError(f"coef must be >= 0, got {coef}")
+        require(coef >= 0, "coef", f"must be >= 0, got {coef}")
         self.value = float(coef)
 
     def update(self, current_kl: float | Tensor, n_steps: int) -> None:
@@ -88,14 +101,11 @@ class AdaptiveKLController(_KLController):
     off the KL is. ``n_steps`` is the number of samples (or steps) since the last update.
     """
 
-    def __init__(self, init_coef: float, target: float, horizon: float) -> None:
-        if not init_coef >= 0:
-            raise ValueError(f"init_coef must be >= 0, got {init_coef}")
-        if not target > 0:
-            raise ValueError(f"target must be > 0, got {target}")
-        if not horizon > 0:
-            raise ValueError(f"horizon must be > 0, got {horizon}")
-        self.value = float(init_coef)
+    def __init__(self, coef: float, target: float, horizon: float) -> None:
+        require(coef >= 0, "coef", f"must be >= 0, got {coef}")
+        require(target > 0, "target", f"must be > 0, got {target}")
+        require(horizon > 0, "horizon", f"must be > 0, got {horizon}")
+        self.value = float(coef)
         self.target = float(target)
         self.horizon = float(horizon)
 

@@ -1,30 +1,50 @@
-"""PPO policy and value losses, the Bradley-Terry reward-model loss and explained variance.
+"""Policy and value losses, their aggregation over a minibatch, the Bradley-Terry reward-model
+loss and explained variance.
 
-PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms"), per token
-with ``ratio = exp(logp - logp_old)``::
+Policy losses are per token (``(B, T)``, 0 on padding) so that the aggregation, a separate choice,
+can weight them; each comes with per-token diagnostics (``ratio``, ``log_ratio``, ``clipped``:
+1 where the gradient is cut). With ``ratio = exp(logp - logp_old)``:
 
-    loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+- :class:`VanillaPolicyGradient`: ``-A_t * logp_t``, the score-function (REINFORCE) estimator;
+  its gradient at ``logp = logp_old`` equals that of ``-A_t * ratio_t``.
+- :class:`ClippedSurrogate` (Schulman et al. 2017, "Proximal Policy Optimization Algorithms"):
+  ``max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip_low, 1 + clip_high))``; asymmetric bounds as
+  in DAPO (Yu et al. 2025, "clip-higher"); with ``dual_clip = c > 1`` the loss of a negative
+  advantage is capped at ``-c * A_t`` (Ye et al. 2020, "Mastering Complex Control in MOBA Games").
 
-Clipped value loss around the rollout-time values (from OpenAI Baselines' PPO2, kept by the RLHF
-reproductions of Huang et al. 2024, "The N+ implementation details of RLHF with PPO")::
+Clipped value loss around the rollout-time values (OpenAI Baselines' PPO2, kept by the RLHF
+reproductions of Huang et al. 2024)::
 
-    loss = 0.5 * mean_t max((V_t - R_t)^2, (clip(V_t, V_old - eps, V_old + eps) - R_t)^2)
+    0.5 * max((V_t - R_t)^2, (clip(V_t, V_old - eps, V_old + eps) - R_t)^2)
+
+Aggregation (``algorithm.loss_aggregation``) turns per-token losses into one number for a
+minibatch: ``sum_{i,t} w_it * l_it / D`` with token weights ``w`` and a denominator ``D`` counted
+over the **whole minibatch on all ranks**, so gradient accumulation over micro-batches and data
+parallelism give the same update as one big batch:
+
+- :class:`TokenMean`: ``w = 1``, ``D`` = real tokens (every token counts the same);
+- :class:`SequenceMeanTokenMean`: ``w = 1 / |y_i|``, ``D`` = sequences (each sequence counts the
+  same; GRPO's original form);
+- :class:`SequenceMeanTokenSum`: ``w = 1 / C`` for a constant ``C``, ``D`` = sequences (Dr. GRPO:
+  no length normalisation, so long wrong answers are not favoured).
 
 Bradley-Terry preference loss for reward models (Ouyang et al. 2022; the reward-model slides of
 the seed ``004_f10ad3a5f684abf0.txt``): ``-log sigmoid(r_chosen - r_rejected - margin)``.
 
-Token means run over the masked (real) positions of the whole batch. Padded positions may hold NaN
-or inf: they are zeroed with ``torch.where`` before any arithmetic, so they reach neither the loss
-nor its gradient. Every ``stats`` value is a detached 0-dim tensor.
+Padded positions may hold NaN or inf: they are zeroed with ``torch.where`` before any arithmetic,
+so they reach neither a loss nor its gradient.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf_lightning.ops import as_bool_mask, masked_mean, masked_var, zero_masked
+from rlhf_lightning.errors import require
+from rlhf_lightning.ops import as_bool_mask, masked_var, zero_masked
 
 
 def _masked_inputs(mask: Tensor, **tensors: Tensor) -> tuple[Tensor, ...]:
@@ -39,51 +59,76 @@ def _masked_inputs(mask: Tensor, **tensors: Tensor) -> tuple[Tensor, ...]:
     return keep, *(zero_masked(tensor, keep) for tensor in tensors.values())
 
 
-def _fraction(condition: Tensor, keep: Tensor) -> Tensor:
-    """Share of the masked positions where ``condition`` holds; detached 0-dim float."""
-    return masked_mean(condition.float(), keep).detach()
+def _diagnostics(log_ratio: Tensor, clipped: Tensor, keep: Tensor) -> dict[str, Tensor]:
+    """Detached per-token diagnostics of a policy loss, 0 on padding."""
+    with torch.no_grad():
+        log_ratio = zero_masked(log_ratio.detach(), keep)
+        return {
+            "log_ratio": log_ratio,
+            "ratio": zero_masked(torch.exp(log_ratio), keep),
+            "clipped": zero_masked(clipped.float(), keep),
+        }
 
 
-def ppo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+def vanilla_policy_gradient_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss over the real tokens.
+    """Per-token ``-A_t * logp_t``: (B, T) each -> ((B, T) loss, diagnostics), 0 on padding.
 
-    logprobs: (B, T) current policy, with grad; old_logprobs: (B, T) at rollout time;
-    advantages: (B, T); mask: (B, T) bool or 0/1; clip_eps > 0.
-    -> (loss: 0-dim, stats) with ``clipfrac`` (share of tokens where the clipped term is the larger
-    one, i.e. the gradient is cut), ``approx_kl`` (``0.5 * mean((logp - logp_old)^2)``),
-    ``ratio_mean`` and ``ratio_max``.
+    logprobs: current policy, with grad; old_logprobs: at rollout time (diagnostics only);
+    advantages: (B, T), no grad; mask: (B, T) bool or 0/1.
     """
-    if not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    keep, logprobs, old_logprobs, advantages = _masked_inputs(
+        mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages
+    )
+    loss = zero_masked(-advantages * logprobs, keep)
+    return loss, _diagnostics(logprobs - old_logprobs, torch.zeros_like(keep), keep)
+
+
+def clipped_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token PPO clipped surrogate: (B, T) each -> ((B, T) loss, diagnostics), 0 on padding.
+
+    ``clipped`` marks the tokens whose gradient is cut: the clipped term is the larger one, or
+    the dual clip caps a negative advantage's loss.
+    """
+    if not (clip_low > 0 and clip_high > 0):
+        raise ValueError(f"clip_low and clip_high must be > 0, got {clip_low}, {clip_high}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     keep, logprobs, old_logprobs, advantages = _masked_inputs(
         mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages
     )
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), keep)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": _fraction(clipped > unclipped, keep),
-            "approx_kl": 0.5 * masked_mean(log_ratio**2, keep),
-            "ratio_mean": masked_mean(ratio, keep),
-            "ratio_max": torch.where(keep, ratio, -torch.inf).max(),
-        }
-    return loss, stats
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    cut = clipped > unclipped
+    if dual_clip is not None:
+        cap = -dual_clip * advantages
+        capped = (advantages < 0) & (loss > cap)
+        loss = torch.where(capped, cap, loss)
+        cut = cut | capped
+    return zero_masked(loss, keep), _diagnostics(log_ratio, cut, keep)
 
 
 def value_loss(
     values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float | None
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Squared-error value loss, optionally clipped around the rollout-time values.
+) -> tuple[Tensor, Tensor]:
+    """Per-token squared-error value loss, optionally clipped around the rollout-time values.
 
-    values: (B, T) current, with grad; old_values: (B, T) at rollout time; returns: (B, T) targets;
-    mask: (B, T) bool or 0/1; clip_eps: > 0, or None for the plain ``0.5 * mean((V - R)^2)``.
-    -> (loss: 0-dim, stats) with ``clipfrac`` (share of tokens where the clipped error is the larger
-    one; 0 without clipping).
+    values: (B, T) current, with grad; old_values: (B, T) at rollout time; returns: (B, T)
+    targets; mask: (B, T) bool or 0/1; clip_eps: > 0, or None for the plain
+    ``0.5 * (V - R)^2``. -> ((B, T) loss, (B, T) float ``clipped``: 1 where the clipped error is
+    the larger one), both 0 on padding.
     """
     if clip_eps is not None and not clip_eps > 0:
         raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps}")
@@ -92,12 +137,115 @@ def value_loss(
     )
     unclipped = (values - returns) ** 2
     if clip_eps is None:
-        loss = 0.5 * masked_mean(unclipped, keep)
-        return loss, {"clipfrac": torch.zeros((), device=values.device)}
+        return zero_masked(0.5 * unclipped, keep), torch.zeros_like(values).detach()
     values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), keep)
-    return loss, {"clipfrac": _fraction(clipped > unclipped, keep)}
+    loss = 0.5 * torch.maximum(unclipped, clipped)
+    return zero_masked(loss, keep), zero_masked((clipped > unclipped).float(), keep).detach()
+
+
+# ---------------------------------------------------------------------------------- components
+class PolicyLoss:
+    """Base of the policy losses: ``loss(logprobs, old_logprobs, advantages, mask)`` ->
+    ``((B, T) loss, diagnostics)``."""
+
+    def __call__(self, logprobs, old_logprobs, advantages, mask):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class VanillaPolicyGradient(PolicyLoss):
+    """``-A_t * logp_t`` (no ratio, no clipping): the plain policy gradient."""
+
+    def __call__(self, logprobs, old_logprobs, advantages, mask):
+        return vanilla_policy_gradient_loss(logprobs, old_logprobs, advantages, mask)
+
+
+@dataclass(frozen=True)
+class ClippedSurrogate(PolicyLoss):
+    """PPO's clipped surrogate with bounds ``[1 - clip_low, 1 + clip_high]`` and an optional
+    dual clip."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        require(self.clip_low > 0, "clip_low", f"must be > 0, got {self.clip_low}")
+        require(self.clip_high > 0, "clip_high", f"must be > 0, got {self.clip_high}")
+        if self.dual_clip is not None:
+            require(self.dual_clip > 1, "dual_clip", f"must be > 1 (or null), got {self.dual_clip}")
+
+    def __call__(self, logprobs, old_logprobs, advantages, mask):
+        return clipped_policy_loss(
+            logprobs,
+            old_logprobs,
+            advantages,
+            mask,
+            self.clip_low,
+            self.clip_high,
+            self.dual_clip,
+        )
+
+
+class LossAggregation:
+    """Base of the aggregations: ``token_weights(mask)`` (B, T) and ``units(mask)`` (0-dim, the
+    local count whose all-rank sum over a minibatch is the denominator)."""
+
+    def token_weights(self, mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def units(self, mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TokenMean(LossAggregation):
+    """Every real token of the minibatch weighs the same."""
+
+    def token_weights(self, mask):
+        return as_bool_mask(mask, mask.shape).float()
+
+    def units(self, mask):
+        return as_bool_mask(mask, mask.shape).sum().float()
+
+
+@dataclass(frozen=True)
+class SequenceMeanTokenMean(LossAggregation):
+    """Token mean within each sequence, then the mean over the minibatch's sequences."""
+
+    def token_weights(self, mask):
+        keep = as_bool_mask(mask, mask.shape).float()
+        return keep / keep.sum(dim=1, keepdim=True).clamp(min=1)
+
+    def units(self, mask):
+        return as_bool_mask(mask, mask.shape).any(dim=1).sum().float()
+
+
+@dataclass(frozen=True)
+class SequenceMeanTokenSum(LossAggregation):
+    """Token sum within each sequence divided by a constant ``normalizer`` (e.g. the maximum
+    response length), then the mean over the minibatch's sequences."""
+
+    normalizer: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.normalizer > 0, "normalizer", f"must be > 0, got {self.normalizer}")
+
+    def token_weights(self, mask):
+        return as_bool_mask(mask, mask.shape).float() / self.normalizer
+
+    def units(self, mask):
+        return as_bool_mask(mask, mask.shape).any(dim=1).sum().float()
+
+
+def aggregate(per_token: Tensor, weights: Tensor, denominator: Tensor | float) -> Tensor:
+    """``sum(weights * per_token) / denominator``: (B, T), (B, T), scalar -> 0-dim.
+
+    ``weights`` are 0 on padding (an aggregation's ``token_weights``); ``per_token`` must be 0
+    (not NaN) there, as the losses above return it.
+    """
+    return (per_token * weights).sum() / denominator
 
 
 def bradley_terry_loss(

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Config groups that define each task's run (a task not listed gets all of them): their chosen
 # config (``policy: tiny``) and, for those at the top level of the config, their literal values.
-PPO_GROUPS = ("policy", "reward", "algorithm", "kl", "data/prompts")
+PPO_GROUPS = ("policy", "reward", "algorithm", "kl", "budget", "generation", "data/prompts")
 RM_GROUPS = ("reward_backbone", "rm", "data/preferences")
 TASK_GROUPS = {
     "ppo": PPO_GROUPS,

@@ -1,50 +1,67 @@
-"""Builders shared by the PPO tests: a tiny policy, a toy reward and one fixed prompt batch."""
+"""Builders shared by the policy-optimisation tests: a tiny policy, a toy reward, prompt batches.
+
+Configs are composed from the real presets (``conf/algorithm/``) through Hydra, then sized for
+the tiny model, so the tests exercise what ``rlhf-train algorithm=<preset>`` runs.
+"""
 
 from __future__ import annotations
 
 import copy
 
 import lightning as L
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.config import GenerationConfig, KLConfig, PPOConfig
-from rlhf_lightning.kl import FixedKLController
-from rlhf_lightning.models import PolicyWithValueHead, load_causal_lm, load_tokenizer
+from rlhf_lightning.cli.train import CONF_DIR
+from rlhf_lightning.config import RLConfig, rl_config_from
+from rlhf_lightning.models import load_causal_lm, load_tokenizer
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import TokenFractionReward
 
-
-def tiny_ppo_config(**overrides) -> PPOConfig:
-    generation = GenerationConfig(
-        temperature=1.0, max_new_tokens=8, stop_token=overrides.pop("stop_token", None)
-    )
-    kl = KLConfig(coef=overrides.pop("kl_coef", 0.0), estimator=overrides.pop("kl_kind", "k1"))
-    base = dict(
-        num_iterations=2,
-        rollout_batch_size=16,
-        minibatch_size=8,
-        micro_batch_size=8,
-        ppo_epochs=2,
-        policy_lr=3e-3,
-        value_lr=3e-3,
-        eval_every=0,
-        sample_table_every=0,
-        lr_decay="constant",
-    )
-    base.update(overrides)
-    return PPOConfig(**base, generation=generation, kl=kl)
+TINY = {
+    "budget.num_iterations": 2,
+    "budget.rollout_batch_size": 16,
+    "budget.minibatch_size": 8,
+    "budget.micro_batch_size": 8,
+    "algorithm.epochs": 2,
+    "algorithm.optimizer.lr": 3e-3,
+    "algorithm.lr_decay": "constant",
+    "algorithm.kl.coef": 0.0,
+    "generation.temperature": 1.0,
+    "generation.max_new_tokens": 8,
+    "generation.stop_token": None,
+    "task.eval_every": 0,
+    "task.sample_table_every": 0,
+}
 
 
-def tiny_ppo_module(cfg: PPOConfig, reward=None) -> PPOModule:
+def tiny_config(preset: str = "ppo", **overrides) -> RLConfig:
+    """The ``preset``'s config sized for the tiny model; ``overrides`` by dotted key, written
+    with ``__`` for dots (``algorithm__kl__coef=0.1``)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["task=ppo", f"algorithm={preset}"])
+    values = dict(TINY)
+    if OmegaConf.select(cfg, "algorithm.value_model.lr") is not None:
+        values["algorithm.value_model.lr"] = 3e-3
+    values.update({key.replace("__", "."): value for key, value in overrides.items()})
+    with open_dict(cfg):
+        for key, value in values.items():
+            OmegaConf.update(cfg, key, value, force_add=True)
+    return rl_config_from(cfg)
+
+
+def tiny_ppo_module(cfg: RLConfig, reward=None) -> PPOModule:
     tokenizer = load_tokenizer("builtin:tiny", padding_side="left")
     lm = load_causal_lm("builtin:tiny")
+    ref = copy.deepcopy(lm)
     return PPOModule(
-        PolicyWithValueHead(lm),
-        copy.deepcopy(lm),
+        cfg.algorithm.value_model.build(lm),
+        ref,
         tokenizer,
         reward or TokenFractionReward("e"),
         cfg,
-        FixedKLController(cfg.kl.coef),
+        cfg.algorithm.kl.build_controller(),
     )
 
 
@@ -59,12 +76,12 @@ def prompt_batch(tokenizer, n: int) -> dict:
 
 
 def fixed_prompt_loader(tokenizer, n: int) -> DataLoader:
-    """One batch per epoch (= per PPO iteration), the same prompts every time."""
+    """One batch per epoch (= per iteration), the same prompts every time."""
     return DataLoader([prompt_batch(tokenizer, n)], batch_size=None)
 
 
 class MetricHistory(L.Callback):
-    """Records ``trainer.callback_metrics`` at the end of every training epoch (PPO iteration)."""
+    """Records ``trainer.callback_metrics`` at the end of every training epoch (iteration)."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
@@ -89,6 +106,6 @@ def fit(
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    loader = fixed_prompt_loader(module.tokenizer, module.cfg.rollout_batch_size)
+    loader = fixed_prompt_loader(module.tokenizer, module.cfg.prompts_per_iteration)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     return trainer, history.rows

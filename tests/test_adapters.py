@@ -25,7 +25,7 @@ from rlhf_lightning.models.adapters import (
 )
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import TokenFractionReward
-from tests.ppo_helpers import fit, tiny_ppo_config
+from tests.ppo_helpers import fit, tiny_config
 
 
 def _ids(n=3, t=12, seed=0):
@@ -88,7 +88,7 @@ def test_lora_target_modules_that_match_nothing_is_an_error():
 
 
 def test_ppo_with_lora_moves_the_policy_and_never_the_reference():
-    cfg = tiny_ppo_config(num_iterations=3)
+    cfg = tiny_config(budget__num_iterations=3)
     tokenizer = load_tokenizer("builtin:tiny", padding_side="left")
     base = load_causal_lm("builtin:tiny")
     lm = inject_lora(copy.deepcopy(base), r=8, alpha=16)
@@ -118,7 +118,7 @@ def _tiny_cfg(tmp_path, *overrides):
         return compose(
             "config",
             overrides=[f"paths.output_dir={tmp_path}", *TINY, "task=ppo", "reward=token_fraction",
-                       "~logger", "algorithm.eval_every=0", *overrides],
+                       "~logger", "task.eval_every=0", *overrides],
         )  # fmt: skip
 
 

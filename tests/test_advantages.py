@@ -9,8 +9,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_lightning.advantages import gae, rewards_to_go, token_rewards
-from rlhf_lightning.kl import kl_penalty
+from rlhf_lightning.advantages import (
+    GAE,
+    AdvantageInputs,
+    GroupNormalized,
+    LeaveOneOut,
+    RewardsToGo,
+    RewardsToGoBaseline,
+    SequenceReturn,
+    gae,
+    grpo_advantages,
+    rewards_to_go,
+    rloo_advantages,
+    token_rewards,
+)
+from rlhf_lightning.ops import masked_whiten
 
 # ----------------------------------------------------------------------------- references
 
@@ -197,11 +210,19 @@ def test_token_rewards_without_kl_put_the_score_on_the_last_real_token_only():
     assert (kl[~MASK] == 0).all() and torch.isfinite(kl).all()
 
 
+def _kl_by_hand(logprob: float, ref_logprob: float, kind: str) -> float:
+    d = logprob - ref_logprob
+    return {"k1": d, "k3": math.exp(-d) - 1 + d}[kind]
+
+
 @pytest.mark.parametrize("kind", ["k1", "k3"])
 def test_token_rewards_hand_composed(kind):
     logprobs, ref_logprobs = logprob_pair()
     rewards, kl = token_rewards(SCORES, logprobs, ref_logprobs, MASK, kl_coef=0.1, kind=kind)
-    expected_kl = kl_penalty(logprobs, ref_logprobs, kind).masked_fill(~MASK, 0)
+    expected_kl = torch.zeros(3, 5)
+    for row, length in enumerate(LENGTHS):
+        for t in range(length):
+            expected_kl[row, t] = _kl_by_hand(logprobs[row, t], ref_logprobs[row, t], kind)
     expected = -0.1 * expected_kl
     for row, length in enumerate(LENGTHS):
         expected[row, length - 1] += SCORES[row]
@@ -235,3 +256,141 @@ def test_token_rewards_rejects_bad_inputs():
         token_rewards(SCORES[:2], logprobs, ref_logprobs, MASK, kl_coef=0.1)
     with pytest.raises(ValueError, match="valid kinds"):
         token_rewards(SCORES, logprobs, ref_logprobs, MASK, kl_coef=0.1, kind="kl")
+
+
+# ----------------------------------------------------------------------------- estimators
+def test_rloo_hand_values():
+    """Two prompts, k = 3: each score minus the mean of the two others of its group."""
+    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    expected = [1 - 4, 2 - 3.5, 6 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0]
+    torch.testing.assert_close(rloo_advantages(scores, 3), torch.tensor(expected))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 5), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_rloo_matches_a_python_loop(k, groups, seed):
+    scores = torch.randn(k * groups, generator=torch.Generator().manual_seed(seed))
+    values = scores.tolist()
+    expected = []
+    for i, s in enumerate(values):
+        group = values[(i // k) * k : (i // k + 1) * k]
+        others = [x for j, x in enumerate(group) if j != i % k]
+        expected.append(s - sum(others) / len(others))
+    torch.testing.assert_close(rloo_advantages(scores, k), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_grpo_matches_a_python_loop(scale_by_std):
+    import statistics
+
+    scores = torch.tensor([0.5, 1.0, 3.0, -1.0, 2.0, 2.0, 2.0, 7.0])
+    values, k = scores.tolist(), 4
+    expected = []
+    for i, s in enumerate(values):
+        group = values[(i // k) * k : (i // k + 1) * k]
+        centred = s - statistics.mean(group)
+        expected.append(centred / (statistics.stdev(group) + 1e-6) if scale_by_std else centred)
+    got = grpo_advantages(scores, k, scale_by_std=scale_by_std, eps=1e-6)
+    torch.testing.assert_close(got, torch.tensor(expected))
+
+
+def test_group_estimators_reject_groups_that_do_not_fit():
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        rloo_advantages(torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="divide"):
+        grpo_advantages(torch.zeros(5), 2)
+
+
+# Two prompts x two samples; per-token rewards already hold -beta * KL_t and the score at the end.
+EST_REWARDS = torch.tensor(
+    [[-0.1, -0.2, 1.0, math.nan], [0.3, 2.0, math.nan, math.nan], [-0.5, 0.1, 0.2, -1.0],
+     [0.4, math.nan, math.nan, math.nan]]
+)  # fmt: skip
+EST_LENGTHS = [3, 2, 4, 1]
+EST_MASK = torch.arange(4) < torch.tensor(EST_LENGTHS)[:, None]
+EST_VALUES = torch.tensor(
+    [[0.5, 0.1, -0.2, 9.0], [1.0, 0.0, 9.0, 9.0], [0.3, 0.3, 0.3, 0.3], [-1.0, 9.0, 9.0, 9.0]]
+)
+
+
+def _est_inputs(group_size=2):
+    return AdvantageInputs(EST_REWARDS, EST_VALUES, EST_MASK, group_size=group_size)
+
+
+def _returns_by_hand():
+    return [sum(EST_REWARDS[b, :n].tolist()) for b, n in enumerate(EST_LENGTHS)]
+
+
+def _check_broadcast(advantages, per_sequence):
+    for b, n in enumerate(EST_LENGTHS):
+        assert advantages[b, :n].tolist() == pytest.approx([per_sequence[b]] * n)
+        assert (advantages[b, n:] == 0).all()
+
+
+def test_sequence_return_puts_the_whole_return_on_every_token():
+    advantages, returns = SequenceReturn()(_est_inputs())
+    _check_broadcast(advantages, _returns_by_hand())
+    assert returns is None
+
+
+def test_leave_one_out_and_group_normalized_broadcast_one_advantage_per_sequence():
+    totals = _returns_by_hand()
+    loo = [
+        totals[0] - totals[1],
+        totals[1] - totals[0],
+        totals[2] - totals[3],
+        totals[3] - totals[2],
+    ]
+    _check_broadcast(LeaveOneOut()(_est_inputs())[0], loo)
+    centred = [(totals[0] - totals[1]) / 2, (totals[1] - totals[0]) / 2]
+    centred += [(totals[2] - totals[3]) / 2, (totals[3] - totals[2]) / 2]
+    _check_broadcast(GroupNormalized(scale_by_std=False)(_est_inputs())[0], centred)
+    std = [abs(totals[0] - totals[1]) / math.sqrt(2)] * 2 + [
+        abs(totals[2] - totals[3]) / 2**0.5
+    ] * 2
+    normalised = [c / (s + 1e-6) for c, s in zip(centred, std)]
+    _check_broadcast(GroupNormalized(eps=1e-6)(_est_inputs())[0], normalised)
+
+
+def test_rewards_to_go_carry_the_future_kl_and_the_baseline_subtracts_the_value():
+    advantages, returns = RewardsToGo(gamma=1.0)(_est_inputs())
+    assert returns is None
+    baseline, targets = RewardsToGoBaseline(gamma=1.0)(_est_inputs())
+    for b, n in enumerate(EST_LENGTHS):
+        row = EST_REWARDS[b, :n].tolist()
+        to_go = [sum(row[t:]) for t in range(n)]
+        assert advantages[b, :n].tolist() == pytest.approx(to_go)
+        assert targets[b, :n].tolist() == pytest.approx(to_go)
+        assert baseline[b, :n].tolist() == pytest.approx(
+            [g - v for g, v in zip(to_go, EST_VALUES[b, :n].tolist())]
+        )
+        assert (baseline[b, n:] == 0).all() and (targets[b, n:] == 0).all()
+
+
+def test_reinforce_pp_is_rewards_to_go_normalised_over_the_batch():
+    """REINFORCE++'s advantages: the rewards-to-go of all tokens of the batch, whitened."""
+    import statistics
+
+    to_go = [sum(EST_REWARDS[b, t:n].tolist()) for b, n in enumerate(EST_LENGTHS) for t in range(n)]
+    mean, std = statistics.mean(to_go), statistics.stdev(to_go)
+    advantages, _ = RewardsToGo()(_est_inputs())
+    whitened = masked_whiten(advantages, EST_MASK)
+    assert whitened[EST_MASK].tolist() == pytest.approx([(g - mean) / std for g in to_go], rel=1e-5)
+
+
+def test_gae_component_is_the_gae_function():
+    advantages, returns = GAE(gamma=0.9, lam=0.8)(_est_inputs())
+    expected = gae(EST_REWARDS, EST_VALUES, EST_MASK, 0.9, 0.8)
+    torch.testing.assert_close(advantages, expected[0])
+    torch.testing.assert_close(returns, expected[1])
+
+
+def test_estimators_validate_their_settings_by_field():
+    from rlhf_lightning.errors import FieldError
+
+    with pytest.raises(FieldError) as error:
+        GAE(lam=1.5)
+    assert error.value.field == "lam"
+    with pytest.raises(FieldError) as error:
+        RewardsToGo(gamma=-1.0)
+    assert error.value.field == "gamma"

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from rlhf_lightning.kl import (
     KL_ESTIMATORS,
+    KL_LOSS_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     kl_penalty,
@@ -28,6 +29,7 @@ REF = torch.tensor([-2.0, -1.0])
         ("abs", [1.0, 1.0]),
         ("k2", [0.5, 0.5]),
         ("k3", [math.exp(-1) - 1 + 1, math.exp(1) - 1 - 1]),
+        ("k3_plus", [math.exp(-1) - 1 + 1, math.exp(1) - 1 - 1]),
     ],
 )
 def test_estimators_hand_values(kind, expected):
@@ -82,6 +84,50 @@ def test_sample_mean_estimates_the_true_kl(kind):
     assert standard_error < 0.01  # the check above is tight, not vacuous
 
 
+# ------------------------------------------------------------------------------ KL as a loss
+def _expected_loss_gradient(kind: str, logits: torch.Tensor, ref_logp: torch.Tensor):
+    """Exact ``E_{x ~ pi}[grad_theta k(x)]`` with the sample held fixed (no gradient through the
+    sampling): sum over every outcome x of ``pi(x) * grad k(log pi(x), log pi_ref(x))``."""
+    theta = logits.clone().requires_grad_()
+    logp = torch.log_softmax(theta, dim=-1)
+    weights = logp.exp().detach()  # pi(x), a constant
+    (weights * kl_penalty(logp, ref_logp, kind)).sum().backward()
+    return theta.grad
+
+
+def _exact_kl_gradient(logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    theta = logits.clone().requires_grad_()
+    logp = torch.log_softmax(theta, dim=-1)
+    (logp.exp() * (logp - ref_logp)).sum().backward()  # KL(pi || pi_ref), differentiated fully
+    return theta.grad
+
+
+@pytest.mark.parametrize("kind", KL_ESTIMATORS)
+def test_only_k2_and_k3_plus_have_the_gradient_of_kl_as_a_loss(kind):
+    """On a 5-way categorical, computed exactly (no sampling): the expected gradient of k2 and
+    k3_plus equals grad KL(pi || pi_ref); k1's is 0, abs's and k3's are something else."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, generator=gen, dtype=torch.float64)
+    ref_logp = torch.log_softmax(torch.randn(5, generator=gen, dtype=torch.float64), dim=-1)
+    exact = _exact_kl_gradient(logits, ref_logp)
+    assert exact.abs().max() > 0.05  # a real gradient, not a degenerate case
+    expected = _expected_loss_gradient(kind, logits, ref_logp)
+    matches = torch.allclose(expected, exact, atol=1e-12, rtol=1e-9)
+    assert matches == (kind in KL_LOSS_ESTIMATORS), (kind, expected, exact)
+    if kind == "k1":
+        torch.testing.assert_close(expected, torch.zeros(5, dtype=torch.float64))
+
+
+def test_k3_plus_gradient_is_k2_and_its_value_is_k3():
+    d = torch.tensor([0.7, -1.3, 0.01], requires_grad=True)
+    kl_penalty(d, torch.zeros(3), "k3_plus").sum().backward()
+    torch.testing.assert_close(d.grad, d.detach())  # d/dd of d^2 / 2
+    torch.testing.assert_close(
+        kl_penalty(d.detach(), torch.zeros(3), "k3_plus"),
+        kl_penalty(d.detach(), torch.zeros(3), "k3"),
+    )
+
+
 # ----------------------------------------------------------------------------- controllers
 
 
@@ -97,7 +143,7 @@ def test_fixed_controller_never_moves_and_round_trips():
 
 
 def test_adaptive_controller_hand_values():
-    controller = AdaptiveKLController(init_coef=0.2, target=6.0, horizon=10_000)
+    controller = AdaptiveKLController(coef=0.2, target=6.0, horizon=10_000)
     controller.update(6.6, n_steps=500)  # error 0.1, inside the clip
     assert controller.value == pytest.approx(0.2 * (1 + 0.1 * 500 / 10_000))
     controller.update(torch.tensor(6.0), n_steps=500)  # on target: no change; tensors accepted
@@ -106,7 +152,7 @@ def test_adaptive_controller_hand_values():
 
 @pytest.mark.parametrize("kl, moves_up", [(12.0, True), (7.0, True), (5.0, False), (0.0, False)])
 def test_adaptive_controller_moves_toward_the_target(kl, moves_up):
-    controller = AdaptiveKLController(init_coef=0.2, target=6.0, horizon=1_000)
+    controller = AdaptiveKLController(coef=0.2, target=6.0, horizon=1_000)
     controller.update(kl, n_steps=100)
     assert (controller.value > 0.2) is moves_up
     assert controller.value != 0.2
@@ -114,16 +160,16 @@ def test_adaptive_controller_moves_toward_the_target(kl, moves_up):
 
 @pytest.mark.parametrize("kl, factor", [(1e9, 1 + 0.2 * 100 / 1_000), (0.0, 1 - 0.2 * 100 / 1_000)])
 def test_adaptive_controller_step_is_clipped(kl, factor):
-    controller = AdaptiveKLController(init_coef=0.2, target=6.0, horizon=1_000)
+    controller = AdaptiveKLController(coef=0.2, target=6.0, horizon=1_000)
     controller.update(kl, n_steps=100)
     assert controller.value == pytest.approx(0.2 * factor)
 
 
 def test_adaptive_controller_state_round_trips_into_a_fresh_controller():
-    trained = AdaptiveKLController(init_coef=0.2, target=6.0, horizon=1_000)
+    trained = AdaptiveKLController(coef=0.2, target=6.0, horizon=1_000)
     for kl in (9.0, 3.0, 7.5):
         trained.update(kl, n_steps=64)
-    fresh = AdaptiveKLController(init_coef=0.2, target=6.0, horizon=1_000)
+    fresh = AdaptiveKLController(coef=0.2, target=6.0, horizon=1_000)
     fresh.load_state_dict(trained.state_dict())
     assert fresh.value == trained.value != 0.2
     trained.update(8.0, n_steps=64)
@@ -136,9 +182,9 @@ def test_adaptive_controller_state_round_trips_into_a_fresh_controller():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"init_coef": -1.0, "target": 6.0, "horizon": 100}, "init_coef"),
-        ({"init_coef": 0.1, "target": 0.0, "horizon": 100}, "target"),
-        ({"init_coef": 0.1, "target": 6.0, "horizon": 0}, "horizon"),
+        ({"coef": -1.0, "target": 6.0, "horizon": 100}, "coef"),
+        ({"coef": 0.1, "target": 0.0, "horizon": 100}, "target"),
+        ({"coef": 0.1, "target": 6.0, "horizon": 0}, "horizon"),
     ],
 )
 def test_adaptive_controller_validates_its_arguments(kwargs, message):
@@ -147,7 +193,7 @@ def test_adaptive_controller_validates_its_arguments(kwargs, message):
 
 
 def test_adaptive_controller_rejects_bad_updates():
-    controller = AdaptiveKLController(init_coef=0.1, target=6.0, horizon=100)
+    controller = AdaptiveKLController(coef=0.1, target=6.0, horizon=100)
     with pytest.raises(ValueError, match="finite"):
         controller.update(float("nan"), n_steps=10)
     with pytest.raises(ValueError, match="non-positive"):

@@ -8,16 +8,21 @@ import pytest
 import torch
 
 from rlhf_lightning.losses import (
+    SequenceMeanTokenMean,
+    SequenceMeanTokenSum,
+    TokenMean,
+    aggregate,
     bradley_terry_loss,
+    clipped_policy_loss,
     explained_variance,
-    ppo_policy_loss,
     value_loss,
+    vanilla_policy_gradient_loss,
 )
 from rlhf_lightning.ops import masked_mean
 
 # ----------------------------------------------------------------------------- PPO policy loss
 
-# Four real tokens and one padded one (NaN / inf there), clip_eps = 0.2:
+# Four real tokens and one padded one (NaN / inf there), clip 0.2:
 #   token 0: A =  2, ratio 1.5  -> max(-3.0, -2.4) = -2.4  clipped (A > 0, ratio > 1 + eps)
 #   token 1: A = -1, ratio 0.5  -> max( 0.5,  0.8) =  0.8  clipped (A < 0, ratio < 1 - eps)
 #   token 2: A =  1, ratio 1.1  -> max(-1.1, -1.1) = -1.1  inside the clip range
@@ -28,51 +33,124 @@ OLD_LOGPROBS = torch.tensor([[-1.0, -2.0, -0.5, -3.0, math.nan]])
 MASK = torch.tensor([[True, True, True, True, False]])
 
 
-def new_logprobs():
-    log_ratios = torch.tensor([math.log(r) for r in RATIOS] + [0.0])
+def new_logprobs(ratios=RATIOS):
+    log_ratios = torch.tensor([math.log(r) for r in ratios] + [0.0])
     logprobs = OLD_LOGPROBS + log_ratios
     logprobs[0, 4] = -math.inf
     return logprobs.requires_grad_()
+
+
+def token_mean(per_token, mask=MASK):
+    return aggregate(per_token, TokenMean().token_weights(mask), TokenMean().units(mask))
 
 
 def test_policy_loss_on_policy_is_minus_the_mean_advantage():
     advantages = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     logprobs = -torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
-    loss, stats = ppo_policy_loss(logprobs, logprobs.clone(), advantages, mask, clip_eps=0.2)
-    torch.testing.assert_close(loss, -masked_mean(advantages, mask))
-    assert stats["clipfrac"].item() == 0.0
-    assert stats["approx_kl"].item() == 0.0
-    assert stats["ratio_mean"].item() == 1.0 and stats["ratio_max"].item() == 1.0
+    per_token, diag = clipped_policy_loss(logprobs, logprobs.clone(), advantages, mask, 0.2, 0.2)
+    torch.testing.assert_close(token_mean(per_token, mask), -masked_mean(advantages, mask))
+    assert diag["clipped"].sum() == 0 and diag["log_ratio"].abs().sum() == 0
+    assert (diag["ratio"][mask.bool()] == 1).all() and (diag["ratio"][~mask.bool()] == 0).all()
 
 
 def test_policy_loss_hand_computed_clipping():
     logprobs = new_logprobs()
-    loss, stats = ppo_policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, clip_eps=0.2)
-    assert loss.item() == pytest.approx((-2.4 + 0.8 - 1.1 - 1.0) / 4)
-    assert stats["clipfrac"].item() == pytest.approx(0.5)
-    log_ratios = torch.tensor(RATIOS).log()
-    assert stats["approx_kl"].item() == pytest.approx(0.5 * (log_ratios**2).mean().item())
-    assert stats["ratio_mean"].item() == pytest.approx(sum(RATIOS) / 4)
-    assert stats["ratio_max"].item() == pytest.approx(1.5)
-    assert all(not value.requires_grad and value.dim() == 0 for value in stats.values())
+    per_token, diag = clipped_policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, 0.2, 0.2)
+    assert per_token[0].tolist() == pytest.approx([-2.4, 0.8, -1.1, -1.0, 0.0])
+    assert token_mean(per_token).item() == pytest.approx((-2.4 + 0.8 - 1.1 - 1.0) / 4)
+    assert diag["clipped"][0].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert diag["ratio"][0, :4].tolist() == pytest.approx(RATIOS)
+    assert all(not value.requires_grad for value in diag.values())
+
+
+def test_asymmetric_clip_and_dual_clip_hand_values():
+    """clip_low 0.2, clip_high 0.6: token 0's ratio 1.5 is now inside; dual clip c = 1.5 caps
+    a negative advantage's loss at -c * A."""
+    logprobs = new_logprobs([1.5, 3.0, 1.1, 0.5])
+    advantages = torch.tensor([[2.0, -1.0, 1.0, 2.0, math.inf]])
+    per_token, diag = clipped_policy_loss(logprobs, OLD_LOGPROBS, advantages, MASK, 0.2, 0.6)
+    # token 1: A = -1, ratio 3.0 -> max(3.0, 1.6) = 3.0 (no cap without dual clip)
+    assert per_token[0, :4].tolist() == pytest.approx([-3.0, 3.0, -1.1, -1.0])
+    per_token, diag = clipped_policy_loss(
+        logprobs, OLD_LOGPROBS, advantages, MASK, 0.2, 0.6, dual_clip=1.5
+    )
+    assert per_token[0, :4].tolist() == pytest.approx([-3.0, 1.5, -1.1, -1.0])
+    assert diag["clipped"][0, :4].tolist() == [0.0, 1.0, 0.0, 0.0]
+    per_token.sum().backward()
+    assert logprobs.grad[0, 1] == 0  # the capped token gets no gradient
 
 
 def test_policy_gradient_is_zero_where_clipped_and_finite_on_padding():
     logprobs = new_logprobs()
-    loss, _ = ppo_policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, clip_eps=0.2)
-    loss.backward()
+    per_token, _ = clipped_policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, 0.2, 0.2)
+    token_mean(per_token).backward()
     # d/dlogp of -A * ratio / N is -A * ratio / N on unclipped tokens.
     expected = torch.tensor([[0.0, 0.0, -1.0 * 1.1 / 4, -2.0 * 0.5 / 4, 0.0]])
     torch.testing.assert_close(logprobs.grad, expected)
 
 
+def test_vanilla_policy_gradient_is_minus_advantage_times_logprob():
+    logprobs = new_logprobs()
+    per_token, diag = vanilla_policy_gradient_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK)
+    expected = [-a * lp for a, lp in zip([2.0, -1.0, 1.0, 2.0], logprobs[0, :4].tolist())]
+    assert per_token[0, :4].tolist() == pytest.approx(expected) and per_token[0, 4] == 0
+    token_mean(per_token).backward()
+    torch.testing.assert_close(
+        logprobs.grad, torch.tensor([[-2.0, 1.0, -1.0, -2.0, 0.0]]) / 4
+    )  # no ratio: the gradient is -A / N whatever logp is
+    assert diag["clipped"].sum() == 0
+
+
 def test_policy_loss_rejects_bad_inputs():
     logprobs = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="clip_eps"):
-        ppo_policy_loss(logprobs, logprobs, logprobs, torch.ones(2, 3), clip_eps=0.0)
+    with pytest.raises(ValueError, match="clip_low and clip_high"):
+        clipped_policy_loss(logprobs, logprobs, logprobs, torch.ones(2, 3), 0.0, 0.2)
+    with pytest.raises(ValueError, match="dual_clip"):
+        clipped_policy_loss(logprobs, logprobs, logprobs, torch.ones(2, 3), 0.2, 0.2, 0.9)
     with pytest.raises(ValueError, match="advantages has shape"):
-        ppo_policy_loss(logprobs, logprobs, torch.zeros(2, 4), torch.ones(2, 3), clip_eps=0.2)
+        clipped_policy_loss(logprobs, logprobs, torch.zeros(2, 4), torch.ones(2, 3), 0.2, 0.2)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+# Two sequences of 3 and 1 real tokens; per-token losses 1, 2, 3 | 10.
+AGG_LOSS = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0]])
+AGG_MASK = torch.tensor([[True, True, True], [True, False, False]])
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "expected", "units"),
+    [
+        (TokenMean(), (1 + 2 + 3 + 10) / 4, 4),
+        (SequenceMeanTokenMean(), ((1 + 2 + 3) / 3 + 10 / 1) / 2, 2),
+        (SequenceMeanTokenSum(normalizer=5), ((1 + 2 + 3) / 5 + 10 / 5) / 2, 2),
+    ],
+)
+def test_aggregations_hand_values(aggregation, expected, units):
+    weights = aggregation.token_weights(AGG_MASK)
+    assert float(aggregation.units(AGG_MASK)) == units
+    assert float(aggregate(AGG_LOSS, weights, aggregation.units(AGG_MASK))) == pytest.approx(
+        expected
+    )
+
+
+@pytest.mark.parametrize(
+    "aggregation", [TokenMean(), SequenceMeanTokenMean(), SequenceMeanTokenSum(normalizer=3)]
+)
+def test_aggregation_over_parts_with_the_global_denominator_is_the_whole(aggregation):
+    """Splitting the rows and dividing each part by the whole minibatch's units gives the loss
+    of the whole: the property gradient accumulation and DDP rely on."""
+    gen = torch.Generator().manual_seed(0)
+    losses = torch.randn(6, 5, generator=gen)
+    mask = torch.arange(5) < torch.tensor([5, 1, 3, 2, 4, 5])[:, None]
+    denominator = aggregation.units(mask)
+    whole = aggregate(losses, aggregation.token_weights(mask), denominator)
+    parts = sum(
+        aggregate(losses[rows], aggregation.token_weights(mask[rows]), denominator)
+        for rows in (torch.tensor([0, 3]), torch.tensor([1]), torch.tensor([2, 4, 5]))
+    )
+    torch.testing.assert_close(parts, whole)
 
 
 # ----------------------------------------------------------------------------- value loss
@@ -92,10 +170,10 @@ def new_values():
 
 def test_value_loss_hand_computed_clipping():
     values = new_values()
-    loss, stats = value_loss(values, OLD_VALUES, RETURNS, MASK, clip_eps=0.2)
-    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0 + 0.25 + 1.0) / 4)
-    assert stats["clipfrac"].item() == pytest.approx(0.25)
-    loss.backward()
+    per_token, clipped = value_loss(values, OLD_VALUES, RETURNS, MASK, clip_eps=0.2)
+    assert token_mean(per_token).item() == pytest.approx(0.5 * (1.69 + 1.0 + 0.25 + 1.0) / 4)
+    assert clipped[0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    token_mean(per_token).backward()
     # d/dV of 0.5 * (V - R)^2 / N is (V - R) / N where the unclipped term is active; 0 on token 0,
     # whose clipped value sits on the clip boundary.
     expected = torch.tensor([[0.0, -1.0 / 4, 0.5 / 4, 1.0 / 4, 0.0]])
@@ -104,10 +182,10 @@ def test_value_loss_hand_computed_clipping():
 
 def test_value_loss_without_clipping():
     values = new_values()
-    loss, stats = value_loss(values, OLD_VALUES, RETURNS, MASK, clip_eps=None)
-    assert loss.item() == pytest.approx(0.5 * (1.0 + 1.0 + 0.25 + 1.0) / 4)
-    assert stats["clipfrac"].item() == 0.0
-    loss.backward()
+    per_token, clipped = value_loss(values, OLD_VALUES, RETURNS, MASK, clip_eps=None)
+    assert token_mean(per_token).item() == pytest.approx(0.5 * (1.0 + 1.0 + 0.25 + 1.0) / 4)
+    assert clipped.sum() == 0
+    token_mean(per_token).backward()
     torch.testing.assert_close(values.grad, torch.tensor([[-1.0, -1.0, 0.5, 1.0, 0.0]]) / 4)
 
 
@@ -199,20 +277,30 @@ def test_explained_variance_is_nan_for_constant_returns():
 def test_losses_ignore_nan_and_inf_padding():
     """Replacing the padded column by finite numbers changes neither losses, stats nor grads."""
     finite_padding = torch.tensor([[0.0, 0.0, 0.0, 0.0, -1.0]])
+
+    def clipped(logprobs, old, advantages, mask):
+        return clipped_policy_loss(logprobs, old, advantages, mask, 0.2, 0.2, dual_clip=2.0)
+
+    def clipped_value(values, old, returns, mask):
+        return value_loss(values, old, returns, mask, 0.2)
+
     cases = [
-        (ppo_policy_loss, new_logprobs, [OLD_LOGPROBS, ADVANTAGES]),
-        (value_loss, new_values, [OLD_VALUES, RETURNS]),
+        (clipped, new_logprobs, [OLD_LOGPROBS, ADVANTAGES]),
+        (vanilla_policy_gradient_loss, new_logprobs, [OLD_LOGPROBS, ADVANTAGES]),
+        (clipped_value, new_values, [OLD_VALUES, RETURNS]),
     ]
     for loss_fn, make_input, others in cases:
         dirty = make_input()
         clean = torch.where(MASK, dirty.detach(), finite_padding).requires_grad_()
         clean_others = [torch.where(MASK, other, finite_padding) for other in others]
-        dirty_loss, dirty_stats = loss_fn(dirty, *others, MASK, 0.2)
-        clean_loss, clean_stats = loss_fn(clean, *clean_others, MASK, 0.2)
+        dirty_loss, dirty_stats = loss_fn(dirty, *others, MASK)
+        clean_loss, clean_stats = loss_fn(clean, *clean_others, MASK)
         torch.testing.assert_close(dirty_loss, clean_loss)
+        dirty_stats = dirty_stats if isinstance(dirty_stats, dict) else {"s": dirty_stats}
+        clean_stats = clean_stats if isinstance(clean_stats, dict) else {"s": clean_stats}
         for name in clean_stats:
             torch.testing.assert_close(dirty_stats[name], clean_stats[name])
-        dirty_loss.backward()
-        clean_loss.backward()
+        token_mean(dirty_loss).backward()
+        token_mean(clean_loss).backward()
         assert torch.isfinite(dirty.grad).all()
         torch.testing.assert_close(dirty.grad, clean.grad)

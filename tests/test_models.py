@@ -322,13 +322,21 @@ def test_generate_delegates_to_lm(tiny_model_dir: Path):
     assert torch.equal(PolicyWithValueHead(lm).generate(**batch, **kwargs), expected)
 
 
-def test_critic_from_reward_model_predicts_reward_at_last_token(tiny_model_dir: Path):
+@pytest.mark.parametrize("normalized", [True, False])
+def test_critic_from_reward_model_predicts_reward_at_last_token(tiny_model_dir: Path, normalized):
+    """The critic starts out predicting the score PPO's learned reward gives: normalised
+    (``gain * raw + bias``, as ``LearnedReward`` scores by default) or raw."""
     reward_model = ScalarRewardModel.from_backbone(tiny_model_dir)
-    policy = PolicyWithValueHead.from_reward_model(load_causal_lm(tiny_model_dir), reward_model)
+    reward_model.set_normalization(2.5, -0.7)  # as after fit_normalization
+    policy = PolicyWithValueHead.from_reward_model(
+        load_causal_lm(tiny_model_dir), reward_model, normalized=normalized
+    )
     batch = _batch(load_tokenizer(tiny_model_dir), ["good answer", "ok"], "right")
     _, values = policy(**batch)
     last = last_token_index(batch["attention_mask"])
-    torch.testing.assert_close(values[torch.arange(2), last], reward_model(**batch))
+    expected = reward_model(**batch, normalize=normalized)
+    torch.testing.assert_close(values[torch.arange(2), last], expected)
+    assert not torch.allclose(expected, reward_model(**batch, normalize=not normalized))
     assert policy.critic_backbone is not reward_model.backbone  # a copy, trained separately
 
 

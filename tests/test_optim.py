@@ -7,7 +7,7 @@ import torch
 
 from rlhf_lightning.optim import adamw
 from rlhf_lightning.rewards import CallableReward
-from tests.ppo_helpers import tiny_ppo_config, tiny_ppo_module
+from tests.ppo_helpers import tiny_config, tiny_ppo_module
 
 
 def _params(seed=0):
@@ -40,20 +40,20 @@ def test_fused_is_skipped_for_parameters_it_cannot_handle():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_ppo_module_optimizer_follows_the_config(fused):
-    module = tiny_ppo_module(tiny_ppo_config(fused_adam=fused))
+    module = tiny_ppo_module(tiny_config(algorithm__optimizer__fused=fused))
     optimizers, _ = module.configure_optimizers()
     assert bool(optimizers[0].defaults["fused"]) is fused
 
 
 def test_ppo_clips_the_global_gradient_norm():
-    module = tiny_ppo_module(tiny_ppo_config())
+    module = tiny_ppo_module(tiny_config())
     optimizer = module.configure_optimizers()[0][0]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for p in params:
         p.grad = torch.full_like(p, 3.0)
     naive = sum(p.numel() * 9.0 for p in params) ** 0.5  # every entry 3
-    assert module._clip_gradients(optimizer, max_norm=None) == pytest.approx(naive, rel=1e-5)
-    assert module._clip_gradients(optimizer, max_norm=0.5) == pytest.approx(naive, rel=1e-5)
+    assert module.clip_gradients_(optimizer, max_norm=None) == pytest.approx(naive, rel=1e-5)
+    assert module.clip_gradients_(optimizer, max_norm=0.5) == pytest.approx(naive, rel=1e-5)
     total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
     torch.testing.assert_close(total, torch.tensor(0.5))
 
@@ -64,7 +64,7 @@ def test_ppo_under_bf16_mixed_uses_the_fused_optimizer_and_clips():
     def distinct_characters(prompts, responses):  # varies across rollouts: non-zero gradients
         return [float(len(set(r))) for r in responses]
 
-    cfg = tiny_ppo_config(num_iterations=1, max_grad_norm=1e-3)
+    cfg = tiny_config(budget__num_iterations=1, algorithm__max_grad_norm=1e-3)
     module = tiny_ppo_module(cfg, reward=CallableReward(distinct_characters))
     trainer, history = fit(module, max_epochs=1, precision="bf16-mixed")
     assert trainer.optimizers[0].defaults["fused"]

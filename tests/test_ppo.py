@@ -12,7 +12,14 @@ import torch
 from rlhf_lightning.kl import AdaptiveKLController
 from rlhf_lightning.rollout.experience import make_experience
 from rlhf_lightning.rollout.generation import Rollout, sample_responses
-from tests.ppo_helpers import fit, prompt_batch, tiny_ppo_config, tiny_ppo_module
+from rlhf_lightning.stats import Stats
+from tests.ppo_helpers import fit, prompt_batch, tiny_config, tiny_ppo_module
+
+
+def _replace(module, group: str, **fields):
+    """Replace fields of one part (budget, generation, algorithm) of the module's config."""
+    part = dataclasses.replace(getattr(module.cfg, group), **fields)
+    module.cfg = dataclasses.replace(module.cfg, **{group: part})
 
 
 def _experience(module, n=16, seed=0, kl_coef=0.0):
@@ -38,7 +45,7 @@ def _grads(module) -> dict[str, torch.Tensor]:
 
 
 def test_response_start_keeps_only_the_positions_that_predict_the_response():
-    module = tiny_ppo_module(tiny_ppo_config())
+    module = tiny_ppo_module(tiny_config())
     exp = _experience(module, n=4)
     P = exp.query_ids.shape[1]
     torch.nn.init.normal_(module.policy.value_head.weight)  # non-zero values to compare
@@ -56,10 +63,12 @@ def test_response_start_keeps_only_the_positions_that_predict_the_response():
 
 
 def test_first_minibatch_has_ratio_one_and_no_clipping():
-    module = tiny_ppo_module(tiny_ppo_config(minibatch_size=8, micro_batch_size=4))
+    module = tiny_ppo_module(tiny_config(budget__micro_batch_size=4))
     exp = _experience(module)
     rows = torch.randperm(16)[:8]
-    stats = module.minibatch_backward(exp, rows, 4, torch.Tensor.backward, iteration=0)
+    out = Stats()
+    assert module.minibatch_backward(exp, rows, False, out, iteration=0)
+    stats = out.reduce()
     assert stats["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert stats["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert stats["policy/clipfrac"] == 0.0
@@ -68,16 +77,42 @@ def test_first_minibatch_has_ratio_one_and_no_clipping():
     assert stats["value/clipfrac"] == 0.0
 
 
-def test_gradient_accumulation_matches_one_batch():
-    module = tiny_ppo_module(tiny_ppo_config(stop_token="a"))
-    exp = _experience(module)
+@pytest.mark.parametrize(
+    "preset, aggregation",
+    [
+        ("ppo", "token_mean"),
+        ("ppo", "seq_mean_token_mean"),
+        ("ppo", "seq_mean_token_sum"),
+        ("grpo", "seq_mean_token_mean"),
+    ],
+)
+def test_gradient_accumulation_matches_one_batch(preset, aggregation):
+    """The accumulated gradient of micro-batches of 2 (rows regrouped by length) equals the
+    gradient of the same loss on the whole minibatch, for each aggregation."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(f"conf/algorithm/loss_aggregation/{aggregation}.yaml")
+    if "normalizer" in node:
+        node.normalizer = 8
+    overrides = {"generation__stop_token": "a", "algorithm__kl__coef": 0.1}
+    cfg = tiny_config(preset, **overrides, algorithm__samples_per_prompt=2)
+    cfg = dataclasses.replace(
+        cfg, algorithm=dataclasses.replace(cfg.algorithm, loss_aggregation=instantiate(node))
+    )
+    module = tiny_ppo_module(cfg)
+    with torch.no_grad():  # a reference that differs from the policy: the KL terms matter
+        for p in module.ref_lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    exp = _experience(module, kl_coef=0.1)
     # Make the response lengths differ, so token weighting matters.
     exp.response_mask[::3, 4:] = False
     rows = torch.arange(8)
-    module.minibatch_backward(exp, rows, 8, torch.Tensor.backward, iteration=0)
+    module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
     whole = _grads(module)
     module.policy.zero_grad(set_to_none=True)
-    module.minibatch_backward(exp, rows, 2, torch.Tensor.backward, iteration=0)
+    _replace(module, "budget", micro_batch_size=2)
+    module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
     accumulated = _grads(module)
     assert whole.keys() == accumulated.keys() and whole
     for name in whole:
@@ -85,7 +120,7 @@ def test_gradient_accumulation_matches_one_batch():
 
 
 def test_experience_batch_size_only_chunks_the_forwards():
-    module = tiny_ppo_module(tiny_ppo_config(stop_token="a", micro_batch_size=8))
+    module = tiny_ppo_module(tiny_config(generation__stop_token="a"))
     torch.nn.init.normal_(module.policy.value_head.weight)  # non-zero values to compare
     with torch.no_grad():  # a reference that differs from the policy: non-zero KL
         for p in module.ref_lm.parameters():
@@ -98,7 +133,7 @@ def test_experience_batch_size_only_chunks_the_forwards():
         with_kwargs=True,
     )
     for rows in (1, 3, 16):
-        module.cfg = dataclasses.replace(module.cfg, experience_batch_size=rows)
+        _replace(module, "budget", experience_batch_size=rows)
         chunk_sizes.clear()
         chunked = _experience(module, kl_coef=0.1)  # same seed: the same rollouts
         assert chunk_sizes == [min(rows, 16 - start) for start in range(0, 16, rows)]
@@ -112,38 +147,26 @@ def _sample(module, seed=0):
 
 
 def test_sampling_copy_follows_the_policy_and_stays_out_of_the_state():
-    module = tiny_ppo_module(tiny_ppo_config())
+    module = tiny_ppo_module(tiny_config())
     keys = set(module.state_dict())
     exact = _sample(module)
-    module.cfg = dataclasses.replace(
-        module.cfg,
-        generation=dataclasses.replace(module.cfg.generation, sampling_dtype="float32"),
-    )
+    _replace(module, "generation", sampling_dtype="float32")
     assert torch.equal(_sample(module), exact)  # a same-dtype copy samples exactly alike
     sampler = module.sampling_lm()
     assert sampler is not module.policy.lm and set(module.state_dict()) == keys
     with torch.no_grad():  # an "update": the copy must pick it up at the next rollout
         for p in module.policy.lm.parameters():
             p.add_(0.5 * torch.randn_like(p))
-    module.cfg = dataclasses.replace(
-        module.cfg, generation=dataclasses.replace(module.cfg.generation, sampling_dtype=None)
-    )
+    _replace(module, "generation", sampling_dtype=None)
     updated = _sample(module)
     assert not torch.equal(updated, exact)
-    module.cfg = dataclasses.replace(
-        module.cfg,
-        generation=dataclasses.replace(module.cfg.generation, sampling_dtype="float32"),
-    )
+    _replace(module, "generation", sampling_dtype="float32")
     assert torch.equal(_sample(module), updated)
     assert module.sampling_lm() is sampler  # refreshed in place, not copied again
 
 
 def test_bfloat16_sampling_copy_rounds_parameters_and_keeps_buffers():
-    cfg = tiny_ppo_config()
-    cfg = dataclasses.replace(
-        cfg, generation=dataclasses.replace(cfg.generation, sampling_dtype="bfloat16")
-    )
-    module = tiny_ppo_module(cfg)
+    module = tiny_ppo_module(tiny_config(generation__sampling_dtype="bfloat16"))
     sampler = module.sampling_lm()
     for (name, p), src in zip(sampler.named_parameters(), module.policy.lm.parameters()):
         assert p.dtype == torch.bfloat16 and not p.requires_grad, name
@@ -155,7 +178,7 @@ def test_bfloat16_sampling_copy_rounds_parameters_and_keeps_buffers():
 
 
 def test_kl_coefficient_zero_gives_only_the_score_at_the_last_real_token():
-    module = tiny_ppo_module(tiny_ppo_config())
+    module = tiny_ppo_module(tiny_config())
     tok = module.tokenizer
     batch = prompt_batch(tok, 3)
     response_ids = torch.tensor([[10, 11, 12, 0, 0], [13, 14, 15, 16, 17], [18, 0, 0, 0, 0]])
@@ -181,7 +204,9 @@ def test_kl_coefficient_zero_gives_only_the_score_at_the_last_real_token():
 
 
 def test_missing_eos_penalty_replaces_the_score_of_unfinished_responses():
-    module = tiny_ppo_module(tiny_ppo_config(missing_eos_penalty=-3.0))
+    module = tiny_ppo_module(
+        tiny_config(algorithm__missing_eos_penalty=-3.0, generation__stop_token="eos")
+    )
     batch = prompt_batch(module.tokenizer, 2)
     rollout = Rollout(
         batch["input_ids"],
@@ -199,9 +224,7 @@ def test_missing_eos_penalty_replaces_the_score_of_unfinished_responses():
 
 
 def test_global_step_counts_optimizer_steps_and_epochs_count_iterations():
-    cfg = tiny_ppo_config(
-        num_iterations=2, ppo_epochs=2, rollout_batch_size=16, minibatch_size=4, micro_batch_size=4
-    )
+    cfg = tiny_config(budget__minibatch_size=4, budget__micro_batch_size=4)
     trainer, history = fit(tiny_ppo_module(cfg), max_epochs=2)
     assert trainer.current_epoch == 2
     assert trainer.global_step == 2 * cfg.optimizer_steps_per_iteration == 16
@@ -214,8 +237,12 @@ def test_ppo_learns_a_toy_reward_and_a_large_kl_coefficient_holds_it_back():
     results = {}
     for beta in (0.0, 5.0):
         L.seed_everything(0)
-        cfg = tiny_ppo_config(
-            num_iterations=20, ppo_epochs=4, kl_coef=beta, policy_lr=1e-3, value_lr=1e-3
+        cfg = tiny_config(
+            budget__num_iterations=20,
+            algorithm__epochs=4,
+            algorithm__kl__coef=beta,
+            algorithm__optimizer__lr=1e-3,
+            algorithm__value_model__lr=1e-3,
         )
         _, history = fit(tiny_ppo_module(cfg), max_epochs=20)
         results[beta] = history
@@ -230,7 +257,7 @@ def test_ppo_learns_a_toy_reward_and_a_large_kl_coefficient_holds_it_back():
 
 
 def test_same_seed_gives_same_metrics_and_resume_matches_uninterrupted_run(tmp_path):
-    cfg = tiny_ppo_config(num_iterations=3)
+    cfg = tiny_config(budget__num_iterations=3)
     L.seed_everything(7)
     _, straight = fit(tiny_ppo_module(cfg), max_epochs=3)
 
@@ -248,12 +275,12 @@ def test_same_seed_gives_same_metrics_and_resume_matches_uninterrupted_run(tmp_p
     L.seed_everything(123)  # resume must not depend on the seed the new process starts with
     _, resumed = fit(tiny_ppo_module(cfg), max_epochs=3, tmp_path=tmp_path, ckpt_path=ckpt)
     assert len(resumed) == 1
-    for key in ("objective/score", "kl/sequence", "loss/policy", "loss/value", "perf/lr"):
+    for key in ("objective/score", "kl/sequence", "loss/policy", "loss/value", "lr/policy"):
         assert resumed[0][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
 
 
 def test_value_head_runs_in_fp32_under_bf16_autocast():
-    module = tiny_ppo_module(tiny_ppo_config())
+    module = tiny_ppo_module(tiny_config())
     head = module.policy.value_head
     torch.nn.init.normal_(head.weight, std=1.0)
     captured = {}
@@ -276,16 +303,20 @@ def _with_critic(module):
 
 
 @pytest.mark.parametrize("value_model", ["shared", "critic"])
-def test_values_alone_match_the_forward_and_reach_only_the_value_function(value_model):
-    module = tiny_ppo_module(tiny_ppo_config())
+def test_warmup_forward_gives_the_same_values_and_trains_only_the_value_function(value_model):
+    """``value_trains_trunk=False``: the values are unchanged, the value loss's gradient reaches
+    the value head (and a separate critic) but not the policy LM."""
+    module = tiny_ppo_module(tiny_config())
     if value_model == "critic":
         _with_critic(module)
     policy = module.policy
     torch.nn.init.normal_(policy.value_head.weight)  # non-zero values to compare
     exp = _experience(module, n=4)
-    P = exp.query_ids.shape[1]
+    P = exp.prompt_len
     _, expected = policy(exp.input_ids, exp.attention_mask, response_start=P)
-    values = policy.values(exp.input_ids, exp.attention_mask, response_start=P)
+    _, values = policy(
+        exp.input_ids, exp.attention_mask, response_start=P, value_trains_trunk=False
+    )
     torch.testing.assert_close(values, expected)
     policy.zero_grad(set_to_none=True)
     values.sum().backward()
@@ -293,7 +324,7 @@ def test_values_alone_match_the_forward_and_reach_only_the_value_function(value_
     assert policy.value_head.weight.grad is not None
     if value_model == "critic":
         assert all(p.grad is not None for p in policy.critic_backbone.parameters())
-    # The value head's gradient is that of the full loss (the policy loss does not reach it).
+    # The value head's gradient is that of the full value loss.
     head_grad = policy.value_head.weight.grad.clone()
     policy.zero_grad(set_to_none=True)
     policy(exp.input_ids, exp.attention_mask, response_start=P)[1].sum().backward()
@@ -318,7 +349,7 @@ class _PolicySnapshots(L.Callback):
 
 @pytest.mark.parametrize("value_model", ["shared", "critic"])
 def test_critic_warmup_trains_only_the_value_function_then_the_policy(value_model):
-    cfg = tiny_ppo_config(num_iterations=3, critic_warmup_iterations=2)
+    cfg = tiny_config(budget__num_iterations=3, algorithm__value_model__warmup_iterations=2)
     module = tiny_ppo_module(cfg, reward=_distinct_characters)
     module.kl_ctl = AdaptiveKLController(0.1, target=6.0, horizon=100.0)  # KL 0 would lower it
     if value_model == "critic":
@@ -347,8 +378,7 @@ def test_critic_warmup_trains_only_the_value_function_then_the_policy(value_mode
 
 @pytest.mark.parametrize("top_k", [0, 3])
 def test_ppo_logs_how_far_the_sampler_is_from_the_learner(top_k):
-    cfg = tiny_ppo_config(num_iterations=1)
-    cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, top_k=top_k))
+    cfg = tiny_config(budget__num_iterations=1, generation__top_k=top_k)
     _, history = fit(tiny_ppo_module(cfg), max_epochs=1)
     if top_k == 0:
         assert abs(history[0]["rollout/sampler_kl"]) < 1e-4

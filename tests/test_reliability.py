@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rlhf_lightning.modules.ppo import NonFiniteError
-from tests.ppo_helpers import fit, tiny_ppo_config, tiny_ppo_module
+from tests.ppo_helpers import fit, tiny_config, tiny_ppo_module
 
 TINY_PPO = [
     "task=ppo",
@@ -21,13 +21,13 @@ TINY_PPO = [
     "reward=token_fraction",
     "data/prompts=tiny",
     "trainer.enable_progress_bar=false",
-    "algorithm.rollout_batch_size=8",
-    "algorithm.minibatch_size=4",
-    "algorithm.micro_batch_size=2",
-    "algorithm.ppo_epochs=2",
-    "algorithm.eval_every=0",
-    "algorithm.generation.max_new_tokens=8",
-    "algorithm.checkpoint_every=1",
+    "budget.rollout_batch_size=8",
+    "budget.minibatch_size=4",
+    "budget.micro_batch_size=2",
+    "algorithm.epochs=2",
+    "task.eval_every=0",
+    "generation.max_new_tokens=8",
+    "task.checkpoint_every=1",
     "~logger",
 ]
 
@@ -63,7 +63,7 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
         "reward=vader",
         "reward._target_=tests.test_reliability.fraction_of_e_or_die",
         "+reward._partial_=true",
-        "algorithm.num_iterations=6",
+        "budget.num_iterations=6",
     ]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     cwd = Path(__file__).resolve().parents[1]
@@ -92,34 +92,34 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_nan_in_values_stops_with_the_quantity_and_iteration():
-    module = tiny_ppo_module(tiny_ppo_config())
+    module = tiny_ppo_module(tiny_config())
     with torch.no_grad():
         module.policy.value_head.bias.fill_(float("nan"))
-    with pytest.raises(NonFiniteError, match="non-finite old values at PPO iteration 0"):
+    with pytest.raises(NonFiniteError, match="non-finite old values at iteration 0"):
         fit(module, max_epochs=1)
 
 
 class _NaNOnFirstMinibatch:
-    """Wraps micro_batch_loss: the first minibatch's loss is NaN, the others are real."""
+    """Wraps the module's loss: the first minibatch's loss is NaN, the others are real."""
 
     def __init__(self, module) -> None:
-        self.module, self.inner, self.calls = module, module.micro_batch_loss, 0
+        self.module, self.inner, self.calls = module, module.loss, 0
 
-    def __call__(self, part, **kwargs):
-        loss, stats = self.inner(part, **kwargs)
+    def __call__(self, *args, **kwargs):
+        loss, terms = self.inner(*args, **kwargs)
         self.calls += 1
-        return (loss * float("nan"), stats) if self.calls == 1 else (loss, stats)
+        return (loss * float("nan"), terms) if self.calls == 1 else (loss, terms)
 
 
 def test_nonfinite_loss_raises_or_skips_the_minibatch_when_configured():
-    module = tiny_ppo_module(tiny_ppo_config(micro_batch_size=8))
-    module.micro_batch_loss = _NaNOnFirstMinibatch(module)
-    with pytest.raises(NonFiniteError, match="non-finite loss .* at PPO iteration 0"):
+    module = tiny_ppo_module(tiny_config())
+    module.loss = _NaNOnFirstMinibatch(module)
+    with pytest.raises(NonFiniteError, match="non-finite loss at iteration 0"):
         fit(module, max_epochs=1)
 
-    cfg = tiny_ppo_config(micro_batch_size=8, ppo_epochs=1, on_nonfinite="skip")
+    cfg = tiny_config(algorithm__epochs=1, algorithm__on_nonfinite="skip")
     module = tiny_ppo_module(cfg)
-    module.micro_batch_loss = _NaNOnFirstMinibatch(module)
+    module.loss = _NaNOnFirstMinibatch(module)
     trainer, history = fit(module, max_epochs=1)
     assert module.nonfinite_skips == 1
     assert history[0]["perf/nonfinite_skips"] == 1

@@ -50,12 +50,11 @@ def test_flatten_hparams_gives_flat_scalars_of_the_ppo_groups():
     flat = flatten_hparams(cfg, cfg.hydra)
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
     assert flat["task"] == "ppo" and flat["seed"] == 42
-    assert flat["algorithm.kl.coef"] == 0.1 and flat["algorithm.clip"] == 0.2
-    assert flat["algorithm.generation.temperature"] == 0.7
+    assert flat["algorithm.kl.coef"] == 0.1 and flat["algorithm.policy_loss.clip_low"] == 0.2
+    assert flat["generation.temperature"] == 0.7
     assert flat["algorithm.kl.controller._target_"] == "FixedKLController"
-    assert "algorithm.kl.controller.coef" not in flat  # an interpolation: repeats kl.coef
-    assert flat["algorithm.critic_path"] == "null"  # None, in a form TensorBoard accepts
-    assert "algorithm.eval_every" not in flat  # bookkeeping
+    assert flat["algorithm.policy_loss.dual_clip"] == "null"  # None, as TensorBoard accepts it
+    assert "task.eval_every" not in flat  # bookkeeping
     assert flat["reward._target_"] == "VaderReward"
     assert flat["policy"] == "tiny" and flat["policy.name_or_path"] == "builtin:tiny"
     assert flat["data/prompts"] == "sentiment" and flat["kl"] == "fixed"
@@ -177,9 +176,7 @@ def test_rlhf_compare_refuses_a_dir_without_runs(tmp_path, capsys):
 def test_tiny_smoke_experiment_composes_for_every_task(task):
     cfg = _compose("experiment=tiny_smoke", f"task={task}")
     assert cfg.policy.name_or_path == "builtin:tiny" and cfg.reward_backbone.name_or_path
-    assert (
-        cfg.algorithm.num_iterations == 2 and cfg.hydra.runtime.choices.experiment == "tiny_smoke"
-    )
+    assert cfg.budget.num_iterations == 2 and cfg.hydra.runtime.choices.experiment == "tiny_smoke"
 
 
 def test_sentiment_kl_sweep_is_a_learned_reward_ppo_sweep_judged_by_vader():
@@ -199,11 +196,12 @@ def test_sentiment_kl_adaptive_sweeps_the_target_with_a_horizon_that_lets_beta_m
     assert cfg.algorithm.kl.controller._target_.endswith("AdaptiveKLController")
     params = cfg.hydra.sweeper.params
     assert (
-        params["algorithm.kl.coef"] == "0.05" and len(params["algorithm.kl.target"].split(",")) > 1
+        params["algorithm.kl.coef"] == "0.05"
+        and len(params["algorithm.kl.controller.target"].split(",")) > 1
     )
     assert "sentiment_kl_adaptive" in cfg.hydra.sweep.dir
     # K_beta = rollouts per iteration / horizon: beta may change by up to 0.2 * K_beta per step.
-    k_beta = cfg.algorithm.rollout_batch_size / cfg.algorithm.kl.horizon
+    k_beta = cfg.budget.rollout_batch_size / cfg.algorithm.kl.controller.horizon
     assert 0.2 * k_beta >= 0.05
 
 
@@ -212,7 +210,11 @@ def test_optuna_search_composes():
     sweeper = _compose("hparams_search=ppo_optuna", "task=ppo").hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert sweeper.storage is None
-    assert set(sweeper.params) == {"algorithm.kl.coef", "algorithm.policy_lr", "algorithm.clip"}
+    assert set(sweeper.params) == {
+        "algorithm.kl.coef",
+        "algorithm.optimizer.lr",
+        "algorithm.policy_loss.clip_low",
+    }
 
 
 @pytest.mark.parametrize(
@@ -285,8 +287,8 @@ def test_optuna_search_maximises_the_task_metric(tmp_path, capsys):
     results = OmegaConf.load(tmp_path / "optimization_results.yaml")
     assert set(results.best_params) == {
         "algorithm.kl.coef",
-        "algorithm.policy_lr",
-        "algorithm.clip",
+        "algorithm.optimizer.lr",
+        "algorithm.policy_loss.clip_low",
     }
     rows = _csv_rows(capsys, str(tmp_path), "--metrics", "val/reward")
     assert [r["run"] for r in rows] == ["0", "1"]  # trial numbers; the values name the TB runs

@@ -24,14 +24,14 @@ TINY = [
     "data/preferences=tiny",
     "trainer.enable_progress_bar=false",
     "rm.max_epochs=2",
-    "algorithm.num_iterations=2",
-    "algorithm.rollout_batch_size=8",
-    "algorithm.minibatch_size=4",
-    "algorithm.micro_batch_size=2",
-    "algorithm.ppo_epochs=2",
-    "algorithm.eval_every=1",
-    "algorithm.eval_batches=1",
-    "algorithm.generation.max_new_tokens=8",
+    "budget.num_iterations=2",
+    "budget.rollout_batch_size=8",
+    "budget.minibatch_size=4",
+    "budget.micro_batch_size=2",
+    "algorithm.epochs=2",
+    "task.eval_every=1",
+    "task.eval_batches=1",
+    "generation.max_new_tokens=8",
 ]
 
 
@@ -89,8 +89,8 @@ def test_tiny_pipeline_runs_end_to_end_and_exports(tmp_path):
 
 
 def test_bad_config_fails_before_any_model_loads(tmp_path):
-    cfg = _cfg(tmp_path, "task=ppo", "reward=token_fraction", "algorithm.minibatch_size=3")
-    with pytest.raises(ConfigError, match="algorithm.minibatch_size"):
+    cfg = _cfg(tmp_path, "task=ppo", "reward=token_fraction", "budget.minibatch_size=3")
+    with pytest.raises(ConfigError, match="budget.minibatch_size"):
         run(cfg)
     cfg = _cfg(tmp_path, "task=ppo", "reward=learned")
     with pytest.raises(ConfigError, match="reward.path"):
@@ -151,9 +151,9 @@ def test_critic_with_another_tokenizer_fails_before_models_load(tmp_path):
     critic_dir = tmp_path / "critic"
     ScalarRewardModel.from_backbone("builtin:tiny").save_pretrained(critic_dir, tokenizer)
     cfg = _cfg(
-        tmp_path, "task=ppo", "reward=token_fraction", "algorithm.value_model=critic",
-        f"algorithm.critic_path={critic_dir}",
+        tmp_path, "task=ppo", "reward=token_fraction", "algorithm/value_model=critic",
+        f"algorithm.value_model.path={critic_dir}",
     )  # fmt: skip
-    with pytest.raises(ConfigError, match="critic_path: .* different tokenizer"):
+    with pytest.raises(ConfigError, match="value_model.path: .* different tokenizer"):
         run(cfg)
     assert not (tmp_path / "checkpoints").exists()

@@ -2,7 +2,7 @@
 
 Runs the real ``PPOModule`` under a Lightning ``Trainer`` (what ``rlhf-train task=ppo`` runs,
 without checkpointing, logging or evaluation) and reads the phase times that ``training_step``
-logs (``time/rollout``, ``time/experience`` -- reward scoring included --, ``time/update``) from
+logs (``time/sampling``, ``time/scoring`` + ``time/experience``, ``time/update``) from
 ``trainer.callback_metrics`` after each iteration; s/iter is the wall time from one iteration's
 end to the next (Lightning's loop and data loading included). ``--warmup`` iterations run first
 and are not timed. See ``bench_common`` for the memory, matmul-peak and FLOP definitions; here
@@ -43,6 +43,7 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", default="builtin:smollm2", help="name_or_path of the policy")
+    p.add_argument("--algorithm", default="ppo", help="an algorithm preset (conf/algorithm/)")
     p.add_argument(
         "--reward",
         default="vader",
@@ -65,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="rollouts per no-grad experience forward (default: --micro)",
     )
-    p.add_argument("--epochs", type=int, default=4, help="PPO epochs per iteration")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per iteration")
     p.add_argument("--new-tokens", type=int, default=48, help="max_new_tokens of the rollouts")
     p.add_argument(
         "--stop-token", default="eos", help="eos | none (always generate --new-tokens tokens)"
@@ -137,12 +138,13 @@ def main(argv=None) -> dict:
     )
 
     import lightning as L
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from rlhf_lightning.config import GenerationConfig, KLConfig, PPOConfig
+    from rlhf_lightning.cli.train import CONF_DIR
+    from rlhf_lightning.config import rl_config_from
     from rlhf_lightning.data import PromptDataModule
     from rlhf_lightning.evaluation import reward_from_spec
-    from rlhf_lightning.kl import FixedKLController
     from rlhf_lightning.models import load_tokenizer
     from rlhf_lightning.modules.ppo import PPOModule
     from rlhf_lightning.tasks.ppo import build_policy, export_policy
@@ -153,7 +155,7 @@ def main(argv=None) -> dict:
 
         shapes: list[dict] = []
 
-        def ppo_update(self, exp, iteration):
+        def update(self, exp, iteration):
             B, P = exp.query_ids.shape
             self.shapes.append(
                 {
@@ -163,41 +165,47 @@ def main(argv=None) -> dict:
                     "generated_tokens": int(exp.response_mask.sum()),
                 }
             )
-            return super().ppo_update(exp, iteration)
+            return super().update(exp, iteration)
 
     total_iterations = args.warmup + args.iterations
-    ppo_cfg = PPOConfig(
-        num_iterations=total_iterations,
-        rollout_batch_size=args.batch,
-        minibatch_size=args.minibatch,
-        micro_batch_size=args.micro,
-        experience_batch_size=args.experience_batch,
-        ppo_epochs=args.epochs,
-        policy_lr=args.policy_lr,
-        value_lr=args.value_lr,
-        lr_decay="constant",
-        value_model="critic" if args.critic else "shared",
-        critic_path=args.critic,
-        eval_every=0,
-        sample_table_every=0,
-        fused_adam=not args.no_fused_adam,
-        max_grad_norm=args.max_grad_norm,
-        adam_eps=args.adam_eps,
-        generation=GenerationConfig(
-            temperature=args.temperature,
-            max_new_tokens=args.new_tokens,
-            stop_token=None if args.stop_token.lower() == "none" else args.stop_token,
-            sampling_dtype=args.sampling_dtype,
-        ),
-        kl=KLConfig(),
-    )
+    groups = ["task=ppo", f"algorithm={args.algorithm}"]
+    if args.critic:
+        groups.append("algorithm/value_model=critic")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=groups)
+    values = {
+        "budget.num_iterations": total_iterations,
+        "budget.rollout_batch_size": args.batch,
+        "budget.minibatch_size": args.minibatch,
+        "budget.micro_batch_size": args.micro,
+        "budget.experience_batch_size": args.experience_batch,
+        "algorithm.epochs": args.epochs,
+        "algorithm.optimizer.lr": args.policy_lr,
+        "algorithm.optimizer.eps": args.adam_eps,
+        "algorithm.optimizer.fused": not args.no_fused_adam,
+        "algorithm.lr_decay": "constant",
+        "algorithm.max_grad_norm": args.max_grad_norm,
+        "generation.temperature": args.temperature,
+        "generation.max_new_tokens": args.new_tokens,
+        "generation.stop_token": None if args.stop_token.lower() == "none" else args.stop_token,
+        "generation.sampling_dtype": args.sampling_dtype,
+        "task.eval_every": 0,
+        "task.sample_table_every": 0,
+    }
+    if OmegaConf.select(cfg, "algorithm.value_model.lr") is not None:
+        values["algorithm.value_model.lr"] = args.value_lr
+    if args.critic:
+        values["algorithm.value_model.path"] = args.critic
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value)
+    ppo_cfg = rl_config_from(cfg)
     L.seed_everything(args.seed, verbose=False)
     tokenizer = load_tokenizer(args.policy, padding_side="left")
     datamodule = PromptDataModule(
         path=args.prompts,
         tokenizer=tokenizer,
         max_prompt_length=args.max_prompt_length,
-        batch_size=args.batch,
+        batch_size=ppo_cfg.prompts_per_iteration,
         eval_batch_size=args.batch,
         seed=args.seed,
         eval_fraction=0.01,
@@ -220,7 +228,7 @@ def main(argv=None) -> dict:
         tokenizer,
         reward,
         ppo_cfg,
-        FixedKLController(ppo_cfg.kl.coef),
+        ppo_cfg.algorithm.kl.build_controller(),
         seed=args.seed,
         policy_source=args.policy,
     )
@@ -312,8 +320,8 @@ def main(argv=None) -> dict:
             {
                 "iteration_s": row["wall_s"],
                 "step_s": row["time/iteration"],
-                "rollout_s": row["time/rollout"],
-                "experience_s": row["time/experience"],
+                "rollout_s": row["time/sampling"],
+                "experience_s": row["time/scoring"] + row["time/experience"],
                 "update_s": row["time/update"],
                 "generated_tokens": shape["generated_tokens"],
                 "trained_tokens": shape["generated_tokens"] * epochs_done,

@@ -35,12 +35,15 @@ def kl_label(cfg) -> tuple[tuple, str]:
     kl = cfg.algorithm.kl
     adaptive = "Adaptive" in str(OmegaConf.select(kl, "controller._target_"))
     if adaptive:
-        return (
-            1,
-            float(kl.target),
-            float(kl.coef),
-        ), f"adaptive β0={kl.coef:g} target={kl.target:g}"
+        target = float(OmegaConf.select(kl, "controller.target", default=kl.get("target")))
+        return (1, target, float(kl.coef)), f"adaptive β0={kl.coef:g} target={target:g}"
     return (0, float(kl.coef), 0.0), f"fixed β={kl.coef:g}"
+
+
+def iterations(cfg) -> int:
+    """The run's iteration count (``budget.num_iterations``; ``algorithm.num_iterations`` in the
+    configs of the shipped runs, made before the budget group existed)."""
+    return OmegaConf.select(cfg, "budget.num_iterations") or cfg.algorithm.num_iterations
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,14 +56,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.paths}: no runs (no .hydra/config.yaml under them)")
     configs = {d: OmegaConf.load(d / ".hydra" / "config.yaml") for d in run_dirs}
     several_seeds = len({cfg.seed for cfg in configs.values()}) > 1
-    several_lengths = len({cfg.algorithm.num_iterations for cfg in configs.values()}) > 1
+    several_lengths = len({iterations(cfg) for cfg in configs.values()}) > 1
     runs = []
     for run_dir, cfg in configs.items():
         key, label = kl_label(cfg)
         if several_seeds:
             label += f" seed={cfg.seed}"
         if several_lengths:
-            label += f" ({cfg.algorithm.num_iterations} it.)"
+            label += f" ({iterations(cfg)} it.)"
         runs.append((key, label, run_dir))
 
     fig, (ax_proxy, ax_gold) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)

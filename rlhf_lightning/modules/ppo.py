@@ -1,54 +1,58 @@
-"""PPOModule: RLHF with PPO as a LightningModule with manual optimization.
+"""PPOModule: PPO and its family (REINFORCE, A2C, RLOO, GRPO, ...) as a LightningModule with
+manual optimization.
 
-One Lightning **epoch** is one PPO iteration: the train dataloader yields exactly one batch of
-prompts per epoch (``RolloutSampler``), and ``training_step`` on it does
+One Lightning **epoch** is one iteration: the train dataloader yields exactly one batch of
+prompts per epoch (``RolloutSampler``), and :meth:`training_step` on it reads top to bottom:
 
-1. **rollout** -- sample a response per prompt from the current policy (KV cache, ``top_k=0``,
-   ``top_p=1``, temperature T), truncate after the first stop token;
-2. **experience** -- old logprobs and values (one policy forward), reference logprobs (one
-   forward of the frozen reference), scores from the reward source, per-token KL-penalised
-   rewards, GAE, advantage whitening over the whole batch on all ranks (:mod:`..rollout`);
-3. **update** -- ``ppo_epochs`` x shuffled minibatches x micro-batches: clipped policy loss +
-   ``vf_coef`` x clipped value loss - ``ent_coef`` x entropy (+ beta x KL when the KL is a loss
-   term); one optimizer and LR-scheduler step per minibatch; the epoch loop stops early when the
-   approx KL exceeds ``target_kl``;
-4. **log** -- everything, namespaced (``objective/``, ``kl/``, ``policy/``, ``value/``, ``loss/``,
-   ``optim/`` (gradient norm before clipping, share of clipped steps), ``rollout/`` (incl.
-   ``sampler_kl``: how far the distribution sampled from is from the one the losses use),
-   ``time/``, ``perf/``).
+1. **sample** -- ``samples_per_prompt`` responses per prompt from the current policy (KV cache,
+   temperature T, no top-k/top-p by default), truncated after the first stop token;
+2. **score** -- the reward source's score per response;
+3. **experience** -- old logprobs and values (one policy forward), reference logprobs (one
+   forward of the frozen reference), per-token rewards, advantages from the algorithm's
+   estimator, whitened over the batch of all ranks if configured (:mod:`..rollout.experience`);
+4. **update** -- ``epochs`` x shuffled minibatches x micro-batches of ``loss, stats =
+   self.loss(...)`` -> one optimizer and LR-scheduler step per minibatch; the epoch loop stops
+   early when the approx KL exceeds ``target_kl``;
+5. **KL controller update** and **log** -- everything, namespaced (``objective/``, ``kl/``,
+   ``policy/``, ``value/``, ``loss/``, ``optim/``, ``lr/``, ``rollout/``, ``time/``, ``perf/``),
+   reduced exactly over all ranks (:class:`~rlhf_lightning.stats.Stats`).
 
-The first ``critic_warmup_iterations`` iterations update the value function alone (step 3 with
-the value loss only; the policy gets no gradient, and an adaptive KL controller is left alone).
+The choices are components of ``cfg.algorithm`` (see ``conf/algorithm/``): the advantage
+estimator, the policy loss, the loss aggregation (whose denominators count the whole minibatch
+on all ranks, so micro-batches and ranks give the same update as one big batch), the value
+model, the optimizer, and where the KL goes (``algorithm.kl.placement``).
 
-Counters: ``trainer.current_epoch`` counts PPO iterations; ``trainer.global_step`` counts
-optimizer steps (``ppo_epochs * rollout_batch_size / minibatch_size`` per iteration, fewer when
-``target_kl`` stops an epoch loop early). The TensorBoard x-axis of ``train`` metrics is the
-iteration.
+The first ``value_model.warmup_iterations`` iterations train the value function alone: the
+same loss with the policy terms weighted 0 and the value head on a detached trunk (every
+parameter still gets a (zero) gradient, as DDP requires); the policy's gradients are dropped
+before the step, so AdamW leaves the policy and its state untouched, and an adaptive KL
+controller is left alone.
+
+Counters: ``trainer.current_epoch`` counts iterations; ``trainer.global_step`` counts optimizer
+steps (``epochs * rollout_batch_size / minibatch_size`` per iteration, fewer when ``target_kl``
+stops an epoch loop early). The TensorBoard x-axis of ``train`` metrics is the iteration.
 
 Departures from the N+ reproduction (Huang et al. 2024), all configurable: the defaults sample at
-temperature 0.7 (not 1.0) and use small CPU-sized batches. The loss of a minibatch is the token
-mean over all its responses; micro-batches are weighted by their share of those tokens, so
-gradient accumulation gives the same update as one big batch.
+temperature 0.7 (not 1.0) and use small CPU-sized batches.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from contextlib import contextmanager
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.profiler import record_function
 
-from rlhf_lightning.config import PPOConfig
+from rlhf_lightning.config import RLConfig
 from rlhf_lightning.errors import UserError
 from rlhf_lightning.evaluation import sequence_kl as eval_sequence_kl
 from rlhf_lightning.hardware import resolve_sampling_dtype
 from rlhf_lightning.kl import kl_penalty
-from rlhf_lightning.losses import explained_variance, ppo_policy_loss, value_loss
-from rlhf_lightning.ops import entropy_from_logits, logprobs_from_logits, masked_mean
-from rlhf_lightning.optim import adamw, trainer_precision
+from rlhf_lightning.losses import aggregate, explained_variance, value_loss
+from rlhf_lightning.ops import entropy_from_logits, logprobs_from_logits, zero_masked
+from rlhf_lightning.optim import trainer_precision
 from rlhf_lightning.rollout.experience import Experience, make_experience, sequence_kl
 from rlhf_lightning.rollout.generation import (
     Rollout,
@@ -57,6 +61,7 @@ from rlhf_lightning.rollout.generation import (
     sampling_copy,
 )
 from rlhf_lightning.schedules import warmup_decay_lambda
+from rlhf_lightning.stats import Stats, all_ranks_sum, any_rank, world_size
 
 EVAL_SEED = 1234
 
@@ -65,25 +70,17 @@ class NonFiniteError(UserError, FloatingPointError):
     """A NaN or inf in a quantity PPO depends on."""
 
 
-def _all_ranks_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a 0-dim tensor over all ranks (identity with one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone().float()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
-
-
 class PPOModule(L.LightningModule):
-    """PPO on a causal LM with a value head (or a separate critic) against a reward source.
+    """Policy optimisation of a causal LM against a reward source.
 
     Args:
-        policy: ``PolicyWithValueHead``; its ``lm`` samples and is trained.
+        policy: ``PolicyWithValueHead`` (its value head may be absent); its ``lm`` samples and
+            is trained.
         ref_lm: the frozen reference LM (same tokenizer, the policy's dtype). It is kept out of
             the module's ``state_dict`` and optimizer: it is rebuilt from config on resume.
         tokenizer: the policy tokenizer (left padding).
         reward: a reward source, ``reward(prompts, responses) -> (B,)``.
-        cfg: validated PPO coefficients.
+        cfg: the validated run config (algorithm, budget, generation, cadence).
         kl_controller: FixedKLController / AdaptiveKLController.
         gold_reward: optional reward source used only for evaluation (never trained on).
         seed: base of the per-iteration seeds (:meth:`iteration_seed`).
@@ -100,7 +97,7 @@ class PPOModule(L.LightningModule):
         ref_lm,
         tokenizer,
         reward,
-        cfg: PPOConfig,
+        cfg: RLConfig,
         kl_controller,
         gold_reward=None,
         seed: int = 0,
@@ -126,6 +123,8 @@ class PPOModule(L.LightningModule):
         self.policy_lora = policy_lora
         self.stop_token_ids = resolve_stop_token_ids(tokenizer, cfg.generation.stop_token)
         self.nonfinite_skips = 0
+        self.phase: str | None = None  # what the module is doing now (the progress line shows it)
+        self.phase_seconds: dict[str, float] = {}
         # (prompt, response, reward[, gold]) of the first eval batch of the latest eval.
         self.val_samples: list[tuple] = []
 
@@ -157,30 +156,53 @@ class PPOModule(L.LightningModule):
         self.place_frozen_models()
 
     def configure_optimizers(self):
+        alg = self.cfg.algorithm
         policy_params, value_params = [], []
         for name, param in self.policy.named_parameters():
             if param.requires_grad:
                 (policy_params if name.startswith("lm.") else value_params).append(param)
-        groups = [{"params": policy_params, "lr": self.cfg.policy_lr}]
+        groups = [{"params": policy_params, "name": "policy"}]
         if value_params:
-            groups.append({"params": value_params, "lr": self.cfg.value_lr})
+            groups.append({"params": value_params, "lr": alg.value_model.lr, "name": "value"})
         # Lightning's fp16 GradScaler path cannot clip gradients of a fused optimizer.
-        optimizer = adamw(
-            groups,
-            fused=self.cfg.fused_adam and trainer_precision(self) != "16-mixed",
-            eps=self.cfg.adam_eps,
-            weight_decay=self.cfg.weight_decay,
-        )
-        total = self.cfg.num_iterations * self.cfg.optimizer_steps_per_iteration
+        no_fused = {"fused": False} if trainer_precision(self) == "16-mixed" else {}
+        optimizer = alg.optimizer(groups, **no_fused)
+        total = self.cfg.budget.num_iterations * self.cfg.optimizer_steps_per_iteration
         schedule = warmup_decay_lambda(
-            total_steps=total,
-            warmup_steps=int(self.cfg.warmup_ratio * total),
-            decay=self.cfg.lr_decay,
+            total_steps=total, warmup_steps=int(alg.warmup_ratio * total), decay=alg.lr_decay
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
     # ------------------------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx):
+        iteration = self.current_epoch
+        torch.manual_seed(self.iteration_seed(iteration))
+        self.phase_seconds = {}
+        with self.running("sampling"):
+            rollout = self.sample(batch, self.cfg.algorithm.samples_per_prompt)
+        with self.running("scoring"):
+            scores = self.score(rollout, batch, iteration)
+        kl_coef = float(self.kl_ctl.value)
+        with self.running("experience"):
+            exp = self.make_experience(rollout, scores, kl_coef, iteration)
+        with self.running("update"):
+            stats = self.update(exp, iteration)
+        stats.merge(self.rollout_stats(exp, rollout, scores, kl_coef))
+        metrics = stats.reduce()
+        if iteration >= self.cfg.algorithm.value_warmup_iterations:  # the policy moved
+            self.kl_ctl.update(metrics["kl/sequence"], len(exp) * world_size())
+        self.log_iteration(metrics, exp, iteration)
+
+    @contextmanager
+    def running(self, phase: str):
+        """Mark ``phase`` as running (``self.phase``, a profiler label) and time it."""
+        self.phase = phase
+        start = time.perf_counter()
+        with record_function(f"ppo/{phase}"):  # labels for torch.profiler; free without one
+            yield
+        self.phase_seconds[phase] = time.perf_counter() - start
+
     def sampling_lm(self):
         """The LM that samples rollouts: the policy's, or its ``generation.sampling_dtype`` copy
         (refreshed from the policy here, so it always holds the current weights)."""
@@ -191,239 +213,257 @@ class PPOModule(L.LightningModule):
         self._frozen["sampler"] = sampling_copy(self.policy.lm, getattr(torch, dtype), previous)
         return self._frozen["sampler"]
 
-    def sample(self, batch: dict) -> Rollout:
-        """One response per prompt of a ``PromptDataModule`` batch, from the current policy."""
-        return sample_responses(
+    def sample(self, batch: dict, samples_per_prompt: int = 1) -> Rollout:
+        """``samples_per_prompt`` responses per prompt of a ``PromptDataModule`` batch, from the
+        current policy; the samples of a prompt are adjacent rows (group by group)."""
+        k = samples_per_prompt
+        was_training = self.policy.training
+        self.policy.eval()
+        rollout = sample_responses(
             self.sampling_lm(),
             self.tokenizer,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["prompts"],
+            batch["input_ids"].repeat_interleave(k, dim=0),
+            batch["attention_mask"].repeat_interleave(k, dim=0),
+            [prompt for prompt in batch["prompts"] for _ in range(k)],
             self.cfg.generation,
             self.stop_token_ids,
         )
+        self.policy.train(was_training)
+        return rollout
 
-    def training_step(self, batch, batch_idx):
-        cfg = self.cfg
-        iteration = self.current_epoch
-        torch.manual_seed(self.iteration_seed(iteration))
-        t0 = time.perf_counter()
-        self.policy.eval()
-        with record_function("ppo/rollout"):  # labels for torch.profiler; free without one
-            rollout = self.sample(batch)
-        t1 = time.perf_counter()
-        with record_function("ppo/reward"):
-            raw_scores = torch.as_tensor(self.reward(rollout.prompts, rollout.responses)).float()
-        raw_scores = raw_scores.to(self.device)
-        self._check_finite("reward scores", raw_scores, iteration)
-        kl_coef = float(self.kl_ctl.value)
-        with record_function("ppo/experience_forwards"):
-            exp = make_experience(self.policy, self.ref_lm, rollout, raw_scores, cfg, kl_coef)
+    def score(self, rollout: Rollout, batch: dict, iteration: int) -> torch.Tensor:
+        """(B,) float32 scores of the reward source on this rank's rollouts, checked on all ranks
+        together: an error or a non-finite score on one rank stops every rank."""
+        k = len(rollout.prompts) // len(batch["prompts"])
+        columns = {
+            name: [value for value in values for _ in range(k)]
+            for name, values in (batch.get("columns") or {}).items()
+        }
+        error = None
+        try:
+            scores = self.reward(rollout.prompts, rollout.responses, **columns)
+            scores = torch.as_tensor(scores).float().to(self.device)
+            bad = int((~torch.isfinite(scores)).sum())
+            if bad:
+                error = f"{bad} non-finite reward scores"
+        except UserError as raised:
+            error, scores = str(raised), None
+        if any_rank(error is not None):
+            raise NonFiniteError(
+                f"reward failed at iteration {iteration}: "
+                f"{error or 'on another rank (see its log)'}; the last good checkpoint is kept"
+            )
+        return scores
+
+    def make_experience(self, rollout, scores, kl_coef: float, iteration: int) -> Experience:
+        exp = make_experience(self.policy, self.ref_lm, rollout, scores, self.cfg, kl_coef)
         mask = exp.response_mask
         for name in ("old_logprobs", "ref_logprobs", "old_values"):
-            self._check_finite(name.replace("_", " "), getattr(exp, name)[mask], iteration)
-        t2 = time.perf_counter()
+            self.check_finite(name.replace("_", " "), getattr(exp, name)[mask], iteration)
+        return exp
+
+    def update(self, exp: Experience, iteration: int) -> Stats:
+        """``epochs`` x shuffled minibatches x micro-batches; one optimizer step per minibatch
+        (of the value function alone in warm-up)."""
+        alg, budget = self.cfg.algorithm, self.cfg.budget
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        warmup = iteration < alg.value_warmup_iterations
         self.policy.train()
-        with record_function("ppo/update"):
-            update = self.ppo_update(exp, iteration)
-        self.policy.eval()
-        t3 = time.perf_counter()
-
-        seq_kl = sequence_kl(exp)
-        world = self.trainer.world_size if self.trainer is not None else 1
-        kl_now = float(_all_ranks_mean(seq_kl.mean()))  # every rank joins the reduction
-        if iteration >= cfg.critic_warmup_iterations:  # in warm-up the policy does not move
-            self.kl_ctl.update(kl_now, len(exp.prompts) * world)
-        metrics = self._rollout_metrics(exp, raw_scores, seq_kl, kl_coef)
-        if rollout.sampler_logprobs is not None:
-            # How far the distribution sampled from is from the one the losses use (k1 over
-            # the sampled tokens): ~0 unless top-k/top-p, min_new_tokens or a lower-precision
-            # sampling copy reshape it.
-            gap = (rollout.sampler_logprobs.to(mask.device) - exp.old_logprobs)[mask]
-            metrics["rollout/sampler_kl"] = gap.mean()
-            metrics["rollout/sampler_logprob_max_abs_diff"] = gap.abs().max()
-        metrics.update(update)
-        n_generated = float(mask.sum())
-        n_trained = n_generated * update["policy/epochs"]
-        metrics.update(
-            {
-                "time/rollout": t1 - t0,
-                "time/experience": t2 - t1,
-                "time/update": t3 - t2,
-                "time/iteration": t3 - t0,
-                "perf/generated_tokens_per_s": n_generated / max(t1 - t0, 1e-9),
-                "perf/trained_tokens_per_s": n_trained / max(t3 - t2, 1e-9),
-                "perf/lr": self.optimizers().param_groups[0]["lr"],
-                "perf/nonfinite_skips": float(self.nonfinite_skips),
-            }
-        )
-        self.log_dict(
-            {k: float(v) for k, v in metrics.items()},
-            on_step=True,
-            on_epoch=False,
-            sync_dist=world > 1,
-            batch_size=len(exp.prompts),
-        )
-        self.log("objective/score_pb", metrics["objective/score"], prog_bar=True, logger=False)
-        self.log("kl_pb", metrics["kl/sequence"], prog_bar=True, logger=False)
-        if cfg.sample_table_every and (iteration + 1) % cfg.sample_table_every == 0:
-            self._log_samples("train/samples", exp.prompts, exp.responses, exp.scores.tolist())
-
-    def ppo_update(self, exp: Experience, iteration: int) -> dict[str, float]:
-        """``ppo_epochs`` x shuffled minibatches x micro-batches of clipped PPO updates (of the
-        value function alone in the first ``critic_warmup_iterations``)."""
-        cfg = self.cfg
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        sums: dict[str, float] = defaultdict(float)
-        ratio_max, minibatches, epochs_done = 0.0, 0, 0
-        for _ in range(cfg.ppo_epochs):
-            epoch_kl = []
-            for rows in torch.randperm(len(exp.prompts)).split(cfg.minibatch_size):
+        stats = Stats()
+        epochs_done = 0
+        while epochs_done < alg.epochs:
+            epoch_stats = Stats()
+            for rows in torch.randperm(len(exp)).split(budget.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
-                stats = self.minibatch_backward(
-                    exp, rows, cfg.micro_batch_size, self.manual_backward, iteration
-                )
-                if stats is None:  # non-finite loss, skipped (on_nonfinite=skip)
-                    optimizer.zero_grad(set_to_none=True)
-                    self.nonfinite_skips += 1
-                    continue
-                with record_function("ppo/clip_gradients"):
-                    grad_norm = self._clip_gradients(optimizer, cfg.max_grad_norm)
-                if grad_norm is not None:
-                    stats["optim/grad_norm"] = grad_norm
-                    clipped = cfg.max_grad_norm is not None and grad_norm > cfg.max_grad_norm
-                    stats["optim/clipped_frac"] = float(clipped)
-                optimizer.step()
-                scheduler.step()
-                minibatches += 1
-                ratio_max = max(ratio_max, stats.pop("policy/ratio_max", 0.0))
-                if "policy/approx_kl" in stats:  # absent in critic warm-up
-                    epoch_kl.append(stats["policy/approx_kl"])
-                for key, value in stats.items():
-                    sums[key] += value
+                if self.minibatch_backward(exp, rows, warmup, epoch_stats, iteration):
+                    self.optimizer_step(optimizer, epoch_stats, warmup)
+                    scheduler.step()
+            stats.merge(epoch_stats)
             epochs_done += 1
-            if cfg.target_kl is not None and epoch_kl:
-                mean_kl = float(_all_ranks_mean(torch.tensor(sum(epoch_kl) / len(epoch_kl))))
-                if mean_kl > cfg.target_kl:
-                    break
-        out = {key: value / max(minibatches, 1) for key, value in sums.items()}
-        if iteration >= cfg.critic_warmup_iterations:
-            out["policy/ratio_max"] = ratio_max
-        out["policy/epochs"] = float(epochs_done)
-        out["value/warmup"] = float(iteration < cfg.critic_warmup_iterations)
-        return out
+            if self.kl_early_stop(epoch_stats, warmup):
+                break
+        stats.add("policy/epochs", epochs_done / world_size(), 1.0 / world_size())
+        self.policy.eval()
+        return stats
+
+    def kl_early_stop(self, epoch_stats: Stats, warmup: bool) -> bool:
+        """Whether the epoch's mean approx KL (all ranks) exceeds ``target_kl``."""
+        target = self.cfg.algorithm.target_kl
+        if target is None or warmup:
+            return False
+        return epoch_stats.reduce()["policy/approx_kl"] > target
 
     def minibatch_backward(
-        self, exp: Experience, rows: torch.Tensor, micro_batch_size: int, backward, iteration: int
-    ) -> dict[str, float] | None:
-        """Accumulate the gradient of one minibatch (``rows`` of ``exp``) in micro-batches.
-
-        Each micro-batch's loss is weighted by its share of the minibatch's response tokens, so
-        the accumulated gradient equals that of the token-mean loss over the whole minibatch.
-        In critic warm-up (``iteration < critic_warmup_iterations``) the loss is the value loss
-        alone and only the value function gets gradients. Returns the token-weighted statistics,
-        or None when a loss was non-finite and ``on_nonfinite=skip`` (with ``error`` it raises
-        :class:`NonFiniteError`).
-        """
-        value_only = iteration < self.cfg.critic_warmup_iterations
-        total_tokens = exp.response_mask[rows].sum().clamp(min=1)
-        stats: dict[str, float] = defaultdict(float)
-        ratio_max = 0.0
-        for micro_rows in rows.split(micro_batch_size):
-            part = exp.select(micro_rows)
-            weight = part.response_mask.sum() / total_tokens
+        self, exp: Experience, rows: torch.Tensor, warmup: bool, stats: Stats, iteration: int
+    ) -> bool:
+        """Accumulate the gradient of one minibatch (``rows``) in micro-batches; False when its
+        loss was non-finite on some rank and ``on_nonfinite=skip`` (``error`` raises)."""
+        agg = self.cfg.algorithm.loss_aggregation
+        denominator = all_ranks_sum(agg.units(exp.response_mask[rows])).clamp(min=1).float()
+        world = world_size()
+        losses = Stats()
+        finite = True
+        for part in exp.micro_batches(rows, self.cfg.budget.micro_batch_size):
             with record_function("ppo/forward_and_loss"):
-                loss, micro_stats = self.micro_batch_loss(part, value_only=value_only)
-            if not torch.isfinite(loss):
-                if self.cfg.on_nonfinite == "error":
-                    raise NonFiniteError(
-                        f"non-finite loss ({loss.item()}) at PPO iteration {iteration}: policy "
-                        f"loss {micro_stats.get('loss/policy')}, value loss "
-                        f"{micro_stats['loss/value']}; the last good checkpoint is kept"
-                    )
-                return None
+                loss, terms = self.loss(part, denominator, warmup, stats)
+            finite = finite and bool(torch.isfinite(loss))
             with record_function("ppo/backward"):
-                backward(loss * weight)
-            ratio_max = max(ratio_max, micro_stats.pop("policy/ratio_max", 0.0))
-            for key, value in micro_stats.items():
-                stats[key] += value * float(weight)
-        if not value_only:
-            stats["policy/ratio_max"] = ratio_max
-        return dict(stats)
+                self.backward_(loss * world)  # DDP averages gradients over ranks
+            for name, value in terms.items():
+                losses.add(f"loss/{name}", value, 0.0)
+        if any_rank(not finite):
+            if self.cfg.algorithm.on_nonfinite == "error":
+                raise NonFiniteError(
+                    f"non-finite loss at iteration {iteration} (on at least one rank: "
+                    f"{'this one' if not finite else 'another'}); the last good checkpoint is kept"
+                )
+            self.nonfinite_skips += 1
+            return False
+        for name in losses.sums:  # each rank holds part of the minibatch's loss
+            stats.add(name, losses.sums[name], 1.0 / world)
+        return True
 
-    def micro_batch_loss(
-        self, part: Experience, value_only: bool = False
+    def backward_(self, loss: torch.Tensor) -> None:
+        """``manual_backward`` under a Trainer (precision, strategy); plain backward outside."""
+        if self._trainer is None:
+            loss.backward()
+        else:
+            self.manual_backward(loss)
+
+    def loss(
+        self, part: Experience, denominator: torch.Tensor, warmup: bool, stats: Stats
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """One forward of the policy gives logprobs, entropy and values; returns the PPO loss.
+        """The loss of one micro-batch: its share of the minibatch's aggregated loss.
 
-        ``value_only`` (critic warm-up): ``vf_coef`` x the value loss from
-        ``PolicyWithValueHead.values``, which gives no gradient to the policy.
+        One forward of the policy gives logprobs, entropy and values. In warm-up the policy
+        terms are weighted 0 and the value head reads a detached trunk. Adds the micro-batch's
+        token statistics to ``stats``; returns the loss and its terms (floats).
         """
-        cfg = self.cfg
+        alg = self.cfg.algorithm
         mask = part.response_mask
-        P = part.query_ids.shape[1]
-        if value_only:
-            values = self.policy.values(part.input_ids, part.attention_mask, response_start=P)
-            vf_loss, vf = value_loss(values, part.old_values, part.returns, mask, cfg.value_clip)
-            loss = cfg.vf_coef * vf_loss
-            return loss, {
-                "loss/value": float(vf_loss.detach()),
-                "loss/total": float(loss.detach()),
-                "value/clipfrac": float(vf["clipfrac"]),
-            }
-        logits, values = self.policy(part.input_ids, part.attention_mask, response_start=P)
-        values = values.float()
-        T = cfg.generation.temperature
+        T = self.cfg.generation.temperature
+        logits, values = self.policy(
+            part.input_ids,
+            part.attention_mask,
+            response_start=part.prompt_len,
+            value_trains_trunk=not warmup,
+        )
         logprobs = logprobs_from_logits(logits, part.response_ids, T)
-        with torch.set_grad_enabled(cfg.ent_coef > 0 and torch.is_grad_enabled()):
-            entropy = masked_mean(entropy_from_logits(logits, T), mask)
-        pg_loss, pg = ppo_policy_loss(logprobs, part.old_logprobs, part.advantages, mask, cfg.clip)
-        vf_loss, vf = value_loss(values, part.old_values, part.returns, mask, cfg.value_clip)
-        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
-        if cfg.kl.placement == "loss":
-            kl_term = masked_mean(kl_penalty(logprobs, part.ref_logprobs, cfg.kl.estimator), mask)
-            loss = loss + float(self.kl_ctl.value) * kl_term
-        stats = {
-            "loss/policy": float(pg_loss.detach()),
-            "loss/value": float(vf_loss.detach()),
-            "loss/total": float(loss.detach()),
-            "policy/entropy": float(entropy.detach()),
-            "policy/clipfrac": float(pg["clipfrac"]),
-            "policy/approx_kl": float(pg["approx_kl"]),
-            "policy/ratio_mean": float(pg["ratio_mean"]),
-            "policy/ratio_max": float(pg["ratio_max"]),
-            "value/clipfrac": float(vf["clipfrac"]),
+        weights = alg.loss_aggregation.token_weights(mask)
+        policy_tokens, diagnostics = alg.policy_loss(
+            logprobs, part.old_logprobs, part.advantages, mask
+        )
+        with torch.set_grad_enabled(alg.ent_coef > 0 and torch.is_grad_enabled()):
+            entropy = zero_masked(entropy_from_logits(logits, T), mask)
+        terms = {
+            "policy": aggregate(policy_tokens, weights, denominator),
+            "entropy": aggregate(entropy, weights, denominator),
         }
-        return loss, stats
+        kl_coef = alg.kl.loss_coef(float(self.kl_ctl.value))
+        if kl_coef:
+            kl = kl_penalty(zero_masked(logprobs, mask), part.ref_logprobs, alg.kl.estimator)
+            terms["kl"] = aggregate(zero_masked(kl, mask), weights, denominator)
+        policy_weight = 0.0 if warmup else 1.0
+        loss = policy_weight * (
+            terms["policy"] - alg.ent_coef * terms["entropy"] + kl_coef * terms.get("kl", 0.0)
+        )
+        if values is not None:
+            value_tokens, value_clipped = value_loss(
+                values.float(), part.old_values, part.returns, mask, alg.value_model.clip
+            )
+            terms["value"] = aggregate(value_tokens, weights, denominator)
+            loss = loss + alg.value_model.coef * terms["value"]
+            stats.add("value/clipfrac", value_clipped.sum(), mask.sum())
+        terms["total"] = loss
+        tokens = mask.sum()
+        stats.add("policy/entropy", entropy.detach().sum(), tokens)
+        if not warmup:
+            stats.add("policy/clipfrac", diagnostics["clipped"].sum(), tokens)
+            stats.add("policy/approx_kl", 0.5 * (diagnostics["log_ratio"] ** 2).sum(), tokens)
+            stats.add("policy/ratio_mean", diagnostics["ratio"].sum(), tokens)
+            stats.add_max("policy/ratio_max", diagnostics["ratio"][mask].max())
+        return loss, {name: float(value.detach()) for name, value in terms.items()}
 
-    def _rollout_metrics(self, exp, raw_scores, seq_kl, kl_coef) -> dict[str, float]:
+    def optimizer_step(self, optimizer, stats: Stats, warmup: bool) -> None:
+        """Clip, step; in warm-up the policy's (zero) gradients are dropped first, so AdamW
+        leaves the policy and its moments untouched."""
+        if warmup:
+            for param in self.policy.lm.parameters():
+                param.grad = None
+        with record_function("ppo/clip_gradients"):
+            grad_norm = self.clip_gradients_(optimizer, self.cfg.algorithm.max_grad_norm)
+        if grad_norm is not None:
+            stats.add("optim/grad_norm", grad_norm / world_size(), 1.0 / world_size())
+            clipped = self.cfg.algorithm.max_grad_norm is not None and (
+                grad_norm > self.cfg.algorithm.max_grad_norm
+            )
+            stats.add("optim/clipped_frac", float(clipped) / world_size(), 1.0 / world_size())
+        optimizer.step()
+
+    # -------------------------------------------------------------------------------- metrics
+    def rollout_stats(self, exp: Experience, rollout: Rollout, raw_scores, kl_coef) -> Stats:
+        """The rollout batch's statistics (sums over this rank's rows)."""
+        alg = self.cfg.algorithm
+        stats = Stats()
         mask = exp.response_mask
-        lengths = mask.sum(dim=1).float()
-        non_score = -kl_coef * seq_kl if self.cfg.kl.placement == "reward" else 0 * seq_kl
-        adv = exp.advantages[mask]
-        ret = exp.returns[mask]
-        return {
-            "objective/score": exp.scores.mean(),
-            "objective/raw_score": raw_scores.mean(),
-            "objective/rlhf_reward": (exp.scores + non_score).mean(),
-            "objective/non_score_reward": non_score.mean(),
-            "kl/sequence": seq_kl.mean(),
-            "kl/per_token": masked_mean(exp.kl, mask),
-            "kl/coef": kl_coef,
-            "value/mean": masked_mean(exp.old_values, mask),
-            "value/explained_variance": explained_variance(exp.old_values, exp.returns, mask),
-            "rollout/advantage_mean": adv.mean(),
-            "rollout/advantage_std": adv.std() if adv.numel() > 1 else torch.tensor(0.0),
-            "rollout/return_mean": ret.mean(),
-            "rollout/return_std": ret.std() if ret.numel() > 1 else torch.tensor(0.0),
-            "rollout/response_length": lengths.mean(),
-            "rollout/ended_frac": exp.ended.float().mean(),
-        }
+        seq_kl = sequence_kl(exp)
+        non_score = -alg.kl.reward_coef(kl_coef) * seq_kl
+        stats.add_mean("objective/score", exp.scores)
+        stats.add_mean("objective/raw_score", raw_scores)
+        stats.add_mean("objective/rlhf_reward", exp.scores + non_score)
+        stats.add_mean("objective/non_score_reward", non_score)
+        stats.add_mean("kl/sequence", seq_kl)
+        stats.add_mean("kl/per_token", exp.kl[mask])
+        stats.add_mean("rollout/response_length", mask.sum(dim=1).float())
+        stats.add_mean("rollout/ended_frac", exp.ended.float())
+        for name, values in (("advantage", exp.advantages), ("return", exp.returns)):
+            stats.add_mean(f"rollout/{name}_mean", values[mask])
+            stats.add_mean(f"rollout/{name}_sq", values[mask] ** 2)
+        if alg.value_model.present:
+            stats.add_mean("value/mean", exp.old_values[mask])
+            stats.add(
+                "value/explained_variance",
+                explained_variance(exp.old_values, exp.returns, mask) / world_size(),
+                1.0 / world_size(),
+            )
+        if rollout.sampler_logprobs is not None:
+            # How far the distribution sampled from is from the one the losses use (k1 over the
+            # sampled tokens): ~0 unless top-k/top-p, min_new_tokens or a lower-precision
+            # sampling copy reshape it.
+            gap = (rollout.sampler_logprobs.to(mask.device) - exp.old_logprobs)[mask]
+            stats.add_mean("rollout/sampler_kl", gap)
+            stats.add_max("rollout/sampler_logprob_max_abs_diff", gap.abs().max())
+        return stats
+
+    def log_iteration(self, metrics: dict[str, float], exp: Experience, iteration: int) -> None:
+        """Log an iteration's metrics (already reduced over ranks) and, now and then, samples."""
+        for name in ("advantage", "return"):
+            mean, sq = metrics.pop(f"rollout/{name}_mean"), metrics.pop(f"rollout/{name}_sq")
+            metrics[f"rollout/{name}_mean"] = mean
+            metrics[f"rollout/{name}_std"] = max(sq - mean**2, 0.0) ** 0.5
+        seconds = self.phase_seconds
+        tokens = float(exp.response_mask.sum()) * world_size()
+        metrics.update({f"time/{phase}": s for phase, s in seconds.items()})
+        metrics["time/iteration"] = sum(seconds.values())
+        metrics["kl/coef"] = float(self.kl_ctl.value)
+        metrics["perf/generated_tokens_per_s"] = tokens / max(seconds["sampling"], 1e-9)
+        metrics["perf/trained_tokens_per_s"] = (
+            tokens * metrics.get("policy/epochs", 1.0) / max(seconds["update"], 1e-9)
+        )
+        metrics["perf/nonfinite_skips"] = float(self.nonfinite_skips)
+        for group in self.optimizers().param_groups:
+            metrics[f"lr/{group['name']}"] = group["lr"]
+        metrics["value/warmup"] = float(iteration < self.cfg.algorithm.value_warmup_iterations)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(exp))
+        every = self.cfg.cadence.sample_table_every
+        if every and (iteration + 1) % every == 0:
+            kl = sequence_kl(exp).tolist()
+            self.log_samples("train/samples", exp.prompts, exp.responses, exp.scores.tolist(), kl)
 
     # ------------------------------------------------------------------------------------ eval
     def on_validation_epoch_start(self) -> None:
-        self._val_sums: dict[str, float] = defaultdict(float)
+        self.phase = "eval"
+        self._val_stats = Stats()
 
     def validation_step(self, batch, batch_idx):
         """Sample on held-out prompts (fixed seed, training RNG untouched) and score them."""
@@ -433,39 +473,38 @@ class PPOModule(L.LightningModule):
         scores = torch.as_tensor(self.reward(rollout.prompts, rollout.responses)).float()
         T = self.cfg.generation.temperature
         seq_kl = eval_sequence_kl(self.policy.lm, self.ref_lm, rollout, T)
-        columns = [rollout.prompts, rollout.responses, scores.tolist()]
-        sums = {
-            "val/reward": scores.sum(),
-            "val/kl": seq_kl.sum(),
-            "val/response_length": rollout.response_mask.sum().float(),
-            "val/ended_frac": rollout.ended.float().sum(),
-        }
+        gold = None
+        stats = self._val_stats
+        stats.add_mean("val/reward", scores)
+        stats.add_mean("val/kl", seq_kl)
+        stats.add_mean("val/response_length", rollout.response_mask.sum(dim=1).float())
+        stats.add_mean("val/ended_frac", rollout.ended.float())
         if self.gold_reward is not None:
             gold = torch.as_tensor(self.gold_reward(rollout.prompts, rollout.responses)).float()
-            sums["val/gold_score"] = gold.sum()
-            columns.append(gold.tolist())
-        sums["count"] = torch.tensor(float(len(rollout.prompts)))
-        for key, value in sums.items():
-            self._val_sums[key] += float(value)
+            stats.add_mean("val/gold_score", gold)
         if batch_idx == 0:
-            self._log_samples("val/samples", rollout.prompts, rollout.responses, scores.tolist())
+            self.log_samples(
+                "val/samples",
+                rollout.prompts,
+                rollout.responses,
+                scores.tolist(),
+                seq_kl.tolist(),
+                None if gold is None else gold.tolist(),
+            )
+            columns = [rollout.prompts, rollout.responses, scores.tolist()]
+            if gold is not None:
+                columns.append(gold.tolist())
             self.val_samples = list(zip(*columns))
 
     def on_validation_epoch_end(self) -> None:
-        """Means over all eval prompts of all ranks, logged at x = PPO iterations completed."""
-        keys = sorted(self._val_sums)
-        totals = torch.tensor([self._val_sums[k] for k in keys], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            totals = totals.to(self.device)
-            dist.all_reduce(totals)
-        totals = dict(zip(keys, totals.tolist()))
-        count = totals.pop("count")
-        means = {key: value / count for key, value in totals.items()}
-        self.log_dict(means, logger=False)  # for callbacks, the progress bar and the task metric
+        """Means over all eval prompts of all ranks, logged at x = iterations completed."""
+        means = self._val_stats.reduce()
+        self.log_dict(means, logger=False)  # for callbacks, the progress line and the task metric
         iterations_done = self.current_epoch + 1 if self.trainer.state.fn == "fit" else 0
         if self.global_rank == 0:
             for logger in self.loggers:
                 logger.log_metrics(means, step=iterations_done)
+        self.phase = None
 
     # ------------------------------------------------------------------------- checkpointing
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -484,16 +523,16 @@ class PPOModule(L.LightningModule):
         self.nonfinite_skips = state["nonfinite_skips"]
 
     # --------------------------------------------------------------------------------- helpers
-    def _clip_gradients(self, optimizer, max_norm: float | None) -> float | None:
+    def clip_gradients_(self, optimizer, max_norm: float | None) -> float | None:
         """Clip the global gradient norm of all trained parameters to ``max_norm`` (None: only
         measure it); returns the norm before clipping (None under ``16-mixed``).
 
         With ``16-mixed`` Lightning's precision plugin unscales the fp16 gradients first, and the
         norm is not reported. In every other precision the gradients are already true
         gradients, and ``clip_grad_norm_`` does it directly (Lightning's bf16-mixed plugin
-        refuses to clip for a fused optimizer, although there is nothing to unscale). PPO runs
-        under the DDP family only, where every rank holds the full, already averaged gradients,
-        so the local norm is the global one.
+        refuses to clip for a fused optimizer, although there is nothing to unscale). Under the
+        DDP family every rank holds the full, already averaged gradients, so the local norm is
+        the global one.
         """
         if trainer_precision(self) == "16-mixed":
             if max_norm is not None:
@@ -507,20 +546,32 @@ class PPOModule(L.LightningModule):
             return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
-    def _check_finite(self, name: str, values: torch.Tensor, iteration: int) -> None:
-        if not torch.isfinite(values).all():
-            bad = int((~torch.isfinite(values)).sum())
+    def check_finite(self, name: str, values: torch.Tensor, iteration: int) -> None:
+        """Raise :class:`NonFiniteError` on every rank when ``values`` is not finite on one."""
+        bad = int((~torch.isfinite(values)).sum())
+        if any_rank(bad > 0):
+            where = f"{bad} non-finite {name}" if bad else f"non-finite {name} on another rank"
             raise NonFiniteError(
-                f"{bad} non-finite {name} at PPO iteration {iteration}; "
-                "the last good checkpoint is kept"
+                f"{where} at iteration {iteration}; the last good checkpoint is kept"
             )
 
-    def _log_samples(self, tag, prompts, responses, scores) -> None:
+    def log_samples(self, tag, prompts, responses, scores, kl, gold=None) -> None:
+        """A Markdown table of the first 8 samples (prompt, response, score, KL[, gold])."""
         logger = self.logger
         if logger is None or self.global_rank != 0 or not hasattr(logger.experiment, "add_text"):
             return
-        rows = ["| prompt | response | score |", "|---|---|---|"]
-        for prompt, response, score in list(zip(prompts, responses, scores))[:8]:
-            cells = [s.replace("|", "\\|").replace("\n", " ") for s in (prompt, response)]
-            rows.append(f"| {cells[0]} | {cells[1]} | {score:.3f} |")
+        header = ["prompt", "response", "score", "KL"] + (["gold"] if gold is not None else [])
+        rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        columns = [prompts, responses, scores, kl] + ([gold] if gold is not None else [])
+        for values in list(zip(*columns))[:8]:
+            cells = [markdown_cell(values[0]), markdown_cell(values[1])]
+            cells += [f"{float(v):.3f}" for v in values[2:]]
+            rows.append("| " + " | ".join(cells) + " |")
         logger.experiment.add_text(tag, "\n".join(rows), self.current_epoch)
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell: no row breaks, pipes or raw HTML."""
+    for raw, escaped in (("\\", "\\\\"), ("|", "\\|"), ("<", "&lt;"), (">", "&gt;")):
+        text = text.replace(raw, escaped)
+    return text.replace("\r", " ").replace("\n", " ") or " "

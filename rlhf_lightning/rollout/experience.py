@@ -1,28 +1,32 @@
-"""Experience making: everything the PPO update needs, computed once per rollout batch.
+"""Experience making: everything the update needs, computed once per rollout batch.
 
 For a batch of B sampled responses (P prompt tokens, R response tokens):
 
 1. one forward of the policy (no grad) gives the old logprobs (logits / T) and the values;
 2. one forward of the frozen reference gives the reference logprobs;
 3. the reward source's scores are shaped (missing-EOS penalty, clipping);
-4. per-token rewards: ``r_t = -beta * KL_t`` at every response token, plus the score at the last
-   real token (Ziegler et al. 2019; N+ details #3.4);
-5. GAE (gamma, lambda) gives advantages and returns, advantages whitened over the whole batch
-   (all ranks under DDP).
+4. per-token rewards: ``r_t = -beta * KL_t`` at every response token when the KL is in the reward,
+   plus the score at the last real token (Ziegler et al. 2019; N+ details #3.4);
+5. the algorithm's advantage estimator gives advantages and value targets (returns); advantages
+   are whitened over the whole batch (all ranks under DDP) when configured.
 
 The value of response token t is read at the position that *predicts* it (P - 1 + t), i.e. the
 state before the action, as in TRL and the N+ reproduction.
+
+No padding work: the forwards here and the update's micro-batches run on rows of similar length
+(sorted by response length) with every all-padding column cut off (:meth:`Experience.select`),
+so a micro-batch is as long as its own longest response, not the batch's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 
-from rlhf_lightning.advantages import gae, token_rewards
-from rlhf_lightning.config import PPOConfig
+from rlhf_lightning.advantages import AdvantageInputs, token_rewards
 from rlhf_lightning.models.masking import position_ids_from_mask
 from rlhf_lightning.ops import logprobs_from_logits, masked_mean, masked_whiten
 from rlhf_lightning.rollout.generation import Rollout
@@ -38,15 +42,23 @@ class Experience:
     response_mask: torch.Tensor  # (B, R) bool, true up to and including the stop token
     old_logprobs: torch.Tensor  # (B, R) fp32, policy logprobs at sampling time, logits / T
     ref_logprobs: torch.Tensor  # (B, R) fp32, frozen reference logprobs, logits / T
-    old_values: torch.Tensor  # (B, R) fp32, V(s_t) at sampling time
+    old_values: torch.Tensor  # (B, R) fp32, V(s_t) at sampling time (0 without a value model)
     scores: torch.Tensor  # (B,) fp32, shaped sequence scores
     kl: torch.Tensor  # (B, R) fp32, per-token KL estimate, 0 on padding
     rewards: torch.Tensor  # (B, R) fp32, per-token rewards
-    advantages: torch.Tensor  # (B, R) fp32, GAE advantages (whitened if configured)
-    returns: torch.Tensor  # (B, R) fp32, advantages + old_values (before whitening)
+    advantages: torch.Tensor  # (B, R) fp32, advantages (whitened if configured)
+    returns: torch.Tensor  # (B, R) fp32, value targets (0 without a value model)
     ended: torch.Tensor  # (B,) bool, the response emitted a stop token
     prompts: list[str]
     responses: list[str]
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def prompt_len(self) -> int:
+        """P, the column where responses start."""
+        return self.query_ids.shape[1]
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -59,13 +71,46 @@ class Experience:
         return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)
 
     def select(self, index: torch.Tensor) -> Experience:
-        """The rows ``index`` (a 1-D long tensor) of every field."""
-        picked = {}
+        """The rows ``index`` (1-D long) of every field, without columns that are padding in all
+        of them: leading prompt columns and trailing response columns."""
         rows = index.tolist()
+        keep_from = first_real_column(self.query_mask[index])
+        keep_to = last_real_column(self.response_mask[index]) + 1
+        picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            picked[f.name] = value[index] if torch.is_tensor(value) else [value[i] for i in rows]
+            if not torch.is_tensor(value):
+                picked[f.name] = [value[i] for i in rows]
+            elif f.name.startswith("query"):
+                picked[f.name] = value[index, keep_from:]
+            elif value.dim() == 2:
+                picked[f.name] = value[index, :keep_to]
+            else:
+                picked[f.name] = value[index]
         return Experience(**picked)
+
+    def micro_batches(self, rows: torch.Tensor, size: int) -> Iterator[Experience]:
+        """``rows`` in micro-batches of ``size``, rows of similar response length together."""
+        yield from (self.select(chunk) for chunk in by_length(self.response_mask, rows, size))
+
+
+def first_real_column(mask: torch.Tensor) -> int:
+    """Index of the first column of (b, T) ``mask`` with a real token in some row (0 if none)."""
+    real = mask.bool().any(dim=0).nonzero()
+    return int(real[0]) if len(real) else 0
+
+
+def last_real_column(mask: torch.Tensor) -> int:
+    """Index of the last column of (b, T) ``mask`` with a real token in some row (0 if none)."""
+    real = mask.bool().any(dim=0).nonzero()
+    return int(real[-1]) if len(real) else 0
+
+
+def by_length(response_mask: torch.Tensor, rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``rows`` sorted by response length (longest first) and split into chunks of ``size``."""
+    lengths = response_mask[rows].sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    return list(rows[order].split(size))
 
 
 def reference_logprobs(
@@ -87,13 +132,18 @@ def reference_logprobs(
     return logprobs_from_logits(logits[:, :-1], input_ids[:, prompt_len:], temperature)
 
 
-def shape_scores(scores: torch.Tensor, ended: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
+def shape_scores(
+    scores: torch.Tensor,
+    ended: torch.Tensor,
+    missing_eos_penalty: float | None,
+    score_clip: float | None,
+) -> torch.Tensor:
     """Apply the missing-EOS penalty and score clipping: (B,), (B,) bool -> (B,)."""
     scores = scores.float()
-    if cfg.missing_eos_penalty is not None:
-        scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
-    if cfg.score_clip is not None:
-        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+    if missing_eos_penalty is not None:
+        scores = torch.where(ended, scores, torch.full_like(scores, missing_eos_penalty))
+    if score_clip is not None:
+        scores = scores.clamp(-score_clip, score_clip)
     return scores
 
 
@@ -122,72 +172,97 @@ def global_masked_whiten(
 
 
 @torch.no_grad()
+def experience_forwards(
+    policy, ref_lm, exp_rows: Experience, rows_per_forward: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Old logprobs, values (None without a value model) and reference logprobs: each (B, R).
+
+    The forwards run in chunks of ``rows_per_forward`` rows of similar length, each cut to its
+    own longest prompt and response; results are 0 beyond a row's chunk length.
+    """
+    B, R = exp_rows.response_ids.shape
+    device = exp_rows.response_ids.device
+    old_logprobs = torch.zeros(B, R, device=device)
+    values = torch.zeros(B, R, device=device) if policy.value_head is not None else None
+    ref_logprobs = torch.zeros(B, R, device=device)
+    all_rows = torch.arange(B, device=device)
+    for index in by_length(exp_rows.response_mask, all_rows, rows_per_forward):
+        part = exp_rows.select(index)
+        r = part.response_ids.shape[1]
+        ids, am, P = part.input_ids, part.attention_mask, part.prompt_len
+        logits, part_values = policy(ids, am, response_start=P)
+        old_logprobs[index, :r] = logprobs_from_logits(logits, part.response_ids, temperature)
+        if values is not None:
+            values[index, :r] = part_values.float()
+        del logits
+        ref_logprobs[index, :r] = reference_logprobs(ref_lm, ids, am, P, temperature)
+    return old_logprobs, values, ref_logprobs
+
+
+@torch.no_grad()
 def make_experience(
     policy,
     ref_lm,
     rollout: Rollout,
     scores: torch.Tensor,
-    cfg: PPOConfig,
+    cfg,
     kl_coef: float,
 ) -> Experience:
-    """Compute old logprobs, values, reference logprobs, rewards and advantages of a rollout.
-
-    Forward passes run in chunks of ``cfg.experience_rows`` rows (``experience_batch_size``,
-    default ``micro_batch_size``) to bound memory.
+    """Old logprobs, values, reference logprobs, rewards and advantages of a rollout.
 
     Args:
         policy: ``PolicyWithValueHead``; ``policy(input_ids, attention_mask)`` -> logits, values.
         ref_lm: the frozen reference causal LM.
-        rollout: sampled responses (B rows).
+        rollout: sampled responses (B rows, ``cfg.algorithm.samples_per_prompt`` per prompt,
+            group by group).
         scores: (B,) raw scores of the reward source.
-        kl_coef: beta of this iteration (used only with ``cfg.kl.placement == "reward"``).
+        cfg: the run's ``RLConfig``.
+        kl_coef: beta of this iteration (enters the rewards only when the KL is placed there).
     """
-    P = rollout.query_ids.shape[1]
+    alg = cfg.algorithm
     mask = rollout.response_mask
-    input_ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)
-    attention_mask = torch.cat([rollout.query_mask, mask.to(rollout.query_mask.dtype)], dim=1)
-    T = cfg.generation.temperature
-
-    old_logprobs, old_values, ref_logprobs = [], [], []
-    for rows in torch.arange(input_ids.shape[0]).split(cfg.experience_rows):
-        ids, am = input_ids[rows], attention_mask[rows]
-        logits, values = policy(ids, am, response_start=P)
-        old_logprobs.append(logprobs_from_logits(logits, ids[:, P:], T))
-        old_values.append(values.float())
-        del logits
-        ref_logprobs.append(reference_logprobs(ref_lm, ids, am, P, T))
-    old_logprobs = torch.cat(old_logprobs)
-    old_values = torch.cat(old_values)
-    ref_logprobs = torch.cat(ref_logprobs)
-
-    shaped = shape_scores(scores.to(old_logprobs.device), rollout.ended, cfg)
-    beta = kl_coef if cfg.kl.placement == "reward" else 0.0
-    rewards, kl = token_rewards(
-        shaped, old_logprobs, ref_logprobs, mask, beta, kind=cfg.kl.estimator
-    )
-    if cfg.whiten_rewards:
-        rewards = global_masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = global_masked_whiten(advantages, mask)
-    zero = torch.zeros_like(old_values)
-    return Experience(
+    empty = torch.zeros_like(mask, dtype=torch.float32)
+    exp = Experience(
         query_ids=rollout.query_ids,
         query_mask=rollout.query_mask,
         response_ids=rollout.response_ids,
         response_mask=mask,
-        old_logprobs=torch.where(mask, old_logprobs, zero),
-        ref_logprobs=torch.where(mask, ref_logprobs, zero),
-        old_values=torch.where(mask, old_values, zero),
-        scores=shaped,
-        kl=kl,
-        rewards=rewards,
-        advantages=advantages,
-        returns=returns,
+        old_logprobs=empty,
+        ref_logprobs=empty,
+        old_values=empty,
+        scores=scores,
+        kl=empty,
+        rewards=empty,
+        advantages=empty,
+        returns=empty,
         ended=rollout.ended,
         prompts=rollout.prompts,
         responses=rollout.responses,
     )
+    T = cfg.generation.temperature
+    old_logprobs, values, ref_logprobs = experience_forwards(
+        policy, ref_lm, exp, cfg.budget.experience_rows, T
+    )
+    shaped = shape_scores(
+        scores.to(old_logprobs.device), rollout.ended, alg.missing_eos_penalty, alg.score_clip
+    )
+    rewards, kl = token_rewards(
+        shaped, old_logprobs, ref_logprobs, mask, alg.kl.reward_coef(kl_coef), alg.kl.estimator
+    )
+    if alg.whiten_rewards:
+        rewards = global_masked_whiten(rewards, mask, shift_mean=False)
+    inputs = AdvantageInputs(rewards, values, mask, group_size=alg.samples_per_prompt)
+    advantages, returns = alg.advantage(inputs)
+    if alg.whiten_advantages:
+        advantages = global_masked_whiten(advantages, mask)
+    zero = torch.zeros_like(old_logprobs)
+    exp.old_logprobs = torch.where(mask, old_logprobs, zero)
+    exp.ref_logprobs = torch.where(mask, ref_logprobs, zero)
+    exp.old_values = zero if values is None else torch.where(mask, values, zero)
+    exp.scores, exp.kl, exp.rewards = shaped, kl, rewards
+    exp.advantages = advantages
+    exp.returns = zero if returns is None else returns
+    return exp
 
 
 def sequence_kl(exp: Experience) -> torch.Tensor:

@@ -77,7 +77,7 @@ def resolve_stop_token_ids(tokenizer, stop_token: str | None) -> list[int]:
 
     ``stop_token``: ``"eos"`` (the tokenizer's EOS), None (never stop early: empty list), or a
     string that is exactly one token (e.g. ``"\n"``); EOS always ends a response too. Backslash
-    escapes are decoded, so ``algorithm.generation.stop_token='\n'`` works from a shell.
+    escapes are decoded, so ``generation.stop_token='\n'`` works from a shell.
     """
     if stop_token is None:
         return []
@@ -86,12 +86,12 @@ def resolve_stop_token_ids(tokenizer, stop_token: str | None) -> list[int]:
     eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     if stop_token == "eos":
         if not eos:
-            raise ValueError("algorithm.generation.stop_token=eos but the tokenizer has no EOS")
+            raise ValueError("generation.stop_token=eos but the tokenizer has no EOS")
         return eos
     ids = tokenizer.encode(stop_token, add_special_tokens=False)
     if len(ids) != 1:
         raise ValueError(
-            f"algorithm.generation.stop_token={stop_token!r} is {len(ids)} tokens {ids}; "
+            f"generation.stop_token={stop_token!r} is {len(ids)} tokens {ids}; "
             "it must be exactly one token"
         )
     return [int(ids[0])] + [t for t in eos if t != ids[0]]

@@ -15,7 +15,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from rlhf_lightning.config import ppo_config_from, rm_config_from
+from rlhf_lightning.config import rm_config_from
 from rlhf_lightning.tasks.common import run_dir
 from rlhf_lightning.tasks.ppo import train_ppo, validate_ppo_setup
 from rlhf_lightning.tasks.reward_model import train_reward_model
@@ -28,7 +28,6 @@ SUMMARY_METRICS = ("val/reward", "val/gold_score", "val/kl", "val/response_lengt
 def run(cfg: DictConfig) -> float | None:
     # Validate both stages' settings before spending minutes on the first one.
     rm_config_from(cfg.rm)
-    ppo_config_from(cfg.algorithm)
     validate_ppo_setup(cfg)
 
     rm = train_reward_model(cfg, stage_dir="reward_model")

@@ -21,10 +21,11 @@ from safetensors.torch import save_file
 from rlhf_lightning.config import (
     ConfigError,
     PolicyOptions,
+    RLConfig,
     policy_options_from,
-    ppo_config_from,
+    rl_config_from,
 )
-from rlhf_lightning.models import PolicyWithValueHead, ScalarRewardModel, load_reward_tokenizer
+from rlhf_lightning.models import load_reward_tokenizer
 from rlhf_lightning.models.adapters import (
     AdaptersDisabled,
     compile_policy,
@@ -42,7 +43,6 @@ from rlhf_lightning.tasks.common import (
     checkpoint_dir,
     load_policy_lm,
     load_policy_tokenizer,
-    lr_monitor,
     resolve_ckpt_path,
     run_dir,
     strategy_name,
@@ -65,9 +65,9 @@ def run(cfg: DictConfig) -> float | None:
     return train_ppo(cfg)["metric"]
 
 
-def validate_ppo_setup(cfg: DictConfig):
-    """Every check that needs no model: returns the validated PPOConfig."""
-    ppo_cfg = ppo_config_from(cfg.algorithm)
+def validate_ppo_setup(cfg: DictConfig) -> RLConfig:
+    """Every check that needs no model: returns the validated RLConfig."""
+    ppo_cfg = rl_config_from(cfg)
     policy_options_from(cfg.policy)
     strategy = strategy_name(cfg)
     if strategy not in SUPPORTED_STRATEGIES:
@@ -90,20 +90,22 @@ def validate_ppo_setup(cfg: DictConfig):
     return ppo_cfg
 
 
-def check_critic_tokenizer(ppo_cfg, tokenizer) -> None:
+def check_critic_tokenizer(ppo_cfg: RLConfig, tokenizer) -> None:
     """A separate critic reads the policy's token ids: its tokenizer must be the policy's."""
-    if ppo_cfg.value_model != "critic":
+    path = getattr(ppo_cfg.algorithm.value_model, "path", None)
+    if path is None:
         return
-    critic_tokenizer = load_reward_tokenizer(ppo_cfg.critic_path)
+    critic_tokenizer = load_reward_tokenizer(path)
     if critic_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
-            f"invalid config: algorithm.critic_path: the critic at {ppo_cfg.critic_path} uses a "
+            f"invalid config: algorithm.value_model.path: the critic at {path} uses a "
             "different tokenizer from the policy's; a critic must share the policy's tokenizer"
         )
 
 
-def build_policy(cfg: DictConfig, ppo_cfg, options: PolicyOptions | None = None):
-    """Policy with value head (or critic) and the frozen reference, in the policy's dtype.
+def build_policy(cfg: DictConfig, ppo_cfg: RLConfig, options: PolicyOptions | None = None):
+    """Policy with its value model (``algorithm.value_model``) and the frozen reference, in the
+    policy's dtype.
 
     With ``policy.lora`` the reference is the policy with its adapters disabled (no copy of the
     weights); otherwise a frozen deep copy of the policy LM. ``options`` default to
@@ -115,11 +117,7 @@ def build_policy(cfg: DictConfig, ppo_cfg, options: PolicyOptions | None = None)
         ref_lm = AdaptersDisabled(inject_lora(lm, **asdict(options.lora)))
     else:
         ref_lm = copy.deepcopy(lm)
-    if ppo_cfg.value_model == "critic":
-        critic = ScalarRewardModel.from_pretrained(ppo_cfg.critic_path)
-        policy = PolicyWithValueHead.from_reward_model(lm, critic)
-    else:
-        policy = PolicyWithValueHead(lm)
+    policy = ppo_cfg.algorithm.value_model.build(lm)
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(policy.lm)
         if policy.critic_backbone is not None:
@@ -138,10 +136,10 @@ def export_policy(module: PPOModule, tokenizer, out_dir: Path) -> Path:
     lm = merged_copy(module.policy.lm) if has_adapters(module.policy.lm) else module.policy.lm
     lm.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    head = {
-        k: v.detach().cpu().contiguous() for k, v in module.policy.value_head.state_dict().items()
-    }
-    save_file(head, out_dir / "value_head.safetensors")
+    if module.policy.value_head is not None:
+        head = module.policy.value_head.state_dict()
+        head = {k: v.detach().cpu().contiguous() for k, v in head.items()}
+        save_file(head, out_dir / "value_head.safetensors")
     return out_dir
 
 
@@ -155,7 +153,7 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     datamodule = instantiate(
         cfg.data.prompts,
         tokenizer=tokenizer,
-        batch_size=ppo_cfg.rollout_batch_size,
+        batch_size=ppo_cfg.prompts_per_iteration,
         chat_template=cfg.policy.get("use_chat_template", False),
     )
     datamodule.setup("fit")  # reads and validates every prompt before any model loads
@@ -166,7 +164,7 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     gold = build_reward(instantiate(cfg.gold_reward)) if cfg.get("gold_reward") else None
     options = policy_options_from(cfg.policy)
     policy, ref_lm = build_policy(cfg, ppo_cfg, options)
-    kl_controller = instantiate(ppo_cfg.kl.controller)
+    kl_controller = ppo_cfg.algorithm.kl.build_controller()
     module = PPOModule(
         policy,
         ref_lm,
@@ -185,20 +183,21 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         filename="iter{epoch}",
         save_top_k=1,  # the newest iteration (no monitor); last.ckpt links to it
         save_last="link",
-        every_n_epochs=ppo_cfg.checkpoint_every,
+        every_n_epochs=ppo_cfg.cadence.checkpoint_every,
         save_on_train_epoch_end=True,
     )
+    cadence = ppo_cfg.cadence
     trainer = build_trainer(
         cfg,
-        callbacks=[checkpoint, *lr_monitor(cfg)],
-        max_epochs=ppo_cfg.num_iterations,
-        check_val_every_n_epoch=ppo_cfg.eval_every or None,
-        limit_val_batches=(ppo_cfg.eval_batches or 1.0) if ppo_cfg.eval_every else 0,
+        callbacks=[checkpoint],
+        max_epochs=ppo_cfg.budget.num_iterations,
+        check_val_every_n_epoch=cadence.eval_every or None,
+        limit_val_batches=(cadence.eval_batches or 1.0) if cadence.eval_every else 0,
         use_distributed_sampler=False,
         reload_dataloaders_every_n_epochs=0,
     )
     baseline, baseline_samples = {}, []
-    if ppo_cfg.eval_every and ckpt_path is None:
+    if cadence.eval_every and ckpt_path is None:
         trainer.validate(module, datamodule, verbose=False)
         baseline = {k: float(v) for k, v in trainer.callback_metrics.items()}
         baseline_samples = list(module.val_samples)

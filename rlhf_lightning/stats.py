@@ -1,0 +1,98 @@
+"""Collectives of the training loop, and statistics that are reduced over ranks once.
+
+Under data parallelism every rank must take the same branches (skip a minibatch, stop an epoch
+loop, raise), or one rank waits forever in a collective the others never enter. The decisions
+here are therefore made on all-reduced values (:func:`any_rank`), and :class:`Stats` gathers an
+iteration's statistics as sums and maxima and reduces them over all ranks in one go, so the
+logged numbers are exact over the global batch: weighted means are ``sum / weight`` of the
+all-rank sums (not a mean of per-rank means) and maxima are the maximum over ranks.
+With one process every function here is a plain local computation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    """The number of ranks (1 without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def all_ranks_sum(value: torch.Tensor | float) -> torch.Tensor:
+    """Sum of a 0-dim value over all ranks, as a float64 tensor (the value itself with one)."""
+    total = torch.as_tensor(value, dtype=torch.float64).detach().clone()
+    if world_size() > 1:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        total = total.to(device)
+        dist.all_reduce(total)
+    return total.cpu()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on at least one rank (every rank gets the same answer)."""
+    return bool(all_ranks_sum(float(flag)) > 0)
+
+
+class Stats:
+    """Weighted sums and maxima by name, reduced over ranks by :meth:`reduce`.
+
+    ``add(name, total, weight)`` adds ``total`` (a sum of ``weight`` observations) to the
+    numerator and ``weight`` to the denominator of ``name``'s mean; ``add_max`` keeps a maximum.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+        self.maxima: dict[str, float] = {}
+
+    def add(self, name: str, total: torch.Tensor | float, weight: torch.Tensor | float) -> None:
+        self.sums[name] += float(total)
+        self.weights[name] += float(weight)
+
+    def add_mean(self, name: str, values: torch.Tensor) -> None:
+        """Every element of ``values`` as one observation."""
+        self.add(name, values.detach().double().sum(), values.numel())
+
+    def add_max(self, name: str, value: torch.Tensor | float) -> None:
+        self.maxima[name] = max(self.maxima.get(name, -math.inf), float(value))
+
+    def merge(self, other: Stats) -> None:
+        for name in other.sums:
+            self.add(name, other.sums[name], other.weights[name])
+        for name, value in other.maxima.items():
+            self.add_max(name, value)
+
+    def reduce(self) -> dict[str, float]:
+        """Means and maxima over all ranks. Every rank must call it (a collective); names that
+        a rank lacks count as empty there."""
+        names_sum = sorted(self.sums)
+        names_max = sorted(self.maxima)
+        if world_size() > 1:
+            gathered: list = [None] * world_size()
+            dist.all_gather_object(gathered, (names_sum, names_max))
+            names_sum = sorted({n for sums, _ in gathered for n in sums})
+            names_max = sorted({n for _, maxima in gathered for n in maxima})
+        sums = torch.tensor(
+            [[self.sums.get(n, 0.0), self.weights.get(n, 0.0)] for n in names_sum],
+            dtype=torch.float64,
+        ).reshape(-1, 2)
+        maxima = torch.tensor([self.maxima.get(n, -math.inf) for n in names_max])
+        if world_size() > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            sums, maxima = sums.to(device), maxima.to(device)
+            dist.all_reduce(sums)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+            sums, maxima = sums.cpu(), maxima.cpu()
+        out = {
+            name: float(total / weight) if weight > 0 else math.nan
+            for name, (total, weight) in zip(names_sum, sums.tolist())
+        }
+        out.update(zip(names_max, maxima.tolist()))
+        return out
