@@ -20,9 +20,9 @@
 # Needs /tmp/trl-venv (setup_trl_venv.sh) and a SmolLM2 timing reward model at $TIMING_RM
 # (make_timing_rm.py) to start our separate critic from a fresh 1-logit head. Made with
 # `--head-std 0.02` it is initialised as TRL's value head, which is what a like-for-like run
-# wants. Our reward-model init (std 0.043) doubles the critic's initial noise; over three seeds
-# that changed the held-out score inconsistently (README, "The same policies on all 300
-# held-out prompts"). NUM_EVAL_PROMPTS defaults to all 300 held-out prompts: one 128-prompt
+# wants. Our reward-model init (std 0.042) doubles the critic's initial noise; over three seeds
+# that changed the held-out score inconsistently (README, "Reward reached").
+# NUM_EVAL_PROMPTS defaults to all 300 held-out prompts: one 128-prompt
 # evaluation of the same policy moved by up to 0.115 between sampling streams. One job at a
 # time: on a 2-core machine runs must not share the CPU.
 set -euo pipefail

@@ -6,7 +6,8 @@ Reads every run under the given directories (a run is a directory with ``.hydra/
 and TensorBoard event files: sweep dirs, single runs and the main job's run dir all work), takes
 one point per held-out eval of every run, and writes ``reward_vs_kl.png`` (learned reward and
 gold VADER score against the KL to the reference, a line per run, in the style of Gao et al.
-2022) plus a markdown table of every eval point on stdout. Runs are labelled by their KL
+2022) into ``--out`` (default: ``plots/`` inside the first directory given), plus a markdown
+table of every eval point on stdout. Runs are labelled by their KL
 controller and coefficient (and seed and run length, when the runs differ in them).
 """
 
@@ -49,8 +50,11 @@ def iterations(cfg) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", type=Path, nargs="+", help="sweep or run directories")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where the PNG goes (default: FIRST_PATH/plots)"
+    )
     args = parser.parse_args(argv)
+    out = args.paths[0] / "plots" if args.out is None else args.out
     run_dirs = find_run_dirs(args.paths)
     if not run_dirs:
         raise SystemExit(f"{args.paths}: no runs (no .hydra/config.yaml under them)")
@@ -84,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         ax.grid(alpha=0.3)
     ax_gold.legend(fontsize=7)
     fig.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / "reward_vs_kl.png", dpi=120)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "reward_vs_kl.png", dpi=120)
 
 
 if __name__ == "__main__":

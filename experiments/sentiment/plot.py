@@ -1,10 +1,11 @@
 """Plot a sentiment PPO run from its TensorBoard event files.
 
-    python experiments/sentiment/plot.py outputs/pipeline/<run> [--out experiments/sentiment]
+    python experiments/sentiment/plot.py outputs/pipeline/<run> [--out DIR]
 
 Writes ``curves.png`` (held-out learned reward, gold VADER score and KL to the reference against
 the PPO iteration, plus the training score and KL) and ``gold_vs_kl.png`` (the gold score against
-the KL, one point per eval), and prints the eval table as markdown.
+the KL, one point per eval) into ``--out`` (default ``<run>/plots/``), and prints the eval table
+as markdown.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from rlhf_lightning.tracking import EVAL_METRICS, eval_rows, read_scalars  # noq
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where the PNGs go (default: RUN_DIR/plots)"
+    )
     args = parser.parse_args(argv)
+    out = args.run_dir / "plots" if args.out is None else args.out
     scalars = read_scalars(args.run_dir)
     if not scalars:
         raise SystemExit(f"no TensorBoard event files with scalars under {args.run_dir}")
     rows = eval_rows(scalars)
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = [
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out / "curves.png", dpi=120)
+    fig.savefig(out / "curves.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(5, 4))
     kl = [r.get("val/kl") for r in rows]
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_ylabel("gold VADER score (held-out)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out / "gold_vs_kl.png", dpi=120)
+    fig.savefig(out / "gold_vs_kl.png", dpi=120)
 
     print("| iteration | learned reward | gold score | KL | response length |")
     print("|---|---|---|---|---|")
