@@ -130,7 +130,7 @@ def test_invalid_utf8_names_line(tokenizer, tmp_path):
 def test_truncated_json_array_names_line(tokenizer, tmp_path):
     path = tmp_path / "p.json"
     path.write_text('[\n{"prompt": "a"},\n{"prompt": ', encoding="utf-8")
-    with pytest.raises(DataValidationError, match=r"p\.json, line 3: invalid JSON"):
+    with pytest.raises(DataValidationError, match=r"p\.json, row 2 \(line 3\): invalid JSON"):
         prompts_module(tokenizer, str(path)).setup()
 
 

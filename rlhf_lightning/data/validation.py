@@ -160,8 +160,12 @@ def read_margin(row: SourceRow, column: str) -> float:
 def require_rows(items: list, what: str, bad_rows: BadRows) -> None:
     """Raise if validation left nothing to train or evaluate on."""
     if not items:
-        details = f"; dropped rows:\n{bad_rows.summary()}" if bad_rows.counts else ""
-        raise DataValidationError(f"{what}: no usable rows{details}")
+        raise DataValidationError(f"{what}: no usable rows{dropped_rows_note(bad_rows)}")
+
+
+def dropped_rows_note(bad_rows: BadRows) -> str:
+    """`; dropped rows:` and the summary of `bad_rows`, or "" when none were dropped."""
+    return f"; dropped rows:\n{bad_rows.summary()}" if bad_rows.counts else ""
 
 
 TOO_LONG = ("truncate_left", "drop", "error")
