@@ -178,7 +178,9 @@ def test_one_row_file_cannot_be_split_into_train_and_eval(tokenizer, tmp_path):
     )
     with pytest.raises(DataValidationError, match=expected):
         prompts_module(tokenizer, path).setup()
-    pairs = write_lines(tmp_path / "pairs.jsonl", ['{"prompt": "p", "chosen": "a", "rejected": "b"}'])
+    pairs = write_lines(
+        tmp_path / "pairs.jsonl", ['{"prompt": "p", "chosen": "a", "rejected": "b"}']
+    )
     with pytest.raises(DataValidationError, match=r"pairs\.jsonl: 1 usable row cannot be split"):
         pairs_module(tokenizer, pairs).setup()
     module = prompts_module(tokenizer, path, eval_path=str(path))  # with an eval file it works
