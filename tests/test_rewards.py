@@ -245,7 +245,7 @@ def test_callable_reward_gets_the_columns_its_signature_names():
 
 def test_a_parameter_no_column_fills_is_one_reward_error():
     expected = (
-        r"reward tests\.test_rewards\.exact_match takes 'answer', which no column of the prompt "
+        r"^reward tests\.test_rewards\.exact_match takes 'answer', which no column of the prompt "
         r"data fills \(columns given: 'source'\)"
     )
     with pytest.raises(RewardError, match=expected):
