@@ -193,3 +193,8 @@ def test_smollm2_tokenizer_keeps_user_text_and_template_tokens_apart():
     assert template_ends == 2  # the default system turn's and the user turn's
     assert endoftext not in chat.token_ids
     assert tokenizer.decode(chat.token_ids) == chat
+
+
+def test_generation_prompt_with_a_lone_surrogate_is_named(tokenizer):
+    with pytest.raises(ValueError, match=r"prompt 2 holds a lone UTF-16 surrogate \\udc80"):
+        encode_prompts(tokenizer, ["fine", "bad byte \udc80"])

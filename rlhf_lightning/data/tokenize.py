@@ -110,7 +110,21 @@ def render_chat(tokenizer, messages: Sequence[dict[str, str]]) -> ChatPrompt:
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt: a `ChatPrompt`'s own ids; any other text by `encode_text`."""
+    """Token ids of each prompt: a `ChatPrompt`'s own ids; any other text by `encode_text`.
+
+    Raises ValueError naming the prompt for text that is not valid Unicode (a lone UTF-16
+    surrogate, e.g. from a JSON escape or an undecodable command-line byte), which no tokenizer
+    can encode.
+    """
+    for number, prompt in enumerate(prompts, start=1):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"prompt {number} holds a lone UTF-16 surrogate "
+                f"\\u{ord(prompt[error.start]):04x} (character {error.start + 1}), which is not "
+                "valid Unicode"
+            ) from None
     plain = [prompt for prompt in prompts if not isinstance(prompt, ChatPrompt)]
     encoded = iter(encode_text(tokenizer, plain) if plain else [])
     return [
