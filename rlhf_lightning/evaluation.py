@@ -33,6 +33,7 @@ import torch
 from rlhf_lightning.config import GenerationConfig
 from rlhf_lightning.data.loading import resolve_data_path
 from rlhf_lightning.data.padding import pad_token_ids, require_pad_token_id
+from rlhf_lightning.data.tokenize import encode_prompts
 from rlhf_lightning.models import load_causal_lm, load_tokenizer
 from rlhf_lightning.models.adapters import inject_lora, merged_copy
 from rlhf_lightning.rewards import (
@@ -202,15 +203,17 @@ def sample_rollouts(
 ) -> list[Rollout]:
     """Sample one response per prompt in batches of ``batch_size`` left-padded prompts.
 
-    Prompts are tokenised with the tokenizer's special tokens (as the PPO prompt data is). The
-    RNG is seeded with ``seed`` once, inside `torch.random.fork_rng`. Returns one `Rollout` per
-    batch, its tensors on ``lm``'s device.
+    Prompts are tokenised as the PPO prompt data is (`rlhf_lightning.data.tokenize.
+    encode_prompts`): with the special tokens the tokenizer adds, special-token text in them as
+    text; a `ChatPrompt` (a chat-template rendering) brings its own token ids. The RNG is seeded
+    with ``seed`` once, inside `torch.random.fork_rng`. Returns one `Rollout` per batch, its
+    tensors on ``lm``'s device.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
         raise ValueError("no prompts to generate from")
-    encoded = tokenizer(list(prompts))["input_ids"]
+    encoded = encode_prompts(tokenizer, prompts)
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise ValueError(f"prompts at positions {empty[:10]} are empty (no tokens)")

@@ -130,7 +130,7 @@ def test_invalid_utf8_names_line(tokenizer, tmp_path):
 def test_truncated_json_array_names_line(tokenizer, tmp_path):
     path = tmp_path / "p.json"
     path.write_text('[\n{"prompt": "a"},\n{"prompt": ', encoding="utf-8")
-    with pytest.raises(DataValidationError, match=r"p\.json, line 3: invalid JSON"):
+    with pytest.raises(DataValidationError, match=r"p\.json, row 2 \(line 3\): invalid JSON"):
         prompts_module(tokenizer, str(path)).setup()
 
 
@@ -510,6 +510,34 @@ def test_preference_texts_are_truncated_from_the_left(tokenizer, tmp_path):
     assert batch["input_ids"][0].tolist() == ids("ptend!")  # "a long prompt" + "end!"
     assert batch["input_ids"][9].tolist() == ids("mptfin")
     assert batch["attention_mask"][9].tolist() == [1] * 6
+
+
+def test_pairs_equal_after_truncation_are_refused_or_dropped_in_setup(tokenizer, tmp_path, caplog):
+    # Left truncation keeps the ends: pairs that differ only at the start become identical.
+    rows = [pair(i) for i in range(6)] + [
+        pair(6, chosen="Great. And so it ends.", rejected="Awful. And so it ends."),
+        pair(7, chosen="caf\u00e9", rejected="caf\u00e8"),  # both "caf<unk>" for this tokenizer
+    ]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    expected = (
+        r"pairs\.jsonl, row 7 \(line 7\): chosen and rejected are the same tokens once cut to "
+        r"their last max_length=12 tokens \(they are 24 and 24 tokens and differ only in what is "
+        r"cut\); raise max_length or shorten the prompt"
+    )
+    with pytest.raises(DataValidationError, match=expected):
+        pairs_module(tokenizer, path, max_length=12).setup()
+    with caplog.at_level(logging.WARNING, logger="rlhf_lightning.data"):
+        module = pairs_module(tokenizer, path, max_length=12, on_bad_row="skip")
+        module.setup()
+    assert module.skipped == {"same_tokens": 2}
+    kept = module.train_items + module.eval_items
+    assert sorted(item["prompt"] for item in kept) == [f"p{i}" for i in range(6)]
+    assert "pairs.jsonl, row 8 (line 8): chosen and rejected tokenise to the same tokens" in (
+        caplog.text
+    )
+    module = pairs_module(tokenizer, path, max_length=64, on_bad_row="skip")  # room for all
+    module.setup()
+    assert module.skipped == {"same_tokens": 1}
 
 
 def test_preference_train_loader_is_seeded_and_train_texts(tokenizer, tmp_path):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from rlhf_lightning.errors import UserError
 from rlhf_lightning.models import (
     ModelNotAvailableError,
     ScalarRewardModel,
@@ -20,6 +23,7 @@ from rlhf_lightning.rewards import (
     CallableReward,
     ClassifierReward,
     LearnedReward,
+    RewardError,
     RewardSource,
     TokenFractionReward,
     VaderReward,
@@ -98,21 +102,88 @@ def test_build_reward():
         build_reward(3)
 
 
+def three_scores(prompts, responses):
+    return [1.0, 2.0, 3.0]
+
+
+def column_of_scores(prompts, responses):
+    return np.ones((len(responses), 1))
+
+
+def words(prompts, responses):
+    return ["good" for _ in responses]
+
+
+def nothing(prompts, responses):
+    return None
+
+
+def one_nan(prompts, responses):
+    return [1.0, math.nan, 0.0, 2.0]
+
+
+def infinite(prompts, responses):
+    return torch.tensor([math.inf, 0.0, -math.inf, 0.0])
+
+
+def too_big_for_float32(prompts, responses):
+    return [1e39, 0.0, 0.0, 0.0]
+
+
+def one_number(prompts, responses):
+    return 0.5
+
+
+def with_a_none(prompts, responses):
+    return [1.0, None, 0.0, 0.0]
+
+
+def divides_by_zero(prompts, responses):
+    return [1 / 0 for _ in responses]
+
+
+class Scorer:
+    """A callable object used as a reward: named by its class."""
+
+    def __call__(self, prompts, responses):
+        return [1.0]
+
+
 @pytest.mark.parametrize(
-    ("output", "error", "message"),
+    ("fn", "message"),
     [
-        ([1.0], ValueError, r"returned shape \(1,\) for 2 responses"),
-        ([[1.0], [2.0]], ValueError, r"returned shape \(2, 1\)"),
-        ([1.0, math.nan], ValueError, r"non-finite scores at positions \[1\]"),
-        (torch.tensor([math.inf, 0.0]), ValueError, r"non-finite scores at positions \[0\]"),
-        (["good", "bad"], TypeError, "must return numbers"),
-        (None, TypeError, "must return numbers"),
+        (three_scores, r"three_scores returned 3 scores for 4 responses$"),
+        (column_of_scores, r"column_of_scores returned shape \(4, 1\) for 4 responses"),
+        (words, r"words returned a list of 4 \(str, e\.g\. 'good'\), which is not 4 numbers"),
+        (nothing, r"nothing returned None; expected 4 numbers$"),
+        (one_nan, r"one_nan returned non-finite scores at positions \[1\]: \[nan\]$"),
+        (infinite, r"infinite returned non-finite scores at positions \[0, 2\]: \[inf, -inf\]"),
+        (
+            too_big_for_float32,
+            r"float32 returned scores beyond the float32 range at positions \[0\]",
+        ),
+        (one_number, r"one_number returned shape \(\) for 4 responses"),
+        (with_a_none, r"with_a_none returned a list of 4 \(NoneType/float, e\.g\. None\)"),
+        (divides_by_zero, r"divides_by_zero raised ZeroDivisionError: division by zero$"),
+        (Scorer(), r"Scorer returned 1 score for 4 responses$"),
     ],
 )
-def test_bad_reward_outputs_give_clear_errors(output, error, message):
-    reward = CallableReward(lambda prompts, responses: output)
-    with pytest.raises(error, match=message):
-        reward(["p", "q"], ["r", "s"])
+def test_bad_reward_functions_give_one_reward_error(fn, message):
+    reward = CallableReward(fn)
+    with pytest.raises(RewardError, match=r"^reward tests\.test_rewards\.\S*" + message) as raised:
+        reward(["p", "q", "r", "s"], ["a", "b", "c", "d"])
+    assert isinstance(raised.value, UserError)
+    if fn is divides_by_zero:  # the original exception stays chained for debugging
+        assert isinstance(raised.value.__cause__, ZeroDivisionError)
+
+
+def test_reward_source_subclass_errors_name_its_class():
+    class Broken(RewardSource):
+        def score(self, prompts, responses):
+            return {"a": 1.0}
+
+    with pytest.raises(RewardError, match=r"reward tests\.test_rewards\..*Broken returned a dict"):
+        Broken()(["p"], ["r"])
 
 
 def test_reward_inputs_must_pair_up():
@@ -139,8 +210,64 @@ def test_scores_are_ordinary_tensors():
 
 
 def test_base_class_reports_missing_score():
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(RewardError, match="RewardSource raised NotImplementedError"):
         RewardSource()(["a"], ["b"])
+
+
+# --- extra prompt columns --------------------------------------------------------------------
+
+
+def exact_match(prompts, responses, answer):
+    """A verifiable reward: 1 when the response is the reference answer."""
+    return [float(response == expected) for response, expected in zip(responses, answer)]
+
+
+def sees_everything(prompts, responses, **columns):
+    return [float(len(columns))] * len(responses)
+
+
+def keyword_only(prompts, responses, *, answer, weight=2.0):
+    return [weight * (response == expected) for response, expected in zip(responses, answer)]
+
+
+def test_callable_reward_gets_the_columns_its_signature_names():
+    columns = {"answer": ["4", "9"], "source": ["a", "b"]}
+    prompts, responses = ["2+2=", "3*3="], ["4", "8"]
+    assert CallableReward(exact_match)(prompts, responses, **columns).tolist() == [1.0, 0.0]
+    assert CallableReward(keyword_only)(prompts, responses, **columns).tolist() == [2.0, 0.0]
+    assert CallableReward(my_reward)(prompts, responses, **columns).tolist() == [-3.0, -3.0]
+    assert CallableReward(sees_everything)(prompts, responses, **columns).tolist() == [2.0, 2.0]
+    # A column named like the first parameters does not collide with them.
+    assert CallableReward(sees_everything)(prompts, responses, prompts=[1, 2]).tolist() == [0, 0]
+    partial_fn = functools.partial(keyword_only, weight=3.0)
+    assert CallableReward(partial_fn)(prompts, responses, **columns).tolist() == [3.0, 0.0]
+
+
+def test_a_parameter_no_column_fills_is_one_reward_error():
+    expected = (
+        r"^reward tests\.test_rewards\.exact_match takes 'answer', which no column of the prompt "
+        r"data fills \(columns given: 'source'\)"
+    )
+    with pytest.raises(RewardError, match=expected):
+        CallableReward(exact_match)(["p"], ["r"], source=["x"])
+    with pytest.raises(RewardError, match=r"\(columns given: none\)"):
+        CallableReward(exact_match)(["p"], ["r"])
+
+
+def test_builtin_sources_ignore_columns_and_subclasses_may_take_them():
+    scores = TokenFractionReward("e")(["p"], ["ee"], answer=["x"], level=[3])
+    assert scores.tolist() == [1.0]
+
+    class Matches(RewardSource):
+        def score(self, prompts, responses, answer):
+            return [float(r == a) for r, a in zip(responses, answer)]
+
+    assert Matches()(["p", "q"], ["a", "b"], answer=["a", "c"], extra=[0, 0]).tolist() == [1, 0]
+
+
+def test_columns_must_have_one_value_per_prompt():
+    with pytest.raises(ValueError, match="column 'answer' has 1 values for 2 prompts"):
+        CallableReward(exact_match)(["p", "q"], ["r", "s"], answer=["x"])
 
 
 # --- model-based -----------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from rlhf_lightning.config import GenerationConfig
+from rlhf_lightning.data.tokenize import has_chat_template, render_chat
 from rlhf_lightning.evaluation import generate_texts, load_policy_for_inference, read_prompts
-from rlhf_lightning.models import apply_chat_template
 
 DEFAULTS = GenerationConfig()
 
@@ -73,8 +73,16 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def model_inputs(tokenizer, prompts: list[str], chat_template: bool) -> list[str]:
-    """The texts fed to the model: the prompts, or their chat-template rendering."""
-    return apply_chat_template(tokenizer, prompts) if chat_template else prompts
+    """The texts fed to the model: the prompts, or each rendered as a user turn with the chat
+    template (a `ChatPrompt`: its text, and token ids in which only the template's tokens are
+    special)."""
+    if not chat_template:
+        return prompts
+    if not has_chat_template(tokenizer):
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template; leave out --chat-template"
+        )
+    return [render_chat(tokenizer, [{"role": "user", "content": prompt}]) for prompt in prompts]
 
 
 def build_parser() -> argparse.ArgumentParser:

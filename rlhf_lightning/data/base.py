@@ -56,7 +56,9 @@ class SplitDataModule(LightningDataModule):
         bad_rows = BadRows(self.on_bad_row)
         train = self._load_source(self.path, self.split, bad_rows)
         if self.eval_path is None:
-            train, evaluation = split_train_eval(train, self.eval_fraction, self.seed)
+            train, evaluation = split_train_eval(
+                train, self.eval_fraction, self.seed, resolve_data_path(self.path), bad_rows
+            )
         else:
             evaluation = self._load_source(self.eval_path, self.eval_split, bad_rows)
         bad_rows.log_summary(self.what)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from rlhf_lightning.data.base import SplitDataModule
 from rlhf_lightning.data.padding import pad_token_ids
 from rlhf_lightning.data.sampler import EpochShuffleSampler
+from rlhf_lightning.data.tokenize import encode_text
 from rlhf_lightning.data.validation import (
     BadRow,
     BadRows,
@@ -41,11 +42,13 @@ def collate_pairs(items: list[dict], pad_id: int) -> dict:
 class PreferenceDataModule(SplitDataModule):
     """(prompt, chosen, rejected[, margin]) rows, validated and tokenised once in `setup`.
 
-    The scored text is `prompt + joiner + response`, tokenised with the tokenizer's special
-    tokens and cut to its last `max_length` tokens (the reward head reads the last real token,
-    so the end of the response must survive). Bad rows: missing column, non-string or blank
-    text, chosen identical to rejected, non-finite margin, exact duplicates. Without
-    `eval_path`, `eval_fraction` of the rows is split off by `seed`.
+    The scored text is `prompt + joiner + response`, tokenised with the special tokens the
+    tokenizer adds (special-token text inside it stays text, `rlhf_lightning.data.tokenize`) and
+    cut to its last `max_length` tokens (the reward head reads the last real token, so the end
+    of the response must survive). Bad rows: missing column, non-string or blank text, chosen
+    identical to rejected, chosen and rejected the same tokens after that cut (`same_tokens`:
+    nothing to learn from), non-finite margin, exact duplicates. Without `eval_path`,
+    `eval_fraction` of the rows is split off by `seed`.
 
     Training batches are shuffled by `EpochShuffleSampler` (epoch e's order depends only on
     seed + e, so a resumed run sees the same batches); under DDP Lightning shards them.
@@ -121,9 +124,19 @@ class PreferenceDataModule(SplitDataModule):
     def _make_items(self, rows: list[SourceRow], source: str, bad_rows: BadRows) -> list[dict]:
         pairs = keep_good_rows(rows, self._read_pair, bad_rows)
         pairs = drop_duplicates(pairs, key=lambda pair: tuple(pair.values()), bad_rows=bad_rows)
-        items = [pair for _, pair in pairs]
-        if items:  # the tokenizer rejects an empty batch; the caller reports "no usable rows"
-            self._tokenize(items, source)
+        if not pairs:  # the tokenizer rejects an empty batch; the caller reports "no usable rows"
+            return []
+        token_ids, num_truncated = self._tokenize([pair for _, pair in pairs])
+        items = []
+        for (row, pair), (chosen_ids, rejected_ids) in zip(pairs, token_ids, strict=True):
+            if chosen_ids == rejected_ids:
+                bad_rows.reject("same_tokens", row.where(), self._same_tokens_message(pair))
+            else:
+                items.append({**pair, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+        if num_truncated:
+            log.warning(
+                "%s: cut %d texts to their last %d tokens", source, num_truncated, self.max_length
+            )
         return items
 
     def _read_pair(self, row: SourceRow) -> dict:
@@ -138,15 +151,28 @@ class PreferenceDataModule(SplitDataModule):
             pair["margin"] = read_margin(row, self.margin_column)
         return pair
 
-    def _tokenize(self, items: list[dict], source: str) -> None:
-        """Add `chosen_ids` and `rejected_ids` (left-truncated to `max_length`) to each item."""
+    def _tokenize(self, pairs: list[dict]) -> tuple[list[tuple[list[int], list[int]]], int]:
+        """(chosen ids, rejected ids) per pair, each cut to its last `max_length` tokens, and the
+        number of texts cut."""
+        token_ids = {}
         num_truncated = 0
         for response in ("chosen", "rejected"):
-            texts = [item["prompt"] + self.joiner + item[response] for item in items]
-            for item, token_ids in zip(items, self.tokenizer(texts)["input_ids"]):
-                item[f"{response}_ids"] = token_ids[-self.max_length :]
-                num_truncated += len(token_ids) > self.max_length
-        if num_truncated:
-            log.warning(
-                "%s: cut %d texts to their last %d tokens", source, num_truncated, self.max_length
+            texts = [pair["prompt"] + self.joiner + pair[response] for pair in pairs]
+            encoded = encode_text(self.tokenizer, texts)
+            num_truncated += sum(len(ids) > self.max_length for ids in encoded)
+            token_ids[response] = [ids[-self.max_length :] for ids in encoded]
+        return list(zip(token_ids["chosen"], token_ids["rejected"], strict=True)), num_truncated
+
+    def _same_tokens_message(self, pair: dict) -> str:
+        """Why a pair whose chosen and rejected token ids are equal cannot train the model."""
+        texts = [
+            pair["prompt"] + self.joiner + pair[response] for response in ("chosen", "rejected")
+        ]
+        lengths = [len(ids) for ids in encode_text(self.tokenizer, texts)]
+        if max(lengths) > self.max_length:
+            return (
+                f"chosen and rejected are the same tokens once cut to their last max_length="
+                f"{self.max_length} tokens (they are {lengths[0]} and {lengths[1]} tokens and "
+                "differ only in what is cut); raise max_length or shorten the prompt"
             )
+        return "chosen and rejected tokenise to the same tokens"

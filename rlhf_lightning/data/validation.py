@@ -145,6 +145,48 @@ def read_text(row: SourceRow, column: str) -> str:
     return value
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def read_messages(row: SourceRow, column: str) -> tuple[tuple[str, str], ...]:
+    """`row[column]` as a chat: ((role, content), ...), or `BadRow("bad_messages")`.
+
+    A chat is a non-empty list of {"role", "content"} objects, each role one of `CHAT_ROLES` and
+    each content a string; the last message is from the user (the policy answers it) and is not
+    blank. Other keys of a message are ignored.
+    """
+    value = read_value(row, column)
+    if not isinstance(value, list) or not value:
+        shown = "an empty list" if value == [] else f"{type(value).__name__} {value!r:.60}"
+        raise BadRow("bad_messages", f"column {column!r} must be a list of messages, got {shown}")
+    chat = []
+    for number, message in enumerate(value, start=1):
+        where = f"column {column!r}, message {number}"
+        if not isinstance(message, dict):
+            kind = type(message).__name__
+            raise BadRow(
+                "bad_messages", f"{where} must be an object with 'role' and 'content', got {kind}"
+            )
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            roles = ", ".join(repr(name) for name in CHAT_ROLES)
+            raise BadRow("bad_messages", f"{where} has role {role!r}; a role is one of {roles}")
+        if not isinstance(content, str):
+            kind = type(content).__name__
+            raise BadRow(
+                "bad_messages", f"{where} must have a string 'content', got {kind} {content!r:.60}"
+            )
+        chat.append((role, content))
+    if chat[-1][0] != "user":
+        message = f"column {column!r}: the last message must be from the user, got {chat[-1][0]!r}"
+        raise BadRow("bad_messages", message)
+    if not chat[-1][1].strip():
+        raise BadRow(
+            "empty_text", f"column {column!r}: the last message is empty or whitespace only"
+        )
+    return tuple(chat)
+
+
 def read_margin(row: SourceRow, column: str) -> float:
     """`row[column]` as a finite float (numbers, or numeric strings as read from CSV)."""
     value = read_value(row, column)
@@ -160,8 +202,12 @@ def read_margin(row: SourceRow, column: str) -> float:
 def require_rows(items: list, what: str, bad_rows: BadRows) -> None:
     """Raise if validation left nothing to train or evaluate on."""
     if not items:
-        details = f"; dropped rows:\n{bad_rows.summary()}" if bad_rows.counts else ""
-        raise DataValidationError(f"{what}: no usable rows{details}")
+        raise DataValidationError(f"{what}: no usable rows{dropped_rows_note(bad_rows)}")
+
+
+def dropped_rows_note(bad_rows: BadRows) -> str:
+    """`; dropped rows:` and the summary of `bad_rows`, or "" when none were dropped."""
+    return f"; dropped rows:\n{bad_rows.summary()}" if bad_rows.counts else ""
 
 
 TOO_LONG = ("truncate_left", "drop", "error")

@@ -179,8 +179,10 @@ def load_reward_tokenizer(path: str | os.PathLike):
 def encode_for_reward(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     """Tokenise texts for scoring: right padding, truncation from the left (keeps the ending).
 
-    Returns `input_ids`, `attention_mask`: (B, T) with T <= max_length. The tokenizer's own
-    settings are left unchanged.
+    Special-token text in the texts (e.g. a literal "<|im_end|>") is tokenised as text, as the
+    preference data is; the tokenizer still adds its own special tokens. Returns `input_ids`,
+    `attention_mask`: (B, T) with T <= max_length. The tokenizer's own settings are left
+    unchanged.
     """
     saved_truncation_side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"
@@ -191,6 +193,7 @@ def encode_for_reward(tokenizer, texts: list[str], max_length: int) -> dict[str,
             padding_side="right",
             truncation=True,
             max_length=max_length,
+            split_special_tokens=True,
             return_tensors="pt",
         )
     finally:

@@ -2,6 +2,7 @@
 
 from rlhf_lightning.rewards.base import (
     CallableReward,
+    RewardError,
     RewardSource,
     as_reward_tensor,
     build_reward,
@@ -14,6 +15,7 @@ __all__ = [
     "CallableReward",
     "ClassifierReward",
     "LearnedReward",
+    "RewardError",
     "RewardSource",
     "TokenFractionReward",
     "VaderReward",
