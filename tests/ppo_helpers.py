@@ -17,7 +17,7 @@ from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.config import RLConfig, rl_config_from
 from rlhf_lightning.models import load_causal_lm, load_tokenizer
 from rlhf_lightning.modules.ppo import PPOModule
-from rlhf_lightning.rewards import TokenFractionReward
+from rlhf_lightning.rewards import TokenFractionReward, build_reward
 
 TINY = {
     "budget.num_iterations": 2,
@@ -59,7 +59,7 @@ def tiny_ppo_module(cfg: RLConfig, reward=None) -> PPOModule:
         cfg.algorithm.value_model.build(lm),
         ref,
         tokenizer,
-        reward or TokenFractionReward("e"),
+        build_reward(reward or TokenFractionReward("e")),
         cfg,
         cfg.algorithm.kl.build_controller(),
     )

@@ -38,7 +38,7 @@ def test_readme_custom_reward_command_runs_ppo_with_a_module_from_pythonpath(tmp
         "reward._target_=myrewards.fn",
         "+reward._partial_=true",
         "experiment=tiny_smoke",
-        "algorithm.num_iterations=1",
+        "budget.num_iterations=1",
         "~logger",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]

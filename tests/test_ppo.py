@@ -385,3 +385,31 @@ def test_ppo_logs_how_far_the_sampler_is_from_the_learner(top_k):
         assert history[0]["rollout/sampler_logprob_max_abs_diff"] < 1e-3
     else:
         assert history[0]["rollout/sampler_kl"] > 0.05
+
+
+def test_reward_gets_each_rollouts_prompt_columns_and_its_errors_name_the_iteration():
+    """With 2 samples per prompt, a reward function's ``answer`` column is repeated like the
+    prompts; a reward that fails stops the run naming the reward and the iteration."""
+    from rlhf_lightning.rewards import CallableReward, RewardError
+
+    seen = []
+
+    def by_answer(prompts, responses, answer):
+        seen.append(list(zip(prompts, answer)))
+        return [float(len(r)) for r in responses]
+
+    module = tiny_ppo_module(tiny_config("rloo", algorithm__samples_per_prompt=2))
+    module.reward = CallableReward(by_answer)
+    batch = prompt_batch(module.tokenizer, 3)
+    batch["columns"] = {"answer": ["a0", "a1", "a2"]}
+    rollout = module.sample(batch, 2)
+    scores = module.score(rollout, batch, iteration=4)
+    assert scores.shape == (6,)
+    assert seen[0] == [(f"p{i}:", f"a{i}") for i in range(3) for _ in range(2)]
+
+    def broken(prompts, responses):
+        return [1.0] * (len(responses) - 1)
+
+    module.reward = CallableReward(broken)
+    with pytest.raises(RewardError, match=r"at iteration 4: reward .*broken returned 5 scores"):
+        module.score(rollout, batch, iteration=4)

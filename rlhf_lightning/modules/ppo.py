@@ -53,6 +53,7 @@ from rlhf_lightning.kl import kl_penalty
 from rlhf_lightning.losses import aggregate, explained_variance, value_loss
 from rlhf_lightning.ops import entropy_from_logits, logprobs_from_logits, zero_masked
 from rlhf_lightning.optim import trainer_precision
+from rlhf_lightning.rewards import RewardError
 from rlhf_lightning.rollout.experience import Experience, make_experience, sequence_kl
 from rlhf_lightning.rollout.generation import (
     Rollout,
@@ -234,14 +235,9 @@ class PPOModule(L.LightningModule):
     def score(self, rollout: Rollout, batch: dict, iteration: int) -> torch.Tensor:
         """(B,) float32 scores of the reward source on this rank's rollouts, checked on all ranks
         together: an error or a non-finite score on one rank stops every rank."""
-        k = len(rollout.prompts) // len(batch["prompts"])
-        columns = {
-            name: [value for value in values for _ in range(k)]
-            for name, values in (batch.get("columns") or {}).items()
-        }
         error = None
         try:
-            scores = self.reward(rollout.prompts, rollout.responses, **columns)
+            scores = self.reward(rollout.prompts, rollout.responses, **columns_of(batch, rollout))
             scores = torch.as_tensor(scores).float().to(self.device)
             bad = int((~torch.isfinite(scores)).sum())
             if bad:
@@ -249,9 +245,9 @@ class PPOModule(L.LightningModule):
         except UserError as raised:
             error, scores = str(raised), None
         if any_rank(error is not None):
-            raise NonFiniteError(
-                f"reward failed at iteration {iteration}: "
-                f"{error or 'on another rank (see its log)'}; the last good checkpoint is kept"
+            raise RewardError(
+                f"at iteration {iteration}: {error or 'the reward failed on another rank'}; "
+                "the last good checkpoint is kept"
             )
         return scores
 
@@ -470,7 +466,8 @@ class PPOModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(EVAL_SEED + batch_idx + 7919 * self.global_rank)
             rollout = self.sample(batch)
-        scores = torch.as_tensor(self.reward(rollout.prompts, rollout.responses)).float()
+        columns = columns_of(batch, rollout)
+        scores = torch.as_tensor(self.reward(rollout.prompts, rollout.responses, **columns))
         T = self.cfg.generation.temperature
         seq_kl = eval_sequence_kl(self.policy.lm, self.ref_lm, rollout, T)
         gold = None
@@ -480,7 +477,7 @@ class PPOModule(L.LightningModule):
         stats.add_mean("val/response_length", rollout.response_mask.sum(dim=1).float())
         stats.add_mean("val/ended_frac", rollout.ended.float())
         if self.gold_reward is not None:
-            gold = torch.as_tensor(self.gold_reward(rollout.prompts, rollout.responses)).float()
+            gold = torch.as_tensor(self.gold_reward(rollout.prompts, rollout.responses, **columns))
             stats.add_mean("val/gold_score", gold)
         if batch_idx == 0:
             self.log_samples(
@@ -568,6 +565,16 @@ class PPOModule(L.LightningModule):
             cells += [f"{float(v):.3f}" for v in values[2:]]
             rows.append("| " + " | ".join(cells) + " |")
         logger.experiment.add_text(tag, "\n".join(rows), self.current_epoch)
+
+
+def columns_of(batch: dict, rollout: Rollout) -> dict[str, list]:
+    """The prompt rows' other columns (``batch["columns"]``), one value per rollout: repeated
+    for the samples of a prompt, as the rollout repeats the prompt."""
+    k = len(rollout.prompts) // len(batch["prompts"])
+    return {
+        name: [value for value in values for _ in range(k)]
+        for name, values in (batch.get("columns") or {}).items()
+    }
 
 
 def markdown_cell(text: str) -> str:
