@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -181,6 +182,21 @@ def test_an_unresolvable_interpolation_names_its_key():
     assert str(error.value) == (
         "invalid config: data.prompts.template: Interpolation key 'nokey' not found"
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.prompts.template=${nokey}", "data.prompts.template"),
+        ("seed=banana", "seed"),
+        ("trainer.precision=17", "trainer.precision"),
+        ("reward._target_=mypkg.fn", "reward._target_"),
+        ("rm.monitor=val/acc", "rm.monitor"),
+    ],
+)
+def test_preflight_runs_every_check(override, key):
+    with pytest.raises(ConfigError, match=f"^invalid config: {re.escape(key)}: "):
+        preflight(_cfg(override))
 
 
 def test_preflight_runs_before_the_data_and_any_model_load(tmp_path):

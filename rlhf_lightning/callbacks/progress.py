@@ -47,6 +47,14 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def eta_s(elapsed_s: float, done: int, total: float) -> float | None:
+    """Seconds left at the mean time per batch so far; None before the first batch or when the
+    total is unknown (``inf``)."""
+    if done <= 0 or total == float("inf"):
+        return None
+    return elapsed_s / done * max(total - done, 0)
+
+
 def status_line(
     position: str, phase: str | None, eta_s: float | None, metrics: dict[str, float]
 ) -> str:
@@ -119,10 +127,9 @@ class ProgressLine(ProgressBar):
         return phase
 
     def eta_s(self) -> float | None:
-        if not self._batches_done or self._fit_start is None or self._batches_total == float("inf"):
+        if self._fit_start is None:
             return None
-        elapsed = time.perf_counter() - self._fit_start
-        return elapsed / self._batches_done * max(self._batches_total - self._batches_done, 0)
+        return eta_s(time.perf_counter() - self._fit_start, self._batches_done, self._batches_total)
 
     def line(self) -> str:
         """The status now; the phase only on a terminal (a plain line reports a whole epoch)."""
