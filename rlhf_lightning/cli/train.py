@@ -114,12 +114,10 @@ def user_error_message(error: BaseException) -> str | None:
         return omegaconf_message(error)
     if isinstance(error, InstantiationException) and error.__cause__ is not None:
         cause = error.__cause__
-        message = user_error_message(cause)
-        if message is None and isinstance(cause, TypeError) and _raised_by_the_call(cause):
-            message = str(cause)
-        if message is not None:
-            full_key = re.search(r"full_key: (\S+)", str(error))
-            return f"{full_key.group(1)}: {message}" if full_key else message
+        if isinstance(cause, TypeError) and _raised_by_the_call(cause):
+            full_key = re.search(r"full_key: (\S+)", str(error))  # the node, in Hydra's text
+            return f"{full_key.group(1)}: {cause}" if full_key else str(cause)
+        return user_error_message(cause)  # a user error names its key or file itself
     return None
 
 
