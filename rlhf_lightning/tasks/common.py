@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_lightning.callbacks import ProgressLine
 from rlhf_lightning.config import ConfigError
 from rlhf_lightning.hardware import resolve_precision
 from rlhf_lightning.tracking import run_name
@@ -96,6 +97,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, **overrides) -> L.Trainer:
 
     Under a sweep the logger's ``version`` (its sub-dir, the TensorBoard run name) says what the
     sweep varies, e.g. ``algorithm.kl.coef=0.1`` (``rlhf_lightning.tracking.run_name``).
+    With ``trainer.enable_progress_bar`` the progress display is `ProgressLine` (one status
+    line) instead of Lightning's bar.
     """
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["precision"] = trainer_precision_from(cfg)
@@ -106,6 +109,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, **overrides) -> L.Trainer:
     if cfg.get("logger"):
         name = run_name()
         logger = instantiate(cfg.logger, **({"version": name} if name else {}))
+    if trainer_kwargs.get("enable_progress_bar", True):
+        callbacks = [*callbacks, ProgressLine()]
     return L.Trainer(
         logger=logger,
         callbacks=callbacks,

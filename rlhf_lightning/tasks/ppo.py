@@ -84,7 +84,7 @@ def validate_ppo_setup(cfg: DictConfig) -> RLConfig:
     missing = OmegaConf.missing_keys(cfg.reward)
     if missing:
         raise ConfigError(
-            f"invalid config: reward.{sorted(missing)[0]}: required (e.g. reward.path=DIR for "
+            f"invalid config: {sorted(missing)[0]}: required (e.g. reward.path=DIR for "
             "reward=learned)"
         )
     return ppo_cfg
