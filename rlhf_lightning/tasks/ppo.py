@@ -191,6 +191,7 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     trainer = build_trainer(
         cfg,
         callbacks=[checkpoint, *lr_monitor(cfg)],
+        stage="ppo",
         max_epochs=ppo_cfg.num_iterations,
         check_val_every_n_epoch=ppo_cfg.eval_every or None,
         limit_val_batches=(ppo_cfg.eval_batches or 1.0) if ppo_cfg.eval_every else 0,
