@@ -193,13 +193,15 @@ def test_samples_reach_csv_logs_as_json_lines(tmp_path):
 
 @pytest.fixture
 def wandb_home(tmp_path, monkeypatch):
-    """W&B's own settings and caches in the test's tmp dir; no run left open afterwards."""
+    """W&B's own settings and caches in the test's tmp dir; afterwards no run left open and no
+    W&B service (its address, in ``WANDB_SERVICE``, would take a later subprocess's runs)."""
     wandb = pytest.importorskip("wandb")
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
     monkeypatch.setenv("WANDB_SILENT", "true")
     yield tmp_path / "wandb_home"
     wandb.finish()
+    wandb.teardown()
 
 
 def test_samples_reach_wandb_as_a_table(tmp_path, wandb_home):
@@ -238,6 +240,7 @@ def test_samples_reach_mlflow_as_a_json_lines_artifact(tmp_path):
 
 def _train(run_dir: Path, *overrides: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("WANDB_SERVICE", None)  # this process's W&B service would write the run's files
     cmd = [sys.executable, "-m", "rlhf_lightning.cli.train", *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
