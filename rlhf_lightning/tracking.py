@@ -1,112 +1,121 @@
-"""Runs compared side by side: hyper-parameters and final metrics in TensorBoard's HParams tab.
+"""Runs compared side by side: where loggers write, what the HParams tab shows, sample tables.
 
-Each task ends with :func:`log_final_hparams`: a flat dict of the config values that define the
-run (:func:`flatten_hparams`) and the run's key metrics, so that every run of a sweep is one row
-of the HParams table when TensorBoard points at the sweep dir. Under a sweep, the TensorBoard run
-is named by what the sweep varies (:func:`run_name`, e.g. ``algorithm.kl.coef=0.1``), not
-``version_3``.
+Layout (:func:`build_logger`). A run logs each stage (``reward_model``, ``ppo``) as its own
+logger run, under the run dir, or under the sweep dir for a sweep's jobs::
+
+    <run dir>/tb/<stage>                               rlhf-train task=ppo | task=pipeline
+    <sweep dir>/tb/<what the sweep varies>/<stage>     rlhf-train -m ..., hparams_search=...
+
+so that ``tensorboard --logdir <sweep dir>`` names each run by its swept values
+(``tb/algorithm.kl.coef=0.1/ppo``). ``tb`` is the logger config's ``name`` (``csv`` for the CSV
+logger). A sweep job records the directories it logs to outside its run dir in
+``<run dir>/log_dirs.txt``; :func:`scalar_events` reads them with the run's own.
+
+HParams (:func:`log_final_hparams`). Each task ends by logging the hyper-parameters that matter
+(:func:`run_hparams`: the keys the sweep varies, the command line's overrides, then the task's
+curated keys in ``TASK_HPARAMS``) with the run's final metrics, declared as the columns of
+TensorBoard's HParams tab (swept keys marked as differing, so that they are shown first).
+
+Samples (:func:`log_samples`): a Markdown table in TensorBoard, a table in W&B, JSON lines in the
+run's log dir for the other loggers.
 """
 
 from __future__ import annotations
 
+import html
+import itertools
 import json
-from collections.abc import Iterator, Mapping
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# Config groups that define each task's run (a task not listed gets all of them): their chosen
-# config (``policy: tiny``) and, for those at the top level of the config, their literal values.
-PPO_GROUPS = ("policy", "reward", "algorithm", "kl", "budget", "generation", "data/prompts")
-RM_GROUPS = ("reward_backbone", "rm", "data/preferences")
-TASK_GROUPS = {
-    "ppo": PPO_GROUPS,
-    "reward_model": RM_GROUPS,
-    "pipeline": (*PPO_GROUPS, *RM_GROUPS, "gold_reward"),
+# Hyper-parameters logged for each task after the swept keys and the command-line overrides:
+# dotted config keys. A config group (``algorithm``, ``policy``) gives the name of the chosen
+# config; a ``._target_`` the class name; a key missing from the config is skipped. TensorBoard's
+# HParams tab lists the swept keys, then the others by name; it shows the first five.
+PPO_HPARAMS = (
+    "task",
+    "algorithm",
+    "algorithm.kl.coef",
+    "algorithm.kl.controller._target_",
+    "algorithm.kl.controller.target",
+    "algorithm.kl.estimator",
+    "algorithm.kl.placement",
+    "algorithm.advantage._target_",
+    "algorithm.policy_loss._target_",
+    "algorithm.policy_loss.clip_low",
+    "algorithm.loss_aggregation._target_",
+    "algorithm.value_model._target_",
+    "algorithm.value_model.coef",
+    "algorithm.value_model.lr",
+    "algorithm.optimizer.lr",
+    "algorithm.ent_coef",
+    "algorithm.epochs",
+    "algorithm.samples_per_prompt",
+    "budget",
+    "budget.num_iterations",
+    "budget.rollout_batch_size",
+    "generation.temperature",
+    "generation.max_new_tokens",
+    "policy",
+    "peft",
+    "reward",
+    "gold_reward._target_",
+    "data/prompts",
+    "seed",
+    "trainer.precision",
+)
+RM_HPARAMS = (
+    "task",
+    "reward_backbone",
+    "rm.lr",
+    "rm.max_epochs",
+    "rm.weight_decay",
+    "rm.warmup_ratio",
+    "data.preferences.max_length",
+    "data.preferences.batch_size",
+    "data/preferences",
+    "seed",
+    "trainer.precision",
+)
+TASK_HPARAMS = {
+    "ppo": PPO_HPARAMS,
+    "reward_model": RM_HPARAMS,
+    "pipeline": tuple(dict.fromkeys((*PPO_HPARAMS, *RM_HPARAMS))),
 }
-ALWAYS_CHOICES = ("experiment", "trainer")
-TOP_LEVEL = ("seed", "trainer.precision", "trainer.devices", "trainer.num_nodes")
-# Keys that change what is logged or saved, not what is learned.
-BOOKKEEPING = {
-    "eval_every",
-    "eval_batches",
-    "sample_table_every",
-    "checkpoint_every",
-    "histogram_every_n_steps",
-    "val_check_interval",
-    "monitor",
+# Final metrics declared as HParams columns after the task's metric (``task.metric``) and before
+# every other ``val/*`` one. TensorBoard shows the first five without ticking boxes.
+METRIC_COLUMNS = {
+    "ppo": (
+        "val/reward",
+        "val/gold_score",
+        "val/kl",
+        "val/response_length",
+        "objective/rlhf_reward",
+        "objective/score",
+        "kl/sequence",
+        "kl/coef",
+    ),
+    "reward_model": ("val/accuracy", "val/loss", "val/margin"),
 }
-# Metrics beside every ``val/*`` one that go into the HParams table, as logged at the end.
-KEY_METRICS = ("objective/score", "objective/rlhf_reward", "kl/sequence", "kl/coef")
+METRIC_COLUMNS["pipeline"] = METRIC_COLUMNS["ppo"]
 # HParams-table metrics are logged as scalars under this prefix (``hparams/val/reward``), so
 # they never add a point to the training curves.
 METRIC_PREFIX = "hparams/"
+# In a sweep job's run dir: the directories (relative to it) it logs to in the sweep dir.
+LOG_DIRS_FILE = "log_dirs.txt"
+
+_SKIP = object()
 
 
-def _scalar(value: Any) -> bool | int | float | str:
-    """A value TensorBoard's HParams accepts: None becomes "null", lists their JSON text."""
-    if value is None:
-        return "null"
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    return json.dumps(value)
-
-
-def _leaves(node: Mapping, prefix: str) -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every literal leaf; ``_target_`` gives the short class name.
-
-    Interpolated values (``${...}``) are skipped: they repeat another key (the KL controller's
-    ``coef: ${algorithm.kl.coef}``) or a path of this run.
-    """
-    for key, value in node.items():
-        path = f"{prefix}.{key}"
-        if key in BOOKKEEPING:
-            continue
-        if key == "_target_":
-            yield path, str(value).rsplit(".", 1)[-1]
-        elif isinstance(value, Mapping):
-            yield from _leaves(value, path)
-        elif isinstance(value, str) and "${" in value:
-            continue
-        else:
-            yield path, value
-
-
-def _override_key(line: str) -> str:
-    return line.split("=", 1)[0].lstrip("+~")
-
-
-def flatten_hparams(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> dict[str, Any]:
-    """The config values that define a run, as one flat ``{dotted.key: scalar}`` dict.
-
-    Includes the task name, seed, precision and devices, and every literal leaf of the task's
-    groups (``TASK_GROUPS``) except bookkeeping keys. With ``hydra_cfg`` (the job's Hydra
-    config) also the chosen config of those groups (``policy: tiny``), the experiment, and
-    every command-line override, so that whatever a sweep varies is a column of the table.
-    """
-    task = OmegaConf.select(cfg, "task.name")
-    groups = TASK_GROUPS.get(task, TASK_GROUPS["pipeline"])
-    flat: dict[str, Any] = {"task": task}
-    for key in TOP_LEVEL:
-        flat[key] = OmegaConf.select(cfg, key)
-    for group in groups:
-        node = cfg.get(group)
-        if isinstance(node, DictConfig):
-            flat.update(_leaves(OmegaConf.to_container(node, resolve=False), group))
-        elif node is not None:
-            flat[group] = node
-    if hydra_cfg is not None:
-        choices = hydra_cfg.runtime.get("choices") or {}
-        for group, choice in choices.items():
-            if (group in groups or group in ALWAYS_CHOICES) and choice is not None:
-                flat[group] = choice
-        for line in hydra_cfg.overrides.get("task") or []:
-            key, raw = _override_key(line), line.partition("=")[2]
-            if key not in flat:
-                value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-                flat[key] = value if isinstance(value, (bool, int, float, str)) else raw
-    return {key: _scalar(value) for key, value in flat.items()}
+# ----------------------------------------------------------------------------- sweeps and names
 
 
 def current_hydra_cfg() -> DictConfig | None:
@@ -116,9 +125,15 @@ def current_hydra_cfg() -> DictConfig | None:
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
-def _is_multirun(hydra_cfg: DictConfig) -> bool:
+def _is_multirun(hydra_cfg: DictConfig | None) -> bool:
+    if hydra_cfg is None:
+        return False
     mode = hydra_cfg.get("mode")
     return getattr(mode, "name", mode) == "MULTIRUN"
+
+
+def _override_key(line: str) -> str:
+    return line.split("=", 1)[0].lstrip("+~")
 
 
 def swept_keys(hydra_cfg: DictConfig) -> set[str]:
@@ -139,49 +154,223 @@ def swept_keys(hydra_cfg: DictConfig) -> set[str]:
 
 
 def run_name(hydra_cfg: DictConfig | None = None) -> str:
-    """The TensorBoard run name of this job: what its sweep varies, e.g. ``algorithm.kl.coef=0.1``.
+    """This job's run name in its sweep: what the sweep varies, e.g. ``algorithm.kl.coef=0.1``.
 
     Written like Hydra's ``override_dirname`` (sorted, same separators) but holding only the
-    swept keys; all overrides when those are unknown. ``""`` outside a sweep (a single run's
-    logs go straight into ``<run dir>/tb``). ``hydra_cfg`` defaults to the running job's.
+    swept keys; all overrides when those are unknown; ``/`` becomes ``_`` (one directory name).
+    ``""`` outside a sweep. ``hydra_cfg`` defaults to the running job's.
     """
     hydra_cfg = hydra_cfg if hydra_cfg is not None else current_hydra_cfg()
-    if hydra_cfg is None or not _is_multirun(hydra_cfg):
+    if not _is_multirun(hydra_cfg):
         return ""
     swept = swept_keys(hydra_cfg)
     lines = [line for line in hydra_cfg.overrides.task if _override_key(line) in swept]
     if not lines:
-        return hydra_cfg.job.override_dirname
-    seps = hydra_cfg.job.config.override_dirname
-    return seps.item_sep.join(sorted(lines)).replace("=", seps.kv_sep)
+        name = hydra_cfg.job.override_dirname
+    else:
+        seps = hydra_cfg.job.config.override_dirname
+        name = seps.item_sep.join(sorted(lines)).replace("=", seps.kv_sep)
+    return name.replace("/", "_").replace("\\", "")[:200]
 
 
-def final_metrics(trainer, extra: Mapping[str, float | None] = ()) -> dict[str, float]:
-    """The trainer's last ``val/*`` and ``KEY_METRICS`` values, updated with ``extra``."""
-    metrics = {}
-    for name, value in trainer.callback_metrics.items():
-        if (name.startswith("val/") or name in KEY_METRICS) and value.numel() == 1:
-            metrics[name] = float(value)
-    metrics.update({k: float(v) for k, v in dict(extra).items() if v is not None})
-    return metrics
+# ----------------------------------------------------------------------------- loggers
+
+
+def recorded_log_dirs(run_dir: str | Path) -> list[Path]:
+    """The directories outside ``run_dir`` that its run logged to (``LOG_DIRS_FILE``)."""
+    record = Path(run_dir) / LOG_DIRS_FILE
+    if not record.is_file():
+        return []
+    lines = record.read_text().splitlines()
+    return list(dict.fromkeys((Path(run_dir) / line).resolve() for line in lines if line))
+
+
+def _claim_run_dir(run_dir: Path, parent: Path, name: str) -> Path:
+    """``parent/name`` for this job: created if free, else ``name~2``, ``name~3``, ... (two jobs
+    with the same swept values, e.g. Optuna trials). The job's later stages and a resumed job
+    reuse the directory recorded in its run dir."""
+    parent = parent.resolve()
+    for recorded in recorded_log_dirs(run_dir):
+        if recorded.parent == parent:
+            return recorded
+    for k in itertools.count(1):
+        claimed = parent / (name if k == 1 else f"{name}~{k}")
+        try:
+            claimed.mkdir(parents=True)
+            break
+        except FileExistsError:
+            continue
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / LOG_DIRS_FILE).open("a") as f:
+        f.write(Path(os.path.relpath(claimed, run_dir)).as_posix() + "\n")
+    return claimed
+
+
+def _placement(target: type, root: Path, label: str) -> dict[str, Any]:
+    """Keyword arguments that tell a Lightning logger class where to write and the run's name."""
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    if issubclass(target, (TensorBoardLogger, CSVLogger)):
+        return {"save_dir": str(root), "version": label}
+    if issubclass(target, WandbLogger):
+        return {"save_dir": str(root), "name": label or None}
+    if issubclass(target, MLFlowLogger):
+        return {
+            "tracking_uri": f"sqlite:///{root.resolve() / 'mlflow.db'}",
+            "artifact_location": str(root.resolve() / "mlruns"),
+            "run_name": label or None,
+        }
+    return {}
+
+
+def build_logger(
+    logger_cfg: DictConfig,
+    run_dir: str | Path,
+    stage: str | None = None,
+    hydra_cfg: DictConfig | None = None,
+):
+    """The configured Lightning logger for one stage of the run in ``run_dir``.
+
+    Fills the keys that ``logger_cfg`` leaves null: TensorBoard and CSV write to
+    ``<root>/<name>/[<run name>/]<stage>``, W&B to ``<root>/wandb`` as run ``[<run name>/]<stage>``,
+    MLflow to ``<root>/mlflow.db`` (artifacts in ``<root>/mlruns``); ``root`` is the run dir, or
+    the sweep dir for a sweep's job, whose run name is :func:`run_name` (made unique in the sweep
+    by :func:`_claim_run_dir`). A W&B run left open by an earlier stage or job is finished first:
+    each stage is one W&B run. ``hydra_cfg`` defaults to the running job's.
+    """
+    from hydra.utils import get_class, instantiate
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    hydra_cfg = hydra_cfg if hydra_cfg is not None else current_hydra_cfg()
+    target = get_class(logger_cfg._target_)
+    run_dir = Path(run_dir)
+    root, name = run_dir, ""
+    if _is_multirun(hydra_cfg):
+        root = Path(hydra_cfg.sweep.dir).resolve()
+        name = run_name(hydra_cfg) or str(hydra_cfg.job.num)
+        if issubclass(target, (TensorBoardLogger, CSVLogger)):
+            parent = Path(logger_cfg.get("save_dir") or root) / (logger_cfg.get("name") or "")
+            name = _claim_run_dir(run_dir, parent, name).name
+    label = "/".join(part for part in (name, stage) if part)
+    kwargs = {k: v for k, v in _placement(target, root, label).items() if logger_cfg.get(k) is None}
+    if issubclass(target, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    return instantiate(logger_cfg, **kwargs)
+
+
+# ----------------------------------------------------------------------------- hyper-parameters
+
+
+def _scalar(value: Any) -> bool | int | float | str:
+    """A value TensorBoard's HParams accepts: None becomes "null", lists their JSON text."""
+    if value is None:
+        return "null"
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value)
+
+
+def _hparam_value(cfg: DictConfig, key: str, choices: Mapping, raw: Mapping[str, str]) -> Any:
+    """The value of ``key`` as logged: a config group's choice, a class name for ``_target_``,
+    a literal; the override's text for a key the config lacks; ``_SKIP`` otherwise."""
+    if key in choices:
+        return _SKIP if choices[key] is None else choices[key]
+    try:
+        value = OmegaConf.select(cfg, key, default=_SKIP)
+    except Exception:  # an interpolation that does not resolve here
+        value = _SKIP
+    if value is _SKIP:
+        return raw.get(key, _SKIP)
+    if isinstance(value, DictConfig):
+        return _SKIP
+    if isinstance(value, ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if key.endswith("._target_") and isinstance(value, str):
+        return value.rsplit(".", 1)[-1]
+    return value
+
+
+def run_hparams(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> dict[str, Any]:
+    """The hyper-parameters of a run, as one flat ``{dotted.key: scalar}`` dict, in this order:
+    the keys its sweep varies, its command-line overrides (but the keys Hydra's
+    ``override_dirname`` excludes), then ``TASK_HPARAMS[task]``. ``hydra_cfg`` (the job's Hydra
+    config) gives the swept keys, the overrides and the chosen config of each group."""
+    task = OmegaConf.select(cfg, "task.name")
+    keys: list[str] = []
+    choices: Mapping = {}
+    raw: dict[str, str] = {}
+    if hydra_cfg is not None:
+        choices = hydra_cfg.runtime.get("choices") or {}
+        excluded = set(hydra_cfg.job.config.override_dirname.get("exclude_keys") or [])
+        lines = [str(line) for line in hydra_cfg.overrides.get("task") or []]
+        raw = {_override_key(line): line.partition("=")[2] for line in lines}
+        if _is_multirun(hydra_cfg):
+            keys += sorted(swept_keys(hydra_cfg))
+        keys += [key for key in raw if key not in excluded]
+    keys += TASK_HPARAMS.get(task, TASK_HPARAMS["pipeline"])
+    values = {key: _hparam_value(cfg, key, choices, raw) for key in dict.fromkeys(keys)}
+    return {key: _scalar(value) for key, value in values.items() if value is not _SKIP}
+
+
+def final_metrics(trainer, cfg: DictConfig, extra: Mapping[str, float | None] = ()) -> dict:
+    """The run's final metrics in column order: ``cfg.task.metric``, ``METRIC_COLUMNS`` of the
+    task, then every other ``val/*``. Values are the trainer's last, replaced by ``extra``'s."""
+    values = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    values.update({k: float(v) for k, v in dict(extra).items() if v is not None})
+    task = OmegaConf.select(cfg, "task.name")
+    order = [
+        OmegaConf.select(cfg, "task.metric"),
+        *METRIC_COLUMNS.get(task, ()),
+        *sorted(k for k in values if k.startswith("val/")),
+    ]
+    return {k: values[k] for k in dict.fromkeys(order) if k in values}
+
+
+def _tensorboard_hparams(logger, params: dict, metrics: dict, step: int, differ: set) -> None:
+    """The HParams-plugin records of one run: the experiment (its columns: ``params`` keys,
+    those in ``differ`` marked as differing between runs, and ``metrics`` keys), the session
+    (``params`` values), and the ``metrics`` values as scalars."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    from torch.utils.tensorboard.summary import hparams
+
+    logger.log_metrics(metrics, step)
+    experiment, session_start, session_end = hparams(params, metrics)
+    plugin_data = experiment.value[0].metadata.plugin_data
+    data = HParamsPluginData.FromString(plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in differ
+    plugin_data.content = data.SerializeToString()
+    writer = logger.experiment._get_file_writer()  # as Lightning's own log_hyperparams
+    for summary in (experiment, session_start, session_end):
+        writer.add_summary(summary, step)
+    logger.hparams.update(params)  # saved as hparams.yaml
 
 
 def log_final_hparams(trainer, cfg: DictConfig, metrics: Mapping[str, float | None] = ()) -> dict:
-    """Log the run's hyper-parameters and final metrics to the HParams tab of every logger.
+    """Log the run's hyper-parameters (:func:`run_hparams`, with the precision the trainer ran
+    in) and final metrics (:func:`final_metrics`) to every logger: TensorBoard's HParams tab,
+    the other loggers' params and metrics.
 
     ``metrics`` (e.g. ``{cfg.task.metric: value main() returns}``) extend or replace the
-    trainer's final key metrics. Call once per run, after fit: TensorBoard shows the first
-    HParams record of a run dir. Returns the metrics logged (with ``METRIC_PREFIX``).
+    trainer's final metrics. Call once per stage run, after fit. Returns the metrics logged
+    (with ``METRIC_PREFIX``).
     """
     if not trainer.is_global_zero or not trainer.loggers:
         return {}
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    params = flatten_hparams(cfg, current_hydra_cfg())
-    logged = {METRIC_PREFIX + k: v for k, v in final_metrics(trainer, metrics).items()}
+    hydra_cfg = current_hydra_cfg()
+    params = run_hparams(cfg, hydra_cfg)
+    if "trainer.precision" in params:
+        params["trainer.precision"] = str(trainer.precision)
+    differ = swept_keys(hydra_cfg) if _is_multirun(hydra_cfg) else set()
+    logged = {METRIC_PREFIX + k: v for k, v in final_metrics(trainer, cfg, metrics).items()}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, logged, step=trainer.global_step)
+            _tensorboard_hparams(logger, params, logged, trainer.global_step, differ)
         else:
             logger.log_hyperparams(params)
             logger.log_metrics(logged, step=trainer.global_step)
@@ -189,20 +378,104 @@ def log_final_hparams(trainer, cfg: DictConfig, metrics: Mapping[str, float | No
     return logged
 
 
+class SqliteStorageDir(Callback):
+    """Hydra callback: creates the folder of a ``sqlite:///PATH`` sweeper storage (an Optuna
+    study's database) before the sweeper opens it; the sweep dir does not exist yet then."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        storage = OmegaConf.select(config, "hydra.sweeper.storage")
+        if isinstance(storage, str) and storage.startswith("sqlite:///"):
+            Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- sample tables
+
+_MARKDOWN_ESCAPES = str.maketrans({c: "\\" + c for c in "\\`*_[]|"})
+
+
+def markdown_cell(value: Any) -> str:
+    """``value`` as the text of one Markdown table cell that renders as itself: ``&<>`` as HTML
+    entities, Markdown's ``\\ ` * _ [ ] |`` backslash-escaped, line breaks as ``<br>``; floats
+    with 3 decimals, None empty."""
+    if value is None:
+        return ""
+    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    text = html.escape(text, quote=False).translate(_MARKDOWN_ESCAPES)
+    return re.sub(r"\r\n|\r|\n", "<br>", text)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of ``rows``: a column per key (first-seen order), a line per row."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [
+        "| " + " | ".join(markdown_cell(c) for c in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(markdown_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def samples_dir(logger) -> Path | None:
+    """Where :func:`log_samples` writes JSON lines for ``logger``: MLflow's local artifact dir of
+    the run, else the logger's ``log_dir`` or ``save_dir``; None for a logger with none."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    if isinstance(logger, MLFlowLogger):
+        uri = urlparse(logger.experiment.get_run(logger.run_id).info.artifact_uri)
+        return Path(url2pathname(uri.path)) if uri.scheme in ("", "file") else None
+    directory = logger.log_dir or logger.save_dir
+    return None if directory is None else Path(directory)
+
+
+def log_samples(logger, tag: str, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+    """Log sample completions (``rows``: one dict per sample, e.g. prompt, response, score, kl,
+    gold) under ``tag`` at ``step`` in the form ``logger`` shows: TensorBoard a Markdown table
+    (text panel), W&B a table (``log_table``), any other logger JSON lines (``step`` + the row)
+    appended to ``<samples_dir>/samples/<tag with / as _>.jsonl``. Logs every row given; does
+    nothing off global rank 0 or for a logger without a local directory (warned)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+    from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+    if not rows or rank_zero_only.rank != 0:
+        return
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_text(tag, markdown_table(rows), step)
+        return
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    if isinstance(logger, WandbLogger):
+        data = [[row.get(c) for c in columns] for row in rows]
+        logger.log_table(key=tag, columns=columns, data=data, step=step)
+        return
+    directory = samples_dir(logger)
+    if directory is None:
+        rank_zero_warn(f"{type(logger).__name__} has no local directory: samples not logged")
+        return
+    path = directory / "samples" / f"{tag.replace('/', '_')}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps({"step": step, **row}) + "\n")
+
+
+# ----------------------------------------------------------------------------- reading logs back
+
+
 def scalar_events(run_dir: str | Path) -> Iterator[tuple[str, int, float, float]]:
-    """``(tag, step, wall_time, value)`` of every scalar in the event files under ``run_dir``."""
+    """``(tag, step, wall_time, value)`` of every scalar in the event files of a run: those under
+    ``run_dir`` and under the directories it recorded (:func:`recorded_log_dirs`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            for e in accumulator.Scalars(tag):
-                yield tag, e.step, e.wall_time, e.value
+    for directory in [Path(run_dir), *recorded_log_dirs(run_dir)]:
+        for events in sorted(directory.rglob("events.out.tfevents.*")):
+            accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+            accumulator.Reload()
+            for tag in accumulator.Tags()["scalars"]:
+                for e in accumulator.Scalars(tag):
+                    yield tag, e.step, e.wall_time, e.value
 
 
 def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of every TensorBoard event file under ``run_dir``: tag -> sorted (step, value).
+    """Every scalar of a run (:func:`scalar_events`): tag -> sorted (step, value).
 
     Used by the plotting scripts in ``experiments/``.
     """

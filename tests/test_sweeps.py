@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from rlhf_lightning.cli import compare
 from rlhf_lightning.cli.train import CONF_DIR
-from rlhf_lightning.tracking import flatten_hparams, run_name
+from rlhf_lightning.tracking import run_hparams, run_name
 
 TINY_PPO = ["experiment=tiny_smoke", "task=ppo", "reward=token_fraction"]
 
@@ -25,16 +25,27 @@ def _compose(*overrides: str):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
-def _hparams_of(event_dir: Path) -> dict:
-    """The hparams of the HParams-plugin session start written in ``event_dir``."""
+def _hparams_plugin_data(event_dir: Path, tag: str):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     acc = EventAccumulator(str(event_dir))
     acc.Reload()
-    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return plugin_data_pb2.HParamsPluginData.FromString(acc.PluginTagToContent("hparams")[tag])
+
+
+def _hparams_of(event_dir: Path) -> dict:
+    """The hparams of the HParams-plugin session start written in ``event_dir``."""
+    start = _hparams_plugin_data(event_dir, "_hparams_/session_start_info").session_start_info
     return {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+
+
+def _columns_of(event_dir: Path) -> tuple[set[str], list[str]]:
+    """The HParams table's columns declared in ``event_dir``: the hparams marked as differing
+    between runs, and the metrics in order."""
+    experiment = _hparams_plugin_data(event_dir, "_hparams_/experiment").experiment
+    differing = {info.name for info in experiment.hparam_infos if info.differs}
+    return differing, [info.name.tag for info in experiment.metric_infos]
 
 
 def _csv_rows(capsys, *argv: str) -> list[dict]:
@@ -42,35 +53,55 @@ def _csv_rows(capsys, *argv: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
 
 
-# flatten_hparams -------------------------------------------------------------------------------
+# run_hparams -----------------------------------------------------------------------------------
 
 
-def test_flatten_hparams_gives_flat_scalars_of_the_ppo_groups():
+def test_run_hparams_are_the_overrides_then_the_task_table():
     cfg = _compose("task=ppo", "policy=tiny", "algorithm.kl.coef=0.1", "data.prompts.batch_size=4")
-    flat = flatten_hparams(cfg, cfg.hydra)
-    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
-    assert flat["task"] == "ppo" and flat["seed"] == 42
-    assert flat["algorithm.kl.coef"] == 0.1 and flat["algorithm.policy_loss.clip_low"] == 0.2
-    assert flat["generation.temperature"] == 0.7
-    assert flat["algorithm.kl.controller._target_"] == "FixedKLController"
-    assert flat["algorithm.policy_loss.dual_clip"] == "null"  # None, as TensorBoard accepts it
-    assert "task.eval_every" not in flat  # bookkeeping
-    assert flat["reward._target_"] == "VaderReward"
-    assert flat["policy"] == "tiny" and flat["policy.name_or_path"] == "builtin:tiny"
-    assert flat["data/prompts"] == "sentiment" and flat["kl"] == "fixed"
-    assert flat["data.prompts.batch_size"] == 4  # every command-line override is a column
-    assert not any(k.startswith(("rm", "reward_backbone", "logger", "paths")) for k in flat)
+    hparams = run_hparams(cfg, cfg.hydra)
+    assert all(isinstance(v, (bool, int, float, str)) for v in hparams.values())
+    # The command line first, in its order (every override is a column), then the table.
+    assert list(hparams)[:4] == ["task", "policy", "algorithm.kl.coef", "data.prompts.batch_size"]
+    assert hparams["task"] == "ppo" and hparams["policy"] == "tiny"  # a group: its choice
+    assert hparams["algorithm.kl.coef"] == 0.1 and hparams["data.prompts.batch_size"] == 4
+    assert hparams["algorithm"] == "ppo" and hparams["reward"] == "vader"
+    assert hparams["algorithm.kl.controller._target_"] == "FixedKLController"
+    assert hparams["generation.temperature"] == 0.7 and hparams["seed"] == 42
+    assert hparams["algorithm.samples_per_prompt"] == 1
+    assert "algorithm.kl.controller.target" not in hparams  # a key the config lacks is skipped
+    assert "gold_reward._target_" not in hparams  # gold_reward: null
+    assert "task.eval_every" not in hparams and len(hparams) < 35  # the table, not all
 
 
-def test_flatten_hparams_follows_the_task():
-    rm = flatten_hparams(_compose("task=reward_model"))
-    assert rm["rm.lr"] == 5.0e-5 and "rm.monitor" not in rm
+def test_run_hparams_put_the_swept_keys_first():
+    cfg = _compose("task=ppo", "algorithm.kl.coef=0.1", "seed=2")
+    with open_dict(cfg.hydra):
+        cfg.hydra.mode = "MULTIRUN"
+        cfg.hydra.sweeper.params = {"seed": "1,2"}
+    assert list(run_hparams(cfg, cfg.hydra))[:3] == ["seed", "task", "algorithm.kl.coef"]
+
+
+def test_run_hparams_follow_the_task():
+    # Without Hydra's config: no chosen configs (task, reward_backbone), only values.
+    assert run_hparams(_compose("task=reward_model")) == {
+        "rm.lr": 5.0e-5,
+        "rm.max_epochs": 2,
+        "rm.weight_decay": 0.01,
+        "rm.warmup_ratio": 0.1,
+        "data.preferences.max_length": 96,
+        "data.preferences.batch_size": 32,
+        "seed": 42,
+        "trainer.precision": "auto",
+    }
+    cfg = _compose("task=reward_model")
+    rm = run_hparams(cfg, cfg.hydra)
+    assert rm["task"] == "reward_model" and rm["reward_backbone"] == "minilm"
+    assert rm["data/preferences"] == "sentiment"
     assert not any(k.startswith(("algorithm", "policy")) for k in rm)
-    pipeline = flatten_hparams(_compose("task=pipeline"))
+    cfg = _compose("task=pipeline")
+    pipeline = run_hparams(cfg, cfg.hydra)
     assert pipeline["rm.lr"] == 5.0e-5 and pipeline["algorithm.kl.coef"] == 0.05
-    assert pipeline["reward._target_"] == "LearnedReward"
-    assert "reward.path" not in pipeline  # an interpolated path of the run
-    assert pipeline["gold_reward._target_"] == "VaderReward"
+    assert pipeline["reward"] == "learned" and pipeline["gold_reward._target_"] == "VaderReward"
 
 
 # run_name --------------------------------------------------------------------------------------
@@ -110,35 +141,47 @@ def test_run_name_is_what_the_sweep_varies(tmp_path):
 # log_final_hparams + rlhf-compare, on real event files -----------------------------------------
 
 
-def _fake_run(run_dir: Path, kl_coef: float, rewards: list[float]) -> None:
-    """A run dir as a sweep job leaves it: Hydra's files and TensorBoard logs with hparams."""
+def _fake_sweep_job(sweep_dir: Path, job: str, kl_coef: float, rewards: list[float], monkeypatch):
+    """A job of a sweep over ``algorithm.kl.coef`` as it leaves its run dir and its TensorBoard
+    run: Hydra's files, scalars, and the final hparams logged under the job's Hydra config."""
     import lightning as L
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from hydra.core.hydra_config import HydraConfig
 
-    from rlhf_lightning.tracking import log_final_hparams
+    from rlhf_lightning.tracking import build_logger, log_final_hparams
 
-    cfg = _compose("task=ppo", "policy=tiny", f"algorithm.kl.coef={kl_coef}")
+    overrides = ["task=ppo", "policy=tiny", f"algorithm.kl.coef={kl_coef}"]
+    cfg = _compose(*overrides)
+    with open_dict(cfg.hydra):
+        cfg.hydra.mode = "MULTIRUN"
+        cfg.hydra.sweep.dir = str(sweep_dir)
+        cfg.hydra.sweeper.params = {"algorithm.kl.coef": "0.0,0.2"}
+        cfg.hydra.job.num = 0
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", OmegaConf.masked_copy(cfg, "hydra"))
+    run_dir = sweep_dir / job
     (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(
-        ["task=ppo", "policy=tiny", f"algorithm.kl.coef={kl_coef}"],
-        run_dir / ".hydra" / "overrides.yaml",
-    )
+    OmegaConf.save(overrides, run_dir / ".hydra" / "overrides.yaml")
     OmegaConf.save(OmegaConf.masked_copy(cfg, ["task"]), run_dir / ".hydra" / "config.yaml")
-    logger = TensorBoardLogger(run_dir, name="tb", version=f"algorithm.kl.coef={kl_coef}")
+    logger = build_logger(cfg.logger, run_dir, "ppo")
     for step, reward in enumerate(rewards):
         logger.log_metrics({"val/reward": reward, "train/other": 1.0}, step=step)
     logger.finalize("success")
     trainer = L.Trainer(logger=logger, enable_progress_bar=False, enable_model_summary=False)
-    logged = log_final_hparams(trainer, cfg, {"val/reward": rewards[-1]})
-    assert logged == {"hparams/val/reward": rewards[-1]}
+    logged = log_final_hparams(trainer, cfg, {"val/reward": rewards[-1], "val/kl": 0.5})
+    assert logged == {"hparams/val/reward": rewards[-1], "hparams/val/kl": 0.5}
 
 
-def test_final_hparams_reach_tensorboard_and_rlhf_compare(tmp_path, capsys):
-    _fake_run(tmp_path / "a", 0.0, [0.1, 0.2, 0.3])
-    _fake_run(tmp_path / "b", 0.2, [0.5, 0.4])
+def test_final_hparams_reach_tensorboard_and_rlhf_compare(tmp_path, capsys, monkeypatch):
+    _fake_sweep_job(tmp_path, "a", 0.0, [0.1, 0.2, 0.3], monkeypatch)
+    _fake_sweep_job(tmp_path, "b", 0.2, [0.5, 0.4], monkeypatch)
 
-    hparams = _hparams_of(tmp_path / "a" / "tb" / "algorithm.kl.coef=0.0")
+    event_dir = tmp_path / "tb" / "algorithm.kl.coef=0.0" / "ppo"
+    hparams = _hparams_of(event_dir)
     assert hparams["algorithm.kl.coef"] == 0.0 and hparams["task"] == "ppo"
+    assert hparams["trainer.precision"] == "32-true"  # what the trainer ran in, not "auto"
+    # The HParams tab shows the swept key and the metrics first, without ticking boxes.
+    differing, metrics = _columns_of(event_dir)
+    assert differing == {"algorithm.kl.coef"}
+    assert metrics == ["hparams/val/reward", "hparams/val/kl"]  # task.metric first
 
     rows = _csv_rows(capsys, str(tmp_path))
     assert [r["run"] for r in rows] == ["a", "b"]
@@ -207,9 +250,11 @@ def test_sentiment_kl_adaptive_sweeps_the_target_with_a_horizon_that_lets_beta_m
 
 def test_optuna_search_composes():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    sweeper = _compose("hparams_search=ppo_optuna", "task=ppo").hydra.sweeper
+    cfg = _compose("hparams_search=ppo_optuna", "task=ppo")
+    sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
-    assert sweeper.storage is None
+    assert sweeper.storage == f"sqlite:///{cfg.hydra.sweep.dir}/optuna.db"  # the study, saved
+    assert cfg.hydra.callbacks.sqlite_storage_dir._target_.endswith("SqliteStorageDir")
     assert set(sweeper.params) == {
         "algorithm.kl.coef",
         "algorithm.optimizer.lr",
@@ -245,10 +290,19 @@ def _multirun(sweep_dir: Path, *overrides: str) -> None:
 @pytest.mark.slow
 def test_ppo_kl_sweep_runs_are_compared_side_by_side(tmp_path, capsys):
     _multirun(tmp_path, *TINY_PPO, "algorithm.kl.coef=0.0,0.2")
+    # TensorBoard at the sweep dir: one run per job, named by the swept value.
+    runs = sorted(p.parent.relative_to(tmp_path) for p in tmp_path.rglob("events.out.*"))
+    assert [r.as_posix() for r in dict.fromkeys(runs)] == [
+        "tb/algorithm.kl.coef=0.0/ppo",
+        "tb/algorithm.kl.coef=0.2/ppo",
+    ]
     for coef in (0.0, 0.2):
         (run,) = tmp_path.glob(f"*algorithm.kl.coef={coef},*")
-        event_dir = run / "tb" / f"algorithm.kl.coef={coef}"  # the run is named by the sweep
+        event_dir = tmp_path / "tb" / f"algorithm.kl.coef={coef}" / "ppo"
         assert _hparams_of(event_dir)["algorithm.kl.coef"] == coef
+        differing, metrics = _columns_of(event_dir)
+        assert differing == {"algorithm.kl.coef"}
+        assert metrics[:3] == [f"hparams/val/{m}" for m in ("reward", "kl", "response_length")]
         assert (run / "policy" / "model.safetensors").is_file()
     rows = _csv_rows(capsys, str(tmp_path), "--metrics", "val/reward,hparams/val/kl")
     assert [r["algorithm.kl.coef"] for r in rows] == ["0.0", "0.2"]
@@ -274,25 +328,39 @@ def test_multirun_over_tasks(tmp_path, capsys):
     rows = _csv_rows(capsys, str(tmp_path))
     assert [r["task"] for r in rows] == ["reward_model", "pipeline"]  # job order
     assert all(r["val/accuracy"] for r in rows) and rows[1]["val/gold_score"]
-    for row in rows:
-        assert (
-            _hparams_of(tmp_path / row["run"] / "tb" / f"task={row['task']}")["task"] == row["task"]
-        )
+    for row, stage in zip(rows, ["reward_model", "ppo"]):  # the pipeline's hparams: after PPO
+        assert _hparams_of(tmp_path / "tb" / f"task={row['task']}" / stage)["task"] == row["task"]
+
+
+def _trials(storage: Path) -> list[tuple[int, str]]:
+    """(number, state) of every trial in an Optuna sqlite storage."""
+    import sqlite3
+
+    with sqlite3.connect(storage) as db:
+        return db.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
 
 
 @pytest.mark.slow
-def test_optuna_search_maximises_the_task_metric(tmp_path, capsys):
+def test_optuna_search_maximises_the_task_metric_and_continues_from_its_storage(tmp_path, capsys):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    _multirun(tmp_path, "hparams_search=ppo_optuna", *TINY_PPO, "hydra.sweeper.n_trials=2")
-    results = OmegaConf.load(tmp_path / "optimization_results.yaml")
+    search = ["hparams_search=ppo_optuna", *TINY_PPO, "hydra.sweeper.n_trials=2"]
+    _multirun(tmp_path / "first", *search)
+    results = OmegaConf.load(tmp_path / "first" / "optimization_results.yaml")
     assert set(results.best_params) == {
         "algorithm.kl.coef",
         "algorithm.optimizer.lr",
         "algorithm.policy_loss.clip_low",
     }
-    rows = _csv_rows(capsys, str(tmp_path), "--metrics", "val/reward")
+    rows = _csv_rows(capsys, str(tmp_path / "first"), "--metrics", "val/reward")
     assert [r["run"] for r in rows] == ["0", "1"]  # trial numbers; the values name the TB runs
     assert max(float(r["val/reward"]) for r in rows) == pytest.approx(results.best_value)
+    storage = tmp_path / "first" / "optuna.db"
+    assert _trials(storage) == [(0, "COMPLETE"), (1, "COMPLETE")]
+
+    # A second invocation continues the study saved there, its trials in a new sweep dir.
+    _multirun(tmp_path / "more", *search, f"hydra.sweeper.storage=sqlite:///{storage}")
+    assert _trials(storage) == [(n, "COMPLETE") for n in range(4)]
+    assert not (tmp_path / "more" / "optuna.db").exists()
 
 
 def test_job_subdir_is_one_safe_directory_name():

@@ -66,7 +66,12 @@ def test_tiny_pipeline_runs_end_to_end_and_exports(tmp_path):
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     assert isinstance(lm, torch.nn.Module)
     assert (tmp_path / "checkpoints" / "ppo" / "last.ckpt").is_file()
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    # Each stage is its own TensorBoard run (steps start at 0 in each, val/ metrics not mixed).
+    from rlhf_lightning.tracking import read_scalars
+
+    rm_scalars, ppo_scalars = (read_scalars(tmp_path / "tb" / s) for s in ("reward_model", "ppo"))
+    assert "val/accuracy" in rm_scalars and "val/reward" not in rm_scalars
+    assert "val/reward" in ppo_scalars and "val/accuracy" not in ppo_scalars
 
     # The first things a user runs after training: sample from and evaluate the export.
     from rlhf_lightning.cli import evaluate, generate

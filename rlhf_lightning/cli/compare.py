@@ -1,7 +1,9 @@
 """``rlhf-compare SWEEP_DIR``: one table row per run of a sweep, from its overrides and its logs.
 
 A run is a directory with ``.hydra/overrides.yaml`` (what Hydra writes for every job). Each
-metric's value is the last one the run logged to TensorBoard (highest step, then latest write).
+metric's value is the last one the run logged to TensorBoard (highest step, then latest write),
+in its run dir or, for a sweep's job, in the sweep dir's ``tb/<swept values>/``
+(``rlhf_lightning.tracking.scalar_events``).
 Columns: the overrides whose values differ between the runs, then the metrics (by default each
 run's ``task.metric`` and every ``val/*`` metric), then the run's directory.
 

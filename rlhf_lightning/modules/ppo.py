@@ -63,6 +63,7 @@ from rlhf_lightning.rollout.generation import (
 )
 from rlhf_lightning.schedules import warmup_decay_lambda
 from rlhf_lightning.stats import Stats, all_ranks_sum, any_rank, world_size
+from rlhf_lightning.tracking import log_samples
 
 EVAL_SEED = 1234
 
@@ -553,18 +554,14 @@ class PPOModule(L.LightningModule):
             )
 
     def log_samples(self, tag, prompts, responses, scores, kl, gold=None) -> None:
-        """A Markdown table of the first 8 samples (prompt, response, score, KL[, gold])."""
-        logger = self.logger
-        if logger is None or self.global_rank != 0 or not hasattr(logger.experiment, "add_text"):
-            return
-        header = ["prompt", "response", "score", "KL"] + (["gold"] if gold is not None else [])
-        rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        columns = [prompts, responses, scores, kl] + ([gold] if gold is not None else [])
-        for values in list(zip(*columns))[:8]:
-            cells = [markdown_cell(values[0]), markdown_cell(values[1])]
-            cells += [f"{float(v):.3f}" for v in values[2:]]
-            rows.append("| " + " | ".join(cells) + " |")
-        logger.experiment.add_text(tag, "\n".join(rows), self.current_epoch)
+        """The first 8 samples (prompt, response, score, KL[, gold]) to every logger: a table
+        where the logger has one, else JSON lines (``tracking.log_samples``)."""
+        columns = {"prompt": prompts, "response": responses, "score": scores, "kl": kl}
+        if gold is not None:
+            columns["gold"] = gold
+        rows = [dict(zip(columns, values)) for values in list(zip(*columns.values()))[:8]]
+        for logger in self.loggers:
+            log_samples(logger, tag, rows, self.current_epoch)
 
 
 def columns_of(batch: dict, rollout: Rollout) -> dict[str, list]:
@@ -575,10 +572,3 @@ def columns_of(batch: dict, rollout: Rollout) -> dict[str, list]:
         name: [value for value in values for _ in range(k)]
         for name, values in (batch.get("columns") or {}).items()
     }
-
-
-def markdown_cell(text: str) -> str:
-    """``text`` safe inside a Markdown table cell: no row breaks, pipes or raw HTML."""
-    for raw, escaped in (("\\", "\\\\"), ("|", "\\|"), ("<", "&lt;"), (">", "&gt;")):
-        text = text.replace(raw, escaped)
-    return text.replace("\r", " ").replace("\n", " ") or " "

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_lightning.callbacks import ProgressLine
 from rlhf_lightning.config import ConfigError
 from rlhf_lightning.hardware import resolve_precision
-from rlhf_lightning.tracking import run_name
+from rlhf_lightning.tracking import build_logger
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,14 @@ def resolve_ckpt_path(cfg: DictConfig, stage: str | None = None) -> str | None:
     )
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, **overrides) -> L.Trainer:
-    """A Lightning Trainer from ``cfg.trainer`` + the task's overrides, logging to TensorBoard.
+def build_trainer(
+    cfg: DictConfig, callbacks: list, stage: str | None = None, **overrides
+) -> L.Trainer:
+    """A Lightning Trainer from ``cfg.trainer`` + the task's overrides, logging to ``cfg.logger``.
 
-    Under a sweep the logger's ``version`` (its sub-dir, the TensorBoard run name) says what the
-    sweep varies, e.g. ``algorithm.kl.coef=0.1`` (``rlhf_lightning.tracking.run_name``).
+    ``stage`` (``reward_model``, ``ppo``) names the stage's own logger run, e.g.
+    ``<run dir>/tb/ppo`` or, in a sweep, ``<sweep dir>/tb/algorithm.kl.coef=0.1/ppo``
+    (``rlhf_lightning.tracking.build_logger``).
     With ``trainer.enable_progress_bar`` the progress display is `ProgressLine` (one status
     line) instead of Lightning's bar.
     """
@@ -105,10 +108,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, **overrides) -> L.Trainer:
     if isinstance(trainer_kwargs.get("strategy"), dict):  # a configured strategy (_target_)
         trainer_kwargs["strategy"] = instantiate(cfg.trainer.strategy)
     trainer_kwargs.update(overrides)
-    logger = False
-    if cfg.get("logger"):
-        name = run_name()
-        logger = instantiate(cfg.logger, **({"version": name} if name else {}))
+    logger = build_logger(cfg.logger, run_dir(cfg), stage) if cfg.get("logger") else False
     if trainer_kwargs.get("enable_progress_bar", True):
         callbacks = [*callbacks, ProgressLine()]
     return L.Trainer(

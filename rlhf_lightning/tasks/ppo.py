@@ -190,6 +190,7 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     trainer = build_trainer(
         cfg,
         callbacks=[checkpoint],
+        stage="ppo",
         max_epochs=ppo_cfg.budget.num_iterations,
         check_val_every_n_epoch=cadence.eval_every or None,
         limit_val_batches=(cadence.eval_batches or 1.0) if cadence.eval_every else 0,

@@ -76,6 +76,7 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     trainer = build_trainer(
         cfg,
         callbacks=[checkpoint, *lr_monitor(cfg)],
+        stage=STAGE,
         max_epochs=rm_cfg.max_epochs,
         val_check_interval=rm_cfg.val_check_interval,
         gradient_clip_val=rm_cfg.gradient_clip_val,
