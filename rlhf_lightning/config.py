@@ -371,6 +371,14 @@ class AlgorithmConfig:
     """``linear`` (to 0 at the last step, as in N+) or ``constant``."""
     on_nonfinite: str = "error"
     """``error``: a NaN/inf loss stops the run (all ranks); ``skip``: the minibatch is skipped."""
+    old_logprobs: str = "recompute"
+    """``recompute``: a forward of the trained policy gives the old logprobs; ``sampler``: take
+    those the sampler recorded during generation (no policy forward; values of a shared value
+    head then come from generation's hidden states)."""
+    sampler_correction: Any = None
+    """``SamplerCorrection`` or None: reweight the policy loss by ``pi_old / pi_sampler``
+    (truncated, or masked outside bounds) where sampling differs from the trained policy
+    (top-k/top-p, a bf16 sampling copy, other kernels); needs ``old_logprobs=recompute``."""
 
     def __post_init__(self) -> None:
         p = "algorithm"
@@ -402,6 +410,17 @@ class AlgorithmConfig:
             self.lr_decay in ("linear", "constant"),
             f"{p}.lr_decay",
             f"must be 'linear' or 'constant', got {self.lr_decay!r}",
+        )
+        _check(
+            self.old_logprobs in ("recompute", "sampler"),
+            f"{p}.old_logprobs",
+            f"must be 'recompute' or 'sampler', got {self.old_logprobs!r}",
+        )
+        _check(
+            self.sampler_correction is None or self.old_logprobs == "recompute",
+            f"{p}.sampler_correction",
+            "compares the trained policy's logprobs with the sampler's: needs "
+            "algorithm.old_logprobs=recompute (with sampler they are the same numbers)",
         )
         _check(
             self.on_nonfinite in ("error", "skip"),
@@ -470,7 +489,7 @@ class RLConfig:
 def algorithm_config_from(node) -> AlgorithmConfig:
     """Validate ``cfg.algorithm`` and build its components."""
     from rlhf_lightning.advantages import AdvantageEstimator
-    from rlhf_lightning.losses import LossAggregation, PolicyLoss
+    from rlhf_lightning.losses import LossAggregation, PolicyLoss, SamplerCorrection
     from rlhf_lightning.models.value_head import ValueModel
 
     data = dict(_plain(node))
@@ -488,6 +507,11 @@ def algorithm_config_from(node) -> AlgorithmConfig:
         for name, base in components.items()
     }
     built["optimizer"] = build_component(data.pop("optimizer"), "algorithm.optimizer")
+    correction = data.pop("sampler_correction", None)
+    if correction is not None:
+        built["sampler_correction"] = build_component(
+            correction, "algorithm.sampler_correction", SamplerCorrection
+        )
     _, kl = _to_dataclass(KLConfig, data.pop("kl", {}), "algorithm.kl")
     built["kl"] = _build(KLConfig, kl, "algorithm.kl")
     check_fields(AlgorithmConfig, data, "algorithm")

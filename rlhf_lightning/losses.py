@@ -239,6 +239,56 @@ class SequenceMeanTokenSum(LossAggregation):
         return as_bool_mask(mask, mask.shape).any(dim=1).sum().float()
 
 
+class SamplerCorrection:
+    """Base of the corrections for a sampling distribution that differs from the trained one:
+    ``correction(old_logprobs, sampler_logprobs, mask)`` -> ((B, T) per-token weights of the
+    policy loss, detached, 0 on padding; (B, T) bool: tokens whose weight was cut)."""
+
+    def __call__(self, old_logprobs, sampler_logprobs, mask):
+        raise NotImplementedError
+
+
+def _importance_ratio(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor):
+    keep, old_logprobs, sampler_logprobs = _masked_inputs(
+        mask, old_logprobs=old_logprobs, sampler_logprobs=sampler_logprobs
+    )
+    return keep, torch.exp(old_logprobs - sampler_logprobs).detach()
+
+
+@dataclass(frozen=True)
+class TruncatedIS(SamplerCorrection):
+    """Truncated importance sampling (Yao et al. 2025, "Your Efficient RL Framework Secretly
+    Brings You Off-Policy RL Training"): weight each token's policy loss by
+    ``min(pi_old / pi_sampler, cap)``."""
+
+    cap: float = 2.0
+
+    def __post_init__(self) -> None:
+        require(self.cap > 0, "cap", f"must be > 0, got {self.cap}")
+
+    def __call__(self, old_logprobs, sampler_logprobs, mask):
+        keep, ratio = _importance_ratio(old_logprobs, sampler_logprobs, mask)
+        return zero_masked(ratio.clamp(max=self.cap), keep), keep & (ratio > self.cap)
+
+
+@dataclass(frozen=True)
+class MaskedIS(SamplerCorrection):
+    """Drop the tokens whose ``pi_old / pi_sampler`` lies outside ``[low, high]`` (weight 0);
+    the others keep weight 1."""
+
+    low: float = 0.5
+    high: float = 2.0
+
+    def __post_init__(self) -> None:
+        require(0 <= self.low < 1, "low", f"must be in [0, 1), got {self.low}")
+        require(self.high > 1, "high", f"must be > 1, got {self.high}")
+
+    def __call__(self, old_logprobs, sampler_logprobs, mask):
+        keep, ratio = _importance_ratio(old_logprobs, sampler_logprobs, mask)
+        cut = keep & ((ratio < self.low) | (ratio > self.high))
+        return (keep & ~cut).float(), cut
+
+
 def aggregate(per_token: Tensor, weights: Tensor, denominator: Tensor | float) -> Tensor:
     """``sum(weights * per_token) / denominator``: (B, T), (B, T), scalar -> 0-dim.
 

@@ -132,6 +132,13 @@ def test_lora_ppo_run_exports_merged_weights_and_its_checkpoint_loads_the_same(t
     ids, mask = _ids()
     torch.testing.assert_close(_logits(from_ckpt, ids, mask), _logits(exported, ids, mask))
     assert not torch.allclose(_logits(exported, ids, mask), _logits(base, ids, mask), atol=1e-4)
+    # The adapters alone, in PEFT's format, rebuild the same policy on the base model.
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(
+        load_causal_lm("builtin:tiny"), tmp_path / "policy" / "adapter"
+    )
+    torch.testing.assert_close(_logits(adapted, ids, mask), _logits(exported, ids, mask))
 
 
 @pytest.mark.parametrize(

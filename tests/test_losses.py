@@ -304,3 +304,18 @@ def test_losses_ignore_nan_and_inf_padding():
         token_mean(clean_loss).backward()
         assert torch.isfinite(dirty.grad).all()
         torch.testing.assert_close(dirty.grad, clean.grad)
+
+
+# ----------------------------------------------------------------------------- sampler correction
+def test_truncated_and_masked_importance_weights_hand_values():
+    from rlhf_lightning.losses import MaskedIS, TruncatedIS
+
+    ratios = [0.25, 0.8, 1.0, 3.0]  # pi_old / pi_sampler
+    sampler = torch.tensor([[-1.0, -2.0, -0.5, -3.0, math.nan]])
+    old = sampler + torch.tensor([[math.log(r) for r in ratios] + [0.0]])
+    weights, cut = TruncatedIS(cap=2.0)(old, sampler, MASK)
+    assert weights[0].tolist() == pytest.approx([0.25, 0.8, 1.0, 2.0, 0.0])
+    assert cut[0].tolist() == [False, False, False, True, False]
+    weights, cut = MaskedIS(low=0.5, high=2.0)(old, sampler, MASK)
+    assert weights[0].tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
+    assert cut[0].tolist() == [True, False, False, True, False]

@@ -413,3 +413,132 @@ def test_reward_gets_each_rollouts_prompt_columns_and_its_errors_name_the_iterat
     module.reward = CallableReward(broken)
     with pytest.raises(RewardError, match=r"at iteration 4: reward .*broken returned 5 scores"):
         module.score(rollout, batch, iteration=4)
+
+
+# ------------------------------------------------------------ old logprobs from the sampler
+def _params_after_one_iteration(preset: str, old_logprobs: str, **overrides):
+    L.seed_everything(3)
+    cfg = tiny_config(
+        preset,
+        budget__num_iterations=1,
+        algorithm__old_logprobs=old_logprobs,
+        algorithm__kl__coef=0.05,
+        generation__temperature=0.7,
+        **overrides,
+    )
+    module = tiny_ppo_module(cfg)
+    with torch.no_grad():  # a reference that differs, so the KL enters the rewards
+        for p in module.ref_lm.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    calls = []
+    module.policy.lm.lm_head.register_forward_hook(lambda *_: calls.append(module.phase))
+    _, history = fit(module, max_epochs=1)
+    return {n: p.detach().clone() for n, p in module.policy.named_parameters()}, history, calls
+
+
+@pytest.mark.parametrize("preset", ["ppo", "rloo"])
+def test_sampler_logprobs_give_the_same_update_as_recomputing_them(preset):
+    """Float32 sampling from the trained weights, no top-k/top-p: the logprobs generate recorded
+    (and, for a shared value head, the values read from generate's hidden states) equal the
+    recomputed ones, so the update is the same within fp32 tolerance -- without the policy
+    forward of experience making."""
+    recomputed, history_r, calls_r = _params_after_one_iteration(preset, "recompute")
+    sampled, history_s, calls_s = _params_after_one_iteration(preset, "sampler")
+    assert "experience" in calls_r and "experience" not in calls_s
+    for name, value in recomputed.items():
+        torch.testing.assert_close(sampled[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    for key in ("objective/score", "kl/sequence", "loss/policy"):
+        assert history_s[0][key] == pytest.approx(history_r[0][key], rel=1e-4, abs=1e-6), key
+
+
+def test_generation_hidden_states_give_the_forward_values():
+    module = tiny_ppo_module(tiny_config(generation__stop_token="a"))
+    torch.nn.init.normal_(module.policy.value_head.weight)
+    torch.manual_seed(0)
+    batch = prompt_batch(module.tokenizer, 6)
+    rollout = sample_responses(
+        module.policy.lm,
+        module.tokenizer,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["prompts"],
+        module.cfg.generation,
+        module.stop_token_ids,
+        keep_hidden=True,
+    )
+    ids = torch.cat([rollout.query_ids, rollout.response_ids], 1)
+    mask = torch.cat([rollout.query_mask, rollout.response_mask.long()], 1)
+    _, expected = module.policy(ids, mask, response_start=rollout.query_ids.shape[1])
+    got = module.policy.values_from_hidden(rollout.last_hidden)
+    keep = rollout.response_mask
+    assert keep.sum() < keep.numel()  # some rows stopped early
+    torch.testing.assert_close(got[keep], expected[keep], rtol=1e-4, atol=1e-5)
+
+
+def test_truncated_importance_sampling_reweights_the_policy_loss_where_sampling_differs():
+    """top_k=3 makes the sampler differ from the trained policy: TIS weights the policy loss by
+    min(pi_old / pi_sampler, cap) and logs how many tokens it capped."""
+    from rlhf_lightning.losses import TruncatedIS
+
+    cfg = tiny_config(generation__top_k=3)
+    module = tiny_ppo_module(cfg, reward=_distinct_characters)  # non-zero advantages
+    exp = _experience(module)
+    rows = torch.arange(8)
+    module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
+    plain = _grads(module)
+    module.policy.zero_grad(set_to_none=True)
+    _replace(module, "algorithm", sampler_correction=TruncatedIS(cap=1.5))
+    module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
+    corrected = _grads(module)
+    assert any(not torch.allclose(corrected[n], plain[n]) for n in plain)
+    # Top-k renormalises: pi_sampler > pi_old on every kept token, so every ratio is < 1.
+    ratio = torch.exp(exp.old_logprobs - exp.sampler_logprobs)[exp.response_mask]
+    assert (ratio < 1).all() and (ratio > 0).all()
+    stats = module.rollout_stats(exp, exp, exp.scores, 0.0).reduce()
+    assert stats["rollout/is_weight_mean"] == pytest.approx(float(ratio.mean()), rel=1e-5)
+    assert stats["rollout/is_cut_frac"] == 0.0 and stats["rollout/sampler_kl"] > 0
+
+
+def test_micro_batches_group_rows_by_length_and_trim_padding_without_changing_the_loss():
+    """Extra all-padding columns (left of the prompts, right of the responses) are cut off,
+    rows of similar length share a micro-batch, and the loss is the same as on the padded
+    batch; the padding share is counted."""
+    from rlhf_lightning.rollout.experience import Experience
+
+    module = tiny_ppo_module(tiny_config(generation__stop_token="a"))
+    torch.nn.init.normal_(module.policy.value_head.weight)
+    exp = _experience(module, n=8)
+    exp.response_mask[:4, 2:] = False  # four short responses
+    B, P = exp.query_ids.shape
+    pad = module.tokenizer.pad_token_id
+    padded = Experience(
+        **{
+            **vars(exp),
+            "query_ids": torch.cat([torch.full((B, 3), pad), exp.query_ids], 1),
+            "query_mask": torch.cat([torch.zeros(B, 3, dtype=torch.long), exp.query_mask], 1),
+            "response_ids": torch.cat([exp.response_ids, torch.full((B, 5), pad)], 1),
+            "response_mask": torch.cat([exp.response_mask, torch.zeros(B, 5, dtype=torch.bool)], 1),
+            **{
+                name: torch.cat([getattr(exp, name), torch.zeros(B, 5)], 1)
+                for name in ("old_logprobs", "ref_logprobs", "old_values", "kl", "rewards",
+                             "advantages", "returns", "sampler_logprobs")
+            },
+        }
+    )  # fmt: skip
+    parts = list(padded.micro_batches(torch.arange(B), 4))
+    lengths = [part.response_mask.sum(1).tolist() for part in parts]
+    assert max(lengths[1]) <= 2 < min(lengths[0])  # long rows together, short rows together
+    assert parts[1].response_ids.shape[1] == 2 and parts[0].prompt_len <= P
+    denominator = padded.response_mask.sum().float()
+    trimmed = sum(module.loss(part, denominator, False, Stats())[0] for part in parts)
+    whole = module.loss(padded, denominator, False, Stats())[0]
+    torch.testing.assert_close(trimmed, whole, rtol=1e-5, atol=1e-7)
+    stats = Stats()
+    for part in parts:
+        module.count_padding(part, padded, stats)
+    reduced = stats.reduce()
+    real = float(padded.attention_mask.sum())
+    assert reduced["perf/padding_frac_untrimmed"] == pytest.approx(
+        1 - real / padded.input_ids.numel()
+    )
+    assert reduced["perf/padding_frac"] < reduced["perf/padding_frac_untrimmed"]

@@ -17,6 +17,13 @@ from rlhf_lightning.cli.train import CONF_DIR, run
 from rlhf_lightning.config import ConfigError
 from rlhf_lightning.models import ScalarRewardModel
 
+
+def tokenizer_of(path):
+    from rlhf_lightning.models import load_tokenizer
+
+    return load_tokenizer(path)
+
+
 TINY = [
     "policy=tiny",
     "reward_backbone=tiny",
@@ -66,6 +73,20 @@ def test_tiny_pipeline_runs_end_to_end_and_exports(tmp_path):
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     assert isinstance(lm, torch.nn.Module)
     assert (tmp_path / "checkpoints" / "ppo" / "last.ckpt").is_file()
+    # The export samples as training did: plain transformers and rlhf-generate read the settings.
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from rlhf_lightning.cli.generate import build_parser, generation_config_from
+
+    hf = HFGenerationConfig.from_pretrained(tmp_path / "policy")
+    assert hf.do_sample and hf.temperature == 0.7 and hf.max_new_tokens == 8 and hf.top_k == 0
+    newline = tokenizer_of(tmp_path / "policy").encode("\n", add_special_tokens=False)
+    assert hf.eos_token_id[0] == newline[0]  # the single-line task's stop token
+    args = build_parser().parse_args([str(tmp_path / "policy")])
+    gen = generation_config_from(args, str(tmp_path / "policy"))
+    assert (gen.temperature, gen.max_new_tokens, gen.stop_token) == (0.7, 8, "\n")
+    args = build_parser().parse_args([str(tmp_path / "policy"), "--max-new-tokens", "5"])
+    assert generation_config_from(args, str(tmp_path / "policy")).max_new_tokens == 5
     # Each stage is its own TensorBoard run (steps start at 0 in each, val/ metrics not mixed).
     from rlhf_lightning.tracking import read_scalars
 

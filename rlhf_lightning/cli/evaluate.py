@@ -82,7 +82,7 @@ def default_reference(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate; returns ``{"metrics": {...}, "settings": {...}, "samples": [a row a prompt]}``."""
-    gen = generation_config_from(args)
+    gen = generation_config_from(args, args.policy)
     prompts = read_prompts(args.prompts)[: args.num_prompts]
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts")

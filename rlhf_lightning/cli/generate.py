@@ -23,6 +23,7 @@ import torch
 from rlhf_lightning.config import GenerationConfig
 from rlhf_lightning.data.tokenize import has_chat_template, render_chat
 from rlhf_lightning.evaluation import generate_texts, load_policy_for_inference, read_prompts
+from rlhf_lightning.rollout.generation import load_sampling_settings
 
 DEFAULTS = GenerationConfig()
 
@@ -42,30 +43,39 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
-    """Sampling options; the defaults are those of `GenerationConfig`."""
-    group = parser.add_argument_group("generation")
-    group.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
-    group.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="0: off")
-    group.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="1.0: off")
-    group.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
-    group.add_argument("--min-new-tokens", type=int, default=DEFAULTS.min_new_tokens)
+    """Sampling options. Unset ones come from the model's own sampling settings (a policy
+    exported by ``rlhf-train`` stores those it was trained with), else from `GenerationConfig`."""
+    group = parser.add_argument_group(
+        "generation (default: as the exported policy was trained, else the values shown)"
+    )
+    group.add_argument("--temperature", type=float, help=f"[{DEFAULTS.temperature}]")
+    group.add_argument("--top-k", type=int, help=f"0: off [{DEFAULTS.top_k}]")
+    group.add_argument("--top-p", type=float, help=f"1.0: off [{DEFAULTS.top_p}]")
+    group.add_argument("--max-new-tokens", type=int, help=f"[{DEFAULTS.max_new_tokens}]")
+    group.add_argument("--min-new-tokens", type=int, help=f"[{DEFAULTS.min_new_tokens}]")
     group.add_argument(
         "--stop-token",
-        default=DEFAULTS.stop_token,
-        help="'eos', 'none' (never stop early) or a string of exactly one token",
+        help=f"'eos', 'none' (never stop early) or a string of exactly one token "
+        f"[{DEFAULTS.stop_token}]",
     )
 
 
-def generation_config_from(args: argparse.Namespace) -> GenerationConfig:
-    """The `GenerationConfig` of the parsed generation options (raises ConfigError)."""
-    return GenerationConfig(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        stop_token=None if args.stop_token.lower() == "none" else args.stop_token,
-    )
+def generation_config_from(args: argparse.Namespace, model: str | None = None) -> GenerationConfig:
+    """The `GenerationConfig` of the parsed generation options (raises ConfigError): each option
+    given on the command line, else the sampling settings stored with ``model`` (an exported
+    policy directory), else `GenerationConfig`'s default."""
+    stored = load_sampling_settings(model) if model and Path(model).is_dir() else {}
+    given = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": args.min_new_tokens,
+    }
+    settings = {**stored, **{k: v for k, v in given.items() if v is not None}}
+    if args.stop_token is not None:
+        settings["stop_token"] = None if args.stop_token.lower() == "none" else args.stop_token
+    return GenerationConfig(**settings)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -106,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> list[dict]:
     """Generate the completions; returns the rows ``{"prompt", "response"}``, prompt-major."""
     prompts = list(args.prompts) + (read_prompts(args.prompts_file) if args.prompts_file else [])
-    gen = generation_config_from(args)
+    gen = generation_config_from(args, args.model)
     lm, tokenizer = load_policy_for_inference(args.model, base=args.base, dtype=args.dtype)
     lm.to(resolve_device(args.device))
     repeated = [prompt for prompt in prompts for _ in range(args.num_samples)]

@@ -162,6 +162,26 @@ def merged_copy(lm: nn.Module) -> nn.Module:
     return merged
 
 
+def save_adapters(lm: nn.Module, out_dir, base_model: str | None = None) -> None:
+    """The LoRA adapters of ``lm`` alone, in PEFT's format (``adapter_config.json``,
+    ``adapter_model.safetensors``): ``PeftModel.from_pretrained(base, out_dir)`` rebuilds the
+    trained policy from its base model."""
+    from pathlib import Path
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    config = copy.deepcopy(lm.peft_config["default"])
+    config.base_model_name_or_path = base_model
+    config.task_type = "CAUSAL_LM"
+    config.inference_mode = True
+    config.save_pretrained(out_dir)
+    state = get_peft_model_state_dict(lm)
+    state = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(state, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing of every decoder layer of a transformers model."""
     if not getattr(model, "supports_gradient_checkpointing", False):

@@ -109,6 +109,27 @@ class PolicyWithValueHead(nn.Module):
             hidden = hidden.detach()
         return logits, self._value_head_fp32(hidden)
 
+    def values(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_start: int | None = None,
+    ) -> torch.Tensor:
+        """The values of :meth:`forward` without the LM head: (B, T) -> (B, T) fp32, or
+        (B, T - P) with ``response_start=P``. Requires a value head."""
+        position_ids, keep = _positions(attention_mask, None, response_start)
+        if self.critic_backbone is not None:
+            hidden = self._critic_hidden(input_ids, attention_mask, position_ids, keep)
+        else:
+            hidden = self._trunk_hidden(input_ids, attention_mask, position_ids, keep)
+        return self._value_head_fp32(hidden)
+
+    def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Values from the shared trunk's last hidden states: (B, T, d) -> (B, T) fp32."""
+        if self.critic_backbone is not None:
+            raise ValueError("a separate critic does not read the policy's hidden states")
+        return self._value_head_fp32(hidden)
+
     def _trunk_hidden(self, input_ids, attention_mask, position_ids, keep) -> torch.Tensor:
         """The policy LM's last hidden states at the ``keep`` positions: (B, T', d)."""
         return self.lm.base_model(

@@ -221,17 +221,30 @@ class PPOModule(L.LightningModule):
         k = samples_per_prompt
         was_training = self.policy.training
         self.policy.eval()
+        lm = self.sampling_lm()
         rollout = sample_responses(
-            self.sampling_lm(),
+            lm,
             self.tokenizer,
             batch["input_ids"].repeat_interleave(k, dim=0),
             batch["attention_mask"].repeat_interleave(k, dim=0),
             [prompt for prompt in batch["prompts"] for _ in range(k)],
             self.cfg.generation,
             self.stop_token_ids,
+            keep_hidden=self.values_from_generation(lm),
         )
         self.policy.train(was_training)
         return rollout
+
+    def values_from_generation(self, lm) -> bool:
+        """Whether generation's hidden states give the values: old logprobs from the sampler, a
+        value head on the shared trunk, and rollouts sampled with the trained weights."""
+        policy = self.policy
+        return (
+            self.cfg.algorithm.old_logprobs == "sampler"
+            and policy.value_head is not None
+            and policy.critic_backbone is None
+            and lm is policy.lm
+        )
 
     def score(self, rollout: Rollout, batch: dict, iteration: int) -> torch.Tensor:
         """(B,) float32 scores of the reward source on this rank's rollouts, checked on all ranks
@@ -308,6 +321,7 @@ class PPOModule(L.LightningModule):
                 self.backward_(loss * world)  # DDP averages gradients over ranks
             for name, value in terms.items():
                 losses.add(f"loss/{name}", value, 0.0)
+            self.count_padding(part, exp, stats)
         if any_rank(not finite):
             if self.cfg.algorithm.on_nonfinite == "error":
                 raise NonFiniteError(
@@ -319,6 +333,19 @@ class PPOModule(L.LightningModule):
         for name in losses.sums:  # each rank holds part of the minibatch's loss
             stats.add(name, losses.sums[name], 1.0 / world)
         return True
+
+    @staticmethod
+    def count_padding(part: Experience, exp: Experience, stats: Stats) -> None:
+        """The share of padded positions a micro-batch's forward runs on (``perf/padding_frac``)
+        and what it would be without length grouping and trimming, at the rollout batch's full
+        width (``perf/padding_frac_untrimmed``)."""
+        real = float(part.attention_mask.sum())
+        rows = len(part)
+        stats.add(
+            "perf/padding_frac", rows * part.input_ids.shape[1] - real, part.input_ids.numel()
+        )
+        full = rows * exp.input_ids.shape[1]
+        stats.add("perf/padding_frac_untrimmed", full - real, full)
 
     def backward_(self, loss: torch.Tensor) -> None:
         """``manual_backward`` under a Trainer (precision, strategy); plain backward outside."""
@@ -350,6 +377,9 @@ class PPOModule(L.LightningModule):
         policy_tokens, diagnostics = alg.policy_loss(
             logprobs, part.old_logprobs, part.advantages, mask
         )
+        if alg.sampler_correction is not None:
+            is_weights, _ = alg.sampler_correction(part.old_logprobs, part.sampler_logprobs, mask)
+            policy_tokens = policy_tokens * is_weights
         with torch.set_grad_enabled(alg.ent_coef > 0 and torch.is_grad_enabled()):
             entropy = zero_masked(entropy_from_logits(logits, T), mask)
         terms = {
@@ -423,13 +453,20 @@ class PPOModule(L.LightningModule):
                 explained_variance(exp.old_values, exp.returns, mask) / world_size(),
                 1.0 / world_size(),
             )
-        if rollout.sampler_logprobs is not None:
+        if rollout.sampler_logprobs is not None and alg.old_logprobs == "recompute":
             # How far the distribution sampled from is from the one the losses use (k1 over the
             # sampled tokens): ~0 unless top-k/top-p, min_new_tokens or a lower-precision
             # sampling copy reshape it.
-            gap = (rollout.sampler_logprobs.to(mask.device) - exp.old_logprobs)[mask]
+            sampler = rollout.sampler_logprobs.to(mask.device)
+            gap = (sampler - exp.old_logprobs)[mask]
             stats.add_mean("rollout/sampler_kl", gap)
             stats.add_max("rollout/sampler_logprob_max_abs_diff", gap.abs().max())
+            ratio = torch.exp(exp.old_logprobs - sampler)[mask]
+            stats.add_max("rollout/is_ratio_max", ratio.max())
+            if alg.sampler_correction is not None:
+                weights, cut = alg.sampler_correction(exp.old_logprobs, sampler, mask)
+                stats.add_mean("rollout/is_weight_mean", weights[mask])
+                stats.add_mean("rollout/is_cut_frac", cut[mask].float())
         return stats
 
     def log_iteration(self, metrics: dict[str, float], exp: Experience, iteration: int) -> None:

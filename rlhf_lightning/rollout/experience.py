@@ -2,7 +2,10 @@
 
 For a batch of B sampled responses (P prompt tokens, R response tokens):
 
-1. one forward of the policy (no grad) gives the old logprobs (logits / T) and the values;
+1. the old logprobs and the values: one forward of the policy (no grad; logits / T) with
+   ``algorithm.old_logprobs=recompute``; with ``sampler`` the old logprobs are the ones the
+   sampler recorded (no policy forward), and the values come from a value-model forward, or,
+   for a value head on the shared trunk, from the hidden states generation produced;
 2. one forward of the frozen reference gives the reference logprobs;
 3. the reward source's scores are shaped (missing-EOS penalty, clipping);
 4. per-token rewards: ``r_t = -beta * KL_t`` at every response token when the KL is in the reward,
@@ -51,6 +54,7 @@ class Experience:
     ended: torch.Tensor  # (B,) bool, the response emitted a stop token
     prompts: list[str]
     responses: list[str]
+    sampler_logprobs: torch.Tensor | None = None  # (B, R) fp32, under the sampled distribution
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -79,7 +83,9 @@ class Experience:
         picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if not torch.is_tensor(value):
+            if value is None:
+                picked[f.name] = None
+            elif not torch.is_tensor(value):
                 picked[f.name] = [value[i] for i in rows]
             elif f.name.startswith("query"):
                 picked[f.name] = value[index, keep_from:]
@@ -173,28 +179,40 @@ def global_masked_whiten(
 
 @torch.no_grad()
 def experience_forwards(
-    policy, ref_lm, exp_rows: Experience, rows_per_forward: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Old logprobs, values (None without a value model) and reference logprobs: each (B, R).
+    policy,
+    ref_lm,
+    exp_rows: Experience,
+    rows_per_forward: int,
+    temperature: float,
+    policy_logprobs: bool = True,
+    values_known: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Old logprobs, values and reference logprobs of the rollouts: each (B, R) or None.
 
-    The forwards run in chunks of ``rows_per_forward`` rows of similar length, each cut to its
-    own longest prompt and response; results are 0 beyond a row's chunk length.
+    ``policy_logprobs=False`` skips the LM head (None for the logprobs); the values are None
+    without a value head or with ``values_known``. The forwards run in chunks of
+    ``rows_per_forward`` rows of similar length, each cut to its own longest prompt and
+    response; results are 0 beyond a row's chunk length.
     """
     B, R = exp_rows.response_ids.shape
     device = exp_rows.response_ids.device
-    old_logprobs = torch.zeros(B, R, device=device)
-    values = torch.zeros(B, R, device=device) if policy.value_head is not None else None
+    want_values = policy.value_head is not None and not values_known
+    old_logprobs = torch.zeros(B, R, device=device) if policy_logprobs else None
+    values = torch.zeros(B, R, device=device) if want_values else None
     ref_logprobs = torch.zeros(B, R, device=device)
     all_rows = torch.arange(B, device=device)
     for index in by_length(exp_rows.response_mask, all_rows, rows_per_forward):
         part = exp_rows.select(index)
         r = part.response_ids.shape[1]
         ids, am, P = part.input_ids, part.attention_mask, part.prompt_len
-        logits, part_values = policy(ids, am, response_start=P)
-        old_logprobs[index, :r] = logprobs_from_logits(logits, part.response_ids, temperature)
-        if values is not None:
+        if policy_logprobs:
+            logits, part_values = policy(ids, am, response_start=P)
+            old_logprobs[index, :r] = logprobs_from_logits(logits, part.response_ids, temperature)
+            del logits
+        elif want_values:
+            part_values = policy.values(ids, am, response_start=P)
+        if want_values:
             values[index, :r] = part_values.float()
-        del logits
         ref_logprobs[index, :r] = reference_logprobs(ref_lm, ids, am, P, temperature)
     return old_logprobs, values, ref_logprobs
 
@@ -238,11 +256,24 @@ def make_experience(
         ended=rollout.ended,
         prompts=rollout.prompts,
         responses=rollout.responses,
+        sampler_logprobs=rollout.sampler_logprobs,
     )
     T = cfg.generation.temperature
+    from_sampler = alg.old_logprobs == "sampler"
+    values_from_hidden = from_sampler and rollout.last_hidden is not None
     old_logprobs, values, ref_logprobs = experience_forwards(
-        policy, ref_lm, exp, cfg.budget.experience_rows, T
+        policy,
+        ref_lm,
+        exp,
+        cfg.budget.experience_rows,
+        T,
+        policy_logprobs=not from_sampler,
+        values_known=values_from_hidden,
     )
+    if from_sampler:
+        old_logprobs = rollout.sampler_logprobs.to(ref_logprobs.device)
+    if values_from_hidden:
+        values = policy.values_from_hidden(rollout.last_hidden.to(ref_logprobs.device))
     shaped = shape_scores(
         scores.to(old_logprobs.device), rollout.ended, alg.missing_eos_penalty, alg.score_clip
     )

@@ -39,6 +39,9 @@ class Rollout:
     # (B, R) fp32: log-probability of each response token under the distribution it was drawn
     # from (after temperature, top-k, top-p and generate's own processors); 0 on padding.
     sampler_logprobs: torch.Tensor | None = None
+    # (B, R, d) fp32 or None: the sampling LM's last hidden state at the position that predicts
+    # each response token (what a value head on the shared trunk reads), kept on request.
+    last_hidden: torch.Tensor | None = None
 
 
 def truncate_after_stop(
@@ -98,7 +101,7 @@ def resolve_stop_token_ids(tokenizer, stop_token: str | None) -> list[int]:
 
 
 def hf_generation_config(
-    gen: GenerationConfig, stop_token_ids: list[int], pad_token_id: int
+    gen: GenerationConfig, stop_token_ids: list[int], pad_token_id: int, hidden: bool = False
 ) -> HFGenerationConfig:
     """The transformers GenerationConfig of :func:`sample_responses`: lengths and stop tokens.
 
@@ -120,7 +123,47 @@ def hf_generation_config(
         use_cache=True,
         repetition_penalty=1.0,
         num_beams=1,
+        output_hidden_states=hidden,
+        return_dict_in_generate=hidden,
     )
+
+
+def save_sampling_settings(
+    out_dir, gen: GenerationConfig, stop_token_ids: list[int], tokenizer
+) -> None:
+    """Write ``generation_config.json`` so that the exported model samples as training did:
+    ``generate(do_sample=True)`` in plain transformers uses these settings, and ``rlhf-generate``
+    / ``rlhf-eval`` read them back with :func:`load_sampling_settings`."""
+    HFGenerationConfig(
+        do_sample=True,
+        temperature=gen.temperature,
+        top_k=gen.top_k,
+        top_p=gen.top_p,
+        max_new_tokens=gen.max_new_tokens,
+        min_new_tokens=gen.min_new_tokens,
+        eos_token_id=list(stop_token_ids) or None,
+        pad_token_id=tokenizer.pad_token_id,
+        rlhf_lightning_stop_token=gen.stop_token,
+    ).save_pretrained(out_dir)
+
+
+def load_sampling_settings(model_dir) -> dict:
+    """The sampling settings an export was trained with (``GenerationConfig`` fields), or {} for a
+    directory without ours (e.g. a hub checkpoint's own ``generation_config.json``)."""
+    from pathlib import Path
+
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    import json
+
+    stored = json.loads(path.read_text())
+    if "rlhf_lightning_stop_token" not in stored:
+        return {}
+    names = ("temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens")
+    settings = {name: stored[name] for name in names if name in stored}
+    settings["stop_token"] = stored["rlhf_lightning_stop_token"]
+    return settings
 
 
 def sample_tokens(logprobs: torch.Tensor) -> torch.Tensor:
@@ -224,6 +267,7 @@ def sample_responses(
     prompts: list[str],
     gen: GenerationConfig,
     stop_token_ids: list[int],
+    keep_hidden: bool = False,
 ) -> Rollout:
     """Sample one response per prompt with the KV-cached ``lm.generate``.
 
@@ -231,17 +275,24 @@ def sample_responses(
         lm: a causal LM (``PreTrainedModel``); put in eval mode by the caller.
         query_ids, query_mask: (B, P) left-padded prompts.
         prompts: the B prompt texts (kept for reward sources that read text).
+        keep_hidden: also return the last hidden state that predicted each response token
+            (``Rollout.last_hidden``), read from generate's own decoding steps.
     """
-    config = hf_generation_config(gen, stop_token_ids, tokenizer.pad_token_id)
+    config = hf_generation_config(gen, stop_token_ids, tokenizer.pad_token_id, keep_hidden)
     sampler = TokenSampler(gen)
+    hidden = None
     with torch.inference_mode(), checkpoint_generation_defaults_off(lm):
-        sequences = lm.generate(
+        output = lm.generate(
             input_ids=query_ids,
             attention_mask=query_mask,
             generation_config=config,
             logits_processor=LogitsProcessorList([sampler]),
         )
+        sequences = output.sequences if keep_hidden else output
         generated = sequences[:, query_ids.shape[1] :]
+        if keep_hidden:  # per step, per layer (B, L, d); the last layer is after the final norm
+            steps = output.hidden_states[: generated.shape[1]]
+            hidden = torch.stack([step[-1][:, -1] for step in steps], dim=1).float()
         if generated.shape[1] == 0:  # pragma: no cover - generate always makes >= 1 token
             raise RuntimeError("generate() returned no new tokens")
         drawn_ids, drawn_logprobs = sampler.drawn(generated.shape[1])
@@ -256,6 +307,8 @@ def sample_responses(
             "warper ran after it?): the rollout would not follow the configured sampling"
         )
     sampler_logprobs = torch.where(response_mask, drawn_logprobs, 0.0)
+    if hidden is not None:
+        hidden = torch.where(response_mask[..., None], hidden.clone(), 0.0)
     responses = decode_responses(tokenizer, response_ids, response_mask, stop_token_ids)
     return Rollout(
         query_ids=query_ids,
@@ -266,6 +319,7 @@ def sample_responses(
         prompts=list(prompts),
         responses=responses,
         sampler_logprobs=sampler_logprobs,
+        last_hidden=hidden,
     )
 
 

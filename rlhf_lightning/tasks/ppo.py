@@ -33,10 +33,11 @@ from rlhf_lightning.models.adapters import (
     has_adapters,
     inject_lora,
     merged_copy,
+    save_adapters,
 )
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import build_reward
-from rlhf_lightning.rollout.generation import resolve_stop_token_ids
+from rlhf_lightning.rollout.generation import resolve_stop_token_ids, save_sampling_settings
 from rlhf_lightning.tasks.common import (
     build_trainer,
     check_strategy_available,
@@ -128,14 +129,19 @@ def build_policy(cfg: DictConfig, ppo_cfg: RLConfig, options: PolicyOptions | No
 
 
 def export_policy(module: PPOModule, tokenizer, out_dir: Path) -> Path:
-    """``save_pretrained`` of the policy LM (plain transformers loads it) + the value head.
+    """``save_pretrained`` of the policy LM (plain transformers loads it), its sampling settings
+    (``generation_config.json``) and the value head.
 
-    LoRA adapters are merged into the exported weights (the export needs no PEFT).
+    LoRA adapters are merged into the exported weights (the export needs no PEFT) and also
+    saved alone in PEFT's format under ``adapter/``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     lm = merged_copy(module.policy.lm) if has_adapters(module.policy.lm) else module.policy.lm
     lm.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    save_sampling_settings(out_dir, module.cfg.generation, module.stop_token_ids, tokenizer)
+    if has_adapters(module.policy.lm):  # also the adapters alone, for PEFT users
+        save_adapters(module.policy.lm, out_dir / "adapter", module.policy_source)
     if module.policy.value_head is not None:
         head = module.policy.value_head.state_dict()
         head = {k: v.detach().cpu().contiguous() for k, v in head.items()}
