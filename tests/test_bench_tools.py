@@ -147,3 +147,48 @@ def test_timing_reward_model_head_init(tmp_path):
     assert float(ours.weight.std()) == pytest.approx((d + 1) ** -0.5, rel=0.5)
     assert float(trl.weight.std()) == pytest.approx(1e-4, rel=0.5)
     assert torch.count_nonzero(trl.bias) == 0
+
+
+def _write_ttq_run(out: Path, name: str, iteration_s: list[float], evals: dict[int, tuple]):
+    (out / f"{name}.json").write_text(
+        json.dumps({"iterations": [{"iteration_s": s} for s in iteration_s]})
+    )
+    for iteration, (gold, kl) in evals.items():
+        d = out / name / f"iter_{iteration:03d}"
+        d.mkdir(parents=True)
+        metrics = {"reward": gold, "reward_std_error": 0.02, "kl": kl}
+        (d / "eval.json").write_text(json.dumps({"metrics": metrics}))
+
+
+def test_time_to_quality_is_the_first_snapshot_over_the_target_within_the_kl_bound(tmp_path):
+    from ttq_table import main as ttq_main
+
+    (tmp_path / "base_eval.json").write_text(json.dumps({"metrics": {"reward": 0.40}}))
+    # trl: 10 s per iteration, target 0.70 first met at iteration 4 (40 s)
+    _write_ttq_run(tmp_path, "trl", [10.0] * 6, {2: (0.5, 1.0), 4: (0.71, 3.0), 6: (0.8, 5.0)})
+    # ours: 5 s per iteration; iteration 2 is over the target but its KL 9 breaks the bound,
+    # so iteration 4 (20 s) counts
+    _write_ttq_run(tmp_path, "ours_ppo", [5.0] * 6, {2: (0.75, 9.0), 4: (0.70, 2.0)})
+    # never reaches the target
+    _write_ttq_run(tmp_path, "ours_rloo", [3.0] * 4, {2: (0.45, 1.0), 4: (0.6, 1.0)})
+    result = ttq_main([str(tmp_path), "--runs", "trl ours_ppo ours_rloo"])
+    assert result["target"] == pytest.approx(0.70)
+    runs = result["runs"]
+    assert runs["trl"]["seconds_to_target"] == 40.0
+    assert runs["ours_ppo"]["seconds_to_target"] == 20.0
+    assert runs["ours_ppo"]["ratio_to_trl"] == pytest.approx(0.5)
+    assert runs["ours_rloo"]["reached"] is None and runs["ours_rloo"]["ratio_to_trl"] is None
+    assert (tmp_path / "gold_vs_time.png").is_file()
+    saved = json.loads((tmp_path / "time_to_quality.json").read_text())
+    assert saved["runs"]["ours_ppo"]["reached"]["iteration"] == 4
+
+
+def test_cost_growth_fits_recover_known_exponents_and_slopes():
+    from cost_growth import fit_line, fit_power
+
+    xs = [32, 64, 128, 256]
+    fit = fit_power(xs, [0.5 * x**1.0 for x in xs])
+    assert fit["exponent"] == pytest.approx(1.0) and fit["factor"] == pytest.approx(0.5)
+    assert fit_power(xs, [3e-4 * x**2 for x in xs])["exponent"] == pytest.approx(2.0)
+    line = fit_line([0, 1, 2, 3], [10.0, 10.5, 11.0, 11.5])
+    assert line["slope"] == pytest.approx(0.5) and line["intercept"] == pytest.approx(10.0)

@@ -122,6 +122,7 @@ def main(argv=None) -> dict:
         RSSSampler,
         compute_dtype,
         count_params,
+        current_rss_bytes,
         environment,
         matmul_peak_flops,
         max_rss_bytes,
@@ -267,7 +268,12 @@ def main(argv=None) -> dict:
             now = time.perf_counter()
             m = {k: float(v) for k, v in trainer.callback_metrics.items()}
             self.rows.append(
-                {"wall_s": now - self._last_end, "global_step": trainer.global_step, **m}
+                {
+                    "wall_s": now - self._last_end,
+                    "global_step": trainer.global_step,
+                    "rss_bytes": current_rss_bytes(),
+                    **m,
+                }
             )
             done = trainer.current_epoch + 1
             if save_due(args, done, total_iterations):  # not timed: the clock restarts after
@@ -335,6 +341,9 @@ def main(argv=None) -> dict:
                 "score": row["objective/score"],
                 "kl": row["kl/sequence"],
                 "sampler_kl": row.get("rollout/sampler_kl"),
+                "rss_bytes": row["rss_bytes"],
+                "padding_frac": row.get("perf/padding_frac"),
+                "padding_frac_untrimmed": row.get("perf/padding_frac_untrimmed"),
             }
         )
         previous_step = row["global_step"]
