@@ -784,3 +784,23 @@ def test_epoch_shuffle_sampler_depends_only_on_seed_and_epoch():
     b.set_epoch(5)
     assert list(a) == list(b) != first  # a fresh sampler at epoch 5 matches one that ran before
     assert sorted(first) == list(range(10))
+
+
+def test_max_train_rows_keeps_a_seeded_subset_in_data_order(tokenizer):
+    config = load_data_config("preferences", "sentiment")
+    full = instantiate(config, tokenizer=tokenizer)
+    full.setup()
+    few = instantiate(config, tokenizer=tokenizer, max_train_rows=100)
+    few.setup()
+    again = instantiate(config, tokenizer=tokenizer, max_train_rows=100)
+    again.setup()
+    other_seed = instantiate(config, tokenizer=tokenizer, max_train_rows=100, seed=7)
+    other_seed.setup()
+    key = [(item["prompt"], item["chosen"]) for item in few.train_items]
+    assert len(key) == 100 and key == [(i["prompt"], i["chosen"]) for i in again.train_items]
+    assert key != [(i["prompt"], i["chosen"]) for i in other_seed.train_items]
+    position = {(i["prompt"], i["chosen"]): n for n, i in enumerate(full.train_items)}
+    assert [position[k] for k in key] == sorted(position[k] for k in key)  # data order kept
+    assert len(few.eval_items) == len(full.eval_items)  # the eval set is untouched
+    with pytest.raises(Exception, match="max_train_rows must be >= 1"):
+        instantiate(config, tokenizer=tokenizer, max_train_rows=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from lightning import LightningDataModule
 
 from rlhf_lightning.data.loading import load_rows, resolve_data_path, split_train_eval
@@ -18,6 +19,8 @@ class SplitDataModule(LightningDataModule):
 
     Subclasses turn validated rows into items with `_make_items`. After `setup`, `train_items`
     and `eval_items` hold the items and `skipped` the number of dropped rows per reason.
+    `max_train_rows` keeps a seeded random subset of that many training rows (in data order),
+    e.g. to train weaker reward models on fewer pairs.
     """
 
     what = "rows"  # names the data in log messages
@@ -33,8 +36,12 @@ class SplitDataModule(LightningDataModule):
         eval_fraction: float,
         on_bad_row: str,
         num_workers: int,
+        max_train_rows: int | None = None,
     ) -> None:
         super().__init__()
+        if max_train_rows is not None and max_train_rows < 1:
+            raise ValueError(f"max_train_rows must be >= 1 (or null), got {max_train_rows}")
+        self.max_train_rows = max_train_rows
         BadRows(on_bad_row)  # validates the policy name now rather than in setup()
         self.path = path
         self.tokenizer = tokenizer
@@ -61,6 +68,9 @@ class SplitDataModule(LightningDataModule):
             )
         else:
             evaluation = self._load_source(self.eval_path, self.eval_split, bad_rows)
+        if self.max_train_rows is not None and len(train) > self.max_train_rows:
+            keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
+            train = [train[i] for i in sorted(keep[: self.max_train_rows].tolist())]
         bad_rows.log_summary(self.what)
         self.skipped = dict(bad_rows.counts)
         self.train_items, self.eval_items = train, evaluation

@@ -75,6 +75,7 @@ class PreferenceDataModule(SplitDataModule):
         eval_fraction: float = 0.1,
         on_bad_row: str = "error",
         num_workers: int = 0,
+        max_train_rows: int | None = None,
     ) -> None:
         super().__init__(
             path=path,
@@ -86,6 +87,7 @@ class PreferenceDataModule(SplitDataModule):
             eval_fraction=eval_fraction,
             on_bad_row=on_bad_row,
             num_workers=num_workers,
+            max_train_rows=max_train_rows,
         )
         if min(max_length, batch_size, eval_batch_size) < 1:
             raise ValueError("max_length, batch_size and eval_batch_size must be >= 1")
