@@ -116,11 +116,15 @@ def test_gae_matches_the_reference(batch, gamma, lam):
 @settings(max_examples=50, deadline=None)
 @given(padded_batches(), unit_interval)
 def test_gae_with_lambda_one_is_discounted_return_minus_value(batch, gamma):
-    rewards, values, mask, _ = batch
+    rewards, values, mask, lengths = batch
     advantages, returns = gae(rewards, values, mask, gamma, lam=1.0)
-    expected = rewards_to_go(rewards, mask, gamma) - values.masked_fill(~mask, 0)
-    torch.testing.assert_close(advantages, expected)
-    torch.testing.assert_close(returns, rewards_to_go(rewards, mask, gamma))
+    for b, (row_rewards, row_values) in enumerate(
+        zip(rows(rewards, lengths), rows(values, lengths))
+    ):
+        to_go = reference_rewards_to_go(row_rewards, gamma)
+        expected = [g - v for g, v in zip(to_go, row_values)]
+        torch.testing.assert_close(advantages[b, : lengths[b]].tolist(), expected)
+        torch.testing.assert_close(returns[b, : lengths[b]].tolist(), to_go)
 
 
 @settings(max_examples=50, deadline=None)
@@ -232,9 +236,13 @@ def test_token_rewards_hand_composed(kind):
 
 def test_token_rewards_accepts_a_tensor_coefficient_and_a_numeric_mask():
     logprobs, ref_logprobs = logprob_pair()
-    expected, _ = token_rewards(SCORES, logprobs, ref_logprobs, MASK, kl_coef=0.3)
     rewards, _ = token_rewards(SCORES, logprobs, ref_logprobs, MASK.long(), torch.tensor(0.3))
-    torch.testing.assert_close(rewards, expected)
+    for row, length in enumerate(LENGTHS):
+        lp, ref = logprobs[row].tolist(), ref_logprobs[row].tolist()
+        expected = [-0.3 * _kl_by_hand(lp[t], ref[t], "k1") for t in range(length)]
+        expected[-1] += float(SCORES[row])
+        assert rewards[row, :length].tolist() == pytest.approx(expected, rel=1e-5)
+        assert (rewards[row, length:] == 0).all()
 
 
 def test_token_rewards_gradient_is_finite_despite_nan_padding():
@@ -378,11 +386,14 @@ def test_reinforce_pp_is_rewards_to_go_normalised_over_the_batch():
     assert whitened[EST_MASK].tolist() == pytest.approx([(g - mean) / std for g in to_go], rel=1e-5)
 
 
-def test_gae_component_is_the_gae_function():
+def test_gae_component_passes_its_discounts_and_reads_the_values():
     advantages, returns = GAE(gamma=0.9, lam=0.8)(_est_inputs())
-    expected = gae(EST_REWARDS, EST_VALUES, EST_MASK, 0.9, 0.8)
-    torch.testing.assert_close(advantages, expected[0])
-    torch.testing.assert_close(returns, expected[1])
+    for b, n in enumerate(EST_LENGTHS):
+        rewards, values = EST_REWARDS[b, :n].tolist(), EST_VALUES[b, :n].tolist()
+        expected_adv, expected_ret = reference_gae(rewards, values, 0.9, 0.8)
+        assert advantages[b, :n].tolist() == pytest.approx(expected_adv, rel=1e-5)
+        assert returns[b, :n].tolist() == pytest.approx(expected_ret, rel=1e-5)
+        assert (advantages[b, n:] == 0).all() and (returns[b, n:] == 0).all()
 
 
 def test_estimators_validate_their_settings_by_field():
