@@ -72,6 +72,11 @@ def naive_entropy(lm, exp, temperature: float) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
+def distinct_characters(prompts, responses):
+    """A score that varies between the tiny model's responses (its 'e' fraction is mostly 0)."""
+    return [len(set(r)) / 10 for r in responses]
+
+
 def score_at_last_token(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, R) zeros with each row's score at its last real token."""
     out = torch.zeros(mask.shape)
@@ -217,6 +222,52 @@ def test_first_minibatch_loss_terms_match_hand_computations():
     assert "kl" not in terms  # the KL is in the rewards (placement: reward)
     stats = out.reduce()
     assert stats["policy/clipfrac"] == 0.0 and stats["value/clipfrac"] == 0.0
+
+
+def test_loss_terms_and_diagnostics_after_a_step_match_hand_computations():
+    """After one large step the ratios and values have moved: the clipped policy loss, the
+    clipped value loss, the ratio mean and max, the approx KL and both clip fractions equal
+    their formulas over the minibatch's real tokens (micro-batches of 4 rows)."""
+    cfg = tiny_config(
+        generation__stop_token="a",
+        budget__micro_batch_size=4,
+        algorithm__optimizer__lr=0.05,
+        algorithm__value_model__lr=0.05,
+    )
+    module = tiny_ppo_module(cfg, reward=distinct_characters)
+    _, exp = rollout_and_experience(module)
+    rows = torch.tensor([1, 2, 5, 6, 8, 11, 13, 14])
+    optimizer = _optimizer(module)
+    assert module.minibatch_backward(exp, torch.arange(8), False, Stats(), iteration=0)
+    module.optimizer_step(optimizer, Stats(), warmup=False)
+    module.policy.zero_grad(set_to_none=True)
+    out = Stats()
+    assert module.minibatch_backward(exp, rows, False, out, iteration=0)
+    stats, terms = out.reduce(), _terms(out)
+
+    mask = exp.response_mask[rows]
+    log_ratio = (naive_logprobs(module.policy.lm, exp, 1.0)[rows] - exp.old_logprobs[rows])[mask]
+    ratio, adv = log_ratio.exp(), exp.advantages[rows][mask]
+    clipped = ((adv > 0) & (ratio > 1.2)) | ((adv < 0) & (ratio < 0.8))
+    assert 0 < float(clipped.float().mean()) < 1  # some tokens clipped, some not
+    policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
+    assert terms["policy"] == pytest.approx(float(policy), rel=1e-4, abs=1e-6)
+    assert stats["policy/ratio_max"] == pytest.approx(float(ratio.max()), rel=1e-4)
+    assert stats["policy/ratio_mean"] == pytest.approx(float(ratio.mean()), rel=1e-4)
+    assert stats["policy/approx_kl"] == pytest.approx(float((0.5 * log_ratio**2).mean()), rel=1e-3)
+    assert stats["policy/clipfrac"] == pytest.approx(float(clipped.float().mean()))
+
+    with torch.no_grad():
+        _, values = module.policy(exp.input_ids, exp.attention_mask, response_start=exp.prompt_len)
+    values, old, returns = values[rows][mask], exp.old_values[rows][mask], exp.returns[rows][mask]
+    bounded = old + (values - old).clamp(-0.2, 0.2)
+    value_clipped = (bounded - returns) ** 2 > (values - returns) ** 2
+    assert 0 < float(value_clipped.float().mean()) < 1
+    value = 0.5 * torch.maximum((values - returns) ** 2, (bounded - returns) ** 2).mean()
+    assert terms["value"] == pytest.approx(float(value), rel=1e-4)
+    assert stats["value/clipfrac"] == pytest.approx(float(value_clipped.float().mean()))
+    coef = cfg.algorithm.value_model.coef
+    assert terms["total"] == pytest.approx(terms["policy"] + coef * terms["value"], abs=1e-6)
 
 
 def test_kl_as_a_loss_term_matches_a_naive_k2():
