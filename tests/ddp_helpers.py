@@ -27,9 +27,10 @@ def load_dump(run_dir: Path, rank_: int, tag: str) -> dict:
 
 
 class RankDump(L.Callback):
-    """Every rank saves its policy's parameters, its non-finite skip count and optimizer step at
-    the start of training and after each iteration (``rank{r}_start.pt``,
-    ``rank{r}_iter{k}.pt``), with the responses it scored in training so far."""
+    """Every rank saves its policy's parameters, its non-finite skip count, optimizer step and
+    logged metrics (reduced over ranks) at the start of training and after each iteration
+    (``rank{r}_start.pt``, ``rank{r}_iter{k}.pt``), with the responses it scored in training so
+    far."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
@@ -56,6 +57,7 @@ class RankDump(L.Callback):
             "nonfinite_skips": module.nonfinite_skips,
             "global_step": trainer.global_step,
             "responses": [list(r) for r in self.responses],
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         }
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}_{tag}.pt")
 

@@ -325,6 +325,8 @@ def test_group_estimators_reject_groups_that_do_not_fit():
         grpo_advantages(torch.zeros(4), 1)
     with pytest.raises(ValueError, match="divide"):
         grpo_advantages(torch.zeros(5), 2)
+    with pytest.raises(ValueError, match=r"^scores must be \(B,\), got shape \(2, 2\)$"):
+        rloo_advantages(torch.zeros(2, 2), 2)
 
 
 def test_grpo_defaults_scale_by_the_std_with_a_small_eps():

@@ -327,6 +327,57 @@ def test_a_step_on_the_entropy_bonus_alone_raises_the_entropy(temperature):
     assert _mean_entropy(module, exp) > before + 0.01
 
 
+def test_sequence_kl_sums_each_rows_token_kl():
+    from rlhf_lightning.rollout.experience import sequence_kl
+
+    module = tiny_ppo_module(tiny_config(generation__stop_token="a"))
+    perturb_reference(module)
+    _, exp = rollout_and_experience(module, n=4, kl_coef=0.1)
+    expected = [sum(exp.kl[b][exp.response_mask[b]].tolist()) for b in range(4)]
+    assert sequence_kl(exp).tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_one_sequence_minibatch_is_its_own_mean():
+    """A minibatch of one row (seq-mean aggregation: 1 unit) is divided by 1."""
+    module = tiny_ppo_module(tiny_config("rloo", algorithm__samples_per_prompt=2))
+    _, exp = rollout_and_experience(module, n=4)
+    out = Stats()
+    assert module.minibatch_backward(exp, torch.tensor([2]), False, out, iteration=0)
+    row = exp.advantages[2][exp.response_mask[2]]
+    assert _terms(out)["policy"] == pytest.approx(-float(row.mean()), rel=1e-5)
+
+
+class _NaNInMicroBatch:
+    """Wraps the module's loss: the ``which``-th micro-batch's loss is NaN."""
+
+    def __init__(self, module, which: int) -> None:
+        self.inner, self.which, self.calls = module.loss, which, 0
+
+    def __call__(self, *args, **kwargs):
+        loss, terms = self.inner(*args, **kwargs)
+        self.calls += 1
+        return (loss * float("nan"), terms) if self.calls == self.which else (loss, terms)
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_a_nonfinite_later_micro_batch_fails_the_whole_minibatch(which):
+    from rlhf_lightning.modules.ppo import NonFiniteError
+
+    cfg = tiny_config(budget__micro_batch_size=4)
+    module = tiny_ppo_module(cfg)
+    _, exp = rollout_and_experience(module, n=8)
+    module.loss = _NaNInMicroBatch(module, which)
+    with pytest.raises(NonFiniteError, match="^non-finite loss at iteration 3 "):
+        module.minibatch_backward(exp, torch.arange(8), False, Stats(), iteration=3)
+    module = tiny_ppo_module(
+        tiny_config(budget__micro_batch_size=4, algorithm__on_nonfinite="skip")
+    )
+    module.loss = _NaNInMicroBatch(module, which)
+    out = Stats()
+    assert not module.minibatch_backward(exp, torch.arange(8), False, out, iteration=3)
+    assert module.nonfinite_skips == 1 and not _terms(out)  # nothing logged for it
+
+
 # ------------------------------------------------------------------------- optimizer step
 def _optimizer(module):
     (optimizer,), _ = module.configure_optimizers()
@@ -397,6 +448,38 @@ def test_target_kl_stops_the_epoch_loop_early(target_kl, epochs_done):
     assert history[0]["policy/approx_kl"] > 0
     assert history[0]["policy/epochs"] == epochs_done
     assert trainer.global_step == 2 * epochs_done
+
+
+class PolicySnapshots(L.Callback):
+    """The policy LM's parameters at the end of every iteration."""
+
+    def __init__(self) -> None:
+        self.lm: list[list[torch.Tensor]] = []
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.lm.append([p.detach().clone() for p in module.policy.lm.parameters()])
+
+
+def test_a_warmup_iteration_keeps_the_policy_and_runs_every_epoch():
+    """Iteration 0 (warm-up) trains only the value head: the policy, with AdamW's weight decay,
+    stays bit-identical, and target_kl (no policy KL in warm-up) does not stop it; iteration 1
+    trains the policy and stops after its first epoch."""
+    cfg = tiny_config(
+        budget__num_iterations=2,
+        algorithm__epochs=2,
+        algorithm__target_kl=1e-9,
+        algorithm__value_model__warmup_iterations=1,
+    )
+    module = tiny_ppo_module(cfg, reward=distinct_characters)
+    start = [p.detach().clone() for p in module.policy.lm.parameters()]
+    snapshots = PolicySnapshots()
+    trainer, history = fit(module, max_epochs=2, callbacks=[snapshots])
+    assert all(torch.equal(a, b) for a, b in zip(snapshots.lm[0], start))
+    assert [row["value/warmup"] for row in history] == [1.0, 0.0]
+    assert [row["policy/epochs"] for row in history] == [2.0, 1.0]
+    assert history[1]["policy/approx_kl"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots.lm[1], start))
+    assert trainer.global_step == 4 + 2
 
 
 def _adaptive_run(target: float | None) -> dict[str, float]:

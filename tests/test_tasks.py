@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -161,6 +162,16 @@ def test_ppo_under_ddp_with_two_cpu_processes(tmp_path):
         for name in start:
             assert torch.equal(weights[0][name], weights[1][name]), (iteration, name)
         assert any(not torch.equal(weights[0][n], start[n]) for n in start if n.startswith("lm."))
+        # Metrics are reduced over ranks: both log the same numbers (timings are each rank's).
+        metrics = [
+            {k: v for k, v in dump["metrics"].items() if not k.startswith(("time/", "perf/"))}
+            for dump in ranks
+        ]
+        assert metrics[0].keys() == metrics[1].keys() and "policy/approx_kl" in metrics[0]
+        for name, value in metrics[0].items():
+            assert value == metrics[1][name] or math.isnan(value) and math.isnan(metrics[1][name])
+        assert metrics[0]["policy/epochs"] == 2.0
+        assert 0.0 <= metrics[0]["optim/clipped_frac"] <= 1.0
     # The ranks sampled different responses (their own seeds), 8 per iteration each.
     responses = [load_dump(tmp_path, r, "iter1")["responses"] for r in (0, 1)]
     assert [len(batch) for batch in responses[0]] == [len(b) for b in responses[1]] == [8, 8]
