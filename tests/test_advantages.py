@@ -17,10 +17,12 @@ from rlhf_lightning.advantages import (
     RewardsToGo,
     RewardsToGoBaseline,
     SequenceReturn,
+    broadcast_to_tokens,
     gae,
     grpo_advantages,
     rewards_to_go,
     rloo_advantages,
+    sequence_returns,
     token_rewards,
 )
 from rlhf_lightning.ops import masked_whiten
@@ -116,11 +118,15 @@ def test_gae_matches_the_reference(batch, gamma, lam):
 @settings(max_examples=50, deadline=None)
 @given(padded_batches(), unit_interval)
 def test_gae_with_lambda_one_is_discounted_return_minus_value(batch, gamma):
-    rewards, values, mask, _ = batch
+    rewards, values, mask, lengths = batch
     advantages, returns = gae(rewards, values, mask, gamma, lam=1.0)
-    expected = rewards_to_go(rewards, mask, gamma) - values.masked_fill(~mask, 0)
-    torch.testing.assert_close(advantages, expected)
-    torch.testing.assert_close(returns, rewards_to_go(rewards, mask, gamma))
+    for b, (row_rewards, row_values) in enumerate(
+        zip(rows(rewards, lengths), rows(values, lengths))
+    ):
+        to_go = reference_rewards_to_go(row_rewards, gamma)
+        expected = [g - v for g, v in zip(to_go, row_values)]
+        torch.testing.assert_close(advantages[b, : lengths[b]].tolist(), expected)
+        torch.testing.assert_close(returns[b, : lengths[b]].tolist(), to_go)
 
 
 @settings(max_examples=50, deadline=None)
@@ -176,8 +182,12 @@ def test_gae_gradient_ignores_nan_padding():
 
 @pytest.mark.parametrize("gamma, lam", [(1.5, 0.9), (-0.1, 0.9), (1.0, 1.1)])
 def test_discounts_are_validated(gamma, lam):
-    with pytest.raises(ValueError, match="must lie in"):
+    name, value = ("gamma", gamma) if not 0 <= gamma <= 1 else ("lam", lam)
+    with pytest.raises(ValueError, match=rf"^{name} must lie in \[0, 1\], got {value}$"):
         gae(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), gamma, lam)
+    if name == "gamma":
+        with pytest.raises(ValueError, match=rf"^gamma must lie in \[0, 1\], got {gamma}$"):
+            rewards_to_go(torch.zeros(1, 2), torch.ones(1, 2), gamma)
 
 
 def test_shapes_are_validated():
@@ -185,6 +195,16 @@ def test_shapes_are_validated():
         gae(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3), 1.0, 0.95)
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         rewards_to_go(torch.zeros(3), torch.ones(3), 1.0)
+    # The mask is checked too, by every function that takes one.
+    bad_mask = torch.ones(2, 4)
+    with pytest.raises(ValueError, match=r"^mask has shape \(2, 4\), expected \(2, 3\)$"):
+        gae(torch.zeros(2, 3), torch.zeros(2, 3), bad_mask, 1.0, 0.95)
+    with pytest.raises(ValueError, match=r"^mask has shape \(2, 4\)"):
+        rewards_to_go(torch.zeros(2, 3), bad_mask, 1.0)
+    with pytest.raises(ValueError, match=r"^mask has shape \(2, 4\)"):
+        sequence_returns(torch.zeros(2, 3), bad_mask)
+    with pytest.raises(ValueError, match=r"^per_sequence has shape \(3,\), expected \(2,\)$"):
+        broadcast_to_tokens(torch.zeros(3), torch.ones(2, 5))
 
 
 # ----------------------------------------------------------------------------- token_rewards
@@ -232,9 +252,13 @@ def test_token_rewards_hand_composed(kind):
 
 def test_token_rewards_accepts_a_tensor_coefficient_and_a_numeric_mask():
     logprobs, ref_logprobs = logprob_pair()
-    expected, _ = token_rewards(SCORES, logprobs, ref_logprobs, MASK, kl_coef=0.3)
     rewards, _ = token_rewards(SCORES, logprobs, ref_logprobs, MASK.long(), torch.tensor(0.3))
-    torch.testing.assert_close(rewards, expected)
+    for row, length in enumerate(LENGTHS):
+        lp, ref = logprobs[row].tolist(), ref_logprobs[row].tolist()
+        expected = [-0.3 * _kl_by_hand(lp[t], ref[t], "k1") for t in range(length)]
+        expected[-1] += float(SCORES[row])
+        assert rewards[row, :length].tolist() == pytest.approx(expected, rel=1e-5)
+        assert (rewards[row, length:] == 0).all()
 
 
 def test_token_rewards_gradient_is_finite_despite_nan_padding():
@@ -297,8 +321,24 @@ def test_grpo_matches_a_python_loop(scale_by_std):
 def test_group_estimators_reject_groups_that_do_not_fit():
     with pytest.raises(ValueError, match="group_size >= 2"):
         rloo_advantages(torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="^group normalisation needs group_size >= 2, got 1$"):
+        grpo_advantages(torch.zeros(4), 1)
     with pytest.raises(ValueError, match="divide"):
         grpo_advantages(torch.zeros(5), 2)
+    with pytest.raises(ValueError, match=r"^scores must be \(B,\), got shape \(2, 2\)$"):
+        rloo_advantages(torch.zeros(2, 2), 2)
+
+
+def test_grpo_defaults_scale_by_the_std_with_a_small_eps():
+    scores = torch.tensor([1.0, 3.0, 0.0, 0.0])  # group std sqrt(2), then 0
+    expected = [-1 / (2**0.5 + 1e-6), 1 / (2**0.5 + 1e-6), 0.0, 0.0]
+    assert grpo_advantages(scores, 2).tolist() == pytest.approx(expected, rel=1e-6)
+    # The component passes its own eps on.
+    inputs = AdvantageInputs(
+        torch.tensor([[1.0], [3.0]]), None, torch.ones(2, 1, dtype=torch.bool), group_size=2
+    )
+    advantages, _ = GroupNormalized(eps=0.5)(inputs)
+    assert advantages[:, 0].tolist() == pytest.approx([-1 / (2**0.5 + 0.5), 1 / (2**0.5 + 0.5)])
 
 
 # Two prompts x two samples; per-token rewards already hold -beta * KL_t and the score at the end.
@@ -378,19 +418,31 @@ def test_reinforce_pp_is_rewards_to_go_normalised_over_the_batch():
     assert whitened[EST_MASK].tolist() == pytest.approx([(g - mean) / std for g in to_go], rel=1e-5)
 
 
-def test_gae_component_is_the_gae_function():
+def test_gae_component_passes_its_discounts_and_reads_the_values():
     advantages, returns = GAE(gamma=0.9, lam=0.8)(_est_inputs())
-    expected = gae(EST_REWARDS, EST_VALUES, EST_MASK, 0.9, 0.8)
-    torch.testing.assert_close(advantages, expected[0])
-    torch.testing.assert_close(returns, expected[1])
+    for b, n in enumerate(EST_LENGTHS):
+        rewards, values = EST_REWARDS[b, :n].tolist(), EST_VALUES[b, :n].tolist()
+        expected_adv, expected_ret = reference_gae(rewards, values, 0.9, 0.8)
+        assert advantages[b, :n].tolist() == pytest.approx(expected_adv, rel=1e-5)
+        assert returns[b, :n].tolist() == pytest.approx(expected_ret, rel=1e-5)
+        assert (advantages[b, n:] == 0).all() and (returns[b, n:] == 0).all()
 
 
 def test_estimators_validate_their_settings_by_field():
     from rlhf_lightning.errors import FieldError
 
-    with pytest.raises(FieldError) as error:
-        GAE(lam=1.5)
-    assert error.value.field == "lam"
-    with pytest.raises(FieldError) as error:
-        RewardsToGo(gamma=-1.0)
-    assert error.value.field == "gamma"
+    cases = [
+        (lambda: GAE(lam=1.5), "lam", "must lie in [0, 1], got 1.5"),
+        (lambda: GAE(lam=-0.5), "lam", "must lie in [0, 1], got -0.5"),
+        (lambda: RewardsToGo(gamma=-1.0), "gamma", "must lie in [0, 1], got -1.0"),
+        (lambda: RewardsToGoBaseline(gamma=2.0), "gamma", "must lie in [0, 1], got 2.0"),
+        (lambda: GroupNormalized(eps=-1e-3), "eps", "must be >= 0, got -0.001"),
+    ]
+    for make, field, reason in cases:
+        with pytest.raises(FieldError) as error:
+            make()
+        assert (error.value.field, error.value.reason) == (field, reason)
+    # The bounds themselves are valid.
+    for valid in (lambda: GAE(lam=0.0), lambda: GAE(lam=1.0, gamma=0.0), lambda: GAE(gamma=1.0)):
+        valid()
+    GroupNormalized(eps=0.0)

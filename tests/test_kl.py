@@ -122,9 +122,9 @@ def test_k3_plus_gradient_is_k2_and_its_value_is_k3():
     d = torch.tensor([0.7, -1.3, 0.01], requires_grad=True)
     kl_penalty(d, torch.zeros(3), "k3_plus").sum().backward()
     torch.testing.assert_close(d.grad, d.detach())  # d/dd of d^2 / 2
-    torch.testing.assert_close(
-        kl_penalty(d.detach(), torch.zeros(3), "k3_plus"),
-        kl_penalty(d.detach(), torch.zeros(3), "k3"),
+    expected = [math.exp(-x) - 1 + x for x in d.tolist()]
+    assert kl_penalty(d.detach(), torch.zeros(3), "k3_plus").tolist() == pytest.approx(
+        expected, rel=1e-4
     )
 
 
@@ -138,8 +138,9 @@ def test_fixed_controller_never_moves_and_round_trips():
     fresh = FixedKLController(1.0)
     fresh.load_state_dict(controller.state_dict())
     assert fresh.value == 0.05
-    with pytest.raises(ValueError, match="coef"):
+    with pytest.raises(ValueError, match=r"^coef: must be >= 0, got -0.1$"):
         FixedKLController(-0.1)
+    assert FixedKLController(0.0).value == 0.0  # no KL penalty is a valid choice
 
 
 def test_adaptive_controller_hand_values():
@@ -182,20 +183,29 @@ def test_adaptive_controller_state_round_trips_into_a_fresh_controller():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"coef": -1.0, "target": 6.0, "horizon": 100}, "coef"),
-        ({"coef": 0.1, "target": 0.0, "horizon": 100}, "target"),
-        ({"coef": 0.1, "target": 6.0, "horizon": 0}, "horizon"),
+        ({"coef": -1.0, "target": 6.0, "horizon": 100}, "coef: must be >= 0, got -1.0"),
+        ({"coef": 0.1, "target": 0.0, "horizon": 100}, "target: must be > 0, got 0.0"),
+        ({"coef": 0.1, "target": 6.0, "horizon": 0}, "horizon: must be > 0, got 0"),
     ],
 )
 def test_adaptive_controller_validates_its_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    from rlhf_lightning.errors import FieldError
+
+    with pytest.raises(FieldError) as error:
         AdaptiveKLController(**kwargs)
+    assert str(error.value) == message
+    # Values just inside the bounds are valid.
+    AdaptiveKLController(coef=0.0, target=0.5, horizon=0.5)
 
 
 def test_adaptive_controller_rejects_bad_updates():
     controller = AdaptiveKLController(coef=0.1, target=6.0, horizon=100)
     with pytest.raises(ValueError, match="finite"):
         controller.update(float("nan"), n_steps=10)
+    with pytest.raises(ValueError, match="^n_steps must be >= 0, got -1$"):
+        controller.update(7.0, n_steps=-1)
+    controller.update(12.0, n_steps=0)  # no samples since the last update: no change
+    assert controller.value == 0.1
     with pytest.raises(ValueError, match="non-positive"):
         controller.update(0.0, n_steps=500)  # factor 1 - 0.2 * 5 = 0
     assert controller.value == 0.1

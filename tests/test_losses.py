@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhf_lightning.losses import (
+    ClippedSurrogate,
     SequenceMeanTokenMean,
     SequenceMeanTokenSum,
     TokenMean,
@@ -18,7 +19,6 @@ from rlhf_lightning.losses import (
     value_loss,
     vanilla_policy_gradient_loss,
 )
-from rlhf_lightning.ops import masked_mean
 
 # ----------------------------------------------------------------------------- PPO policy loss
 
@@ -49,7 +49,8 @@ def test_policy_loss_on_policy_is_minus_the_mean_advantage():
     logprobs = -torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
     per_token, diag = clipped_policy_loss(logprobs, logprobs.clone(), advantages, mask, 0.2, 0.2)
-    torch.testing.assert_close(token_mean(per_token, mask), -masked_mean(advantages, mask))
+    real = advantages[mask.bool()].tolist()
+    assert float(token_mean(per_token, mask)) == pytest.approx(-sum(real) / len(real), abs=1e-6)
     assert diag["clipped"].sum() == 0 and diag["log_ratio"].abs().sum() == 0
     assert (diag["ratio"][mask.bool()] == 1).all() and (diag["ratio"][~mask.bool()] == 0).all()
 
@@ -93,6 +94,7 @@ def test_policy_gradient_is_zero_where_clipped_and_finite_on_padding():
 def test_vanilla_policy_gradient_is_minus_advantage_times_logprob():
     logprobs = new_logprobs()
     per_token, diag = vanilla_policy_gradient_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK)
+    assert diag["ratio"][0, :4].tolist() == pytest.approx(RATIOS)  # a diagnostic only
     expected = [-a * lp for a, lp in zip([2.0, -1.0, 1.0, 2.0], logprobs[0, :4].tolist())]
     assert per_token[0, :4].tolist() == pytest.approx(expected) and per_token[0, 4] == 0
     token_mean(per_token).backward()
@@ -102,14 +104,71 @@ def test_vanilla_policy_gradient_is_minus_advantage_times_logprob():
     assert diag["clipped"].sum() == 0
 
 
+def test_dual_clip_caps_only_negative_advantages_at_minus_c_times_a():
+    """A = -2, ratio 3: the loss max(6, 2.4) = 6 is capped at -c * A = 3; A = 0.5, ratio 0.5:
+    the loss max(-0.25, -0.4) = -0.25 is above -c * A = -0.75 but A > 0, so no cap."""
+    logprobs = new_logprobs([3.0, 0.5, 1.0, 1.0])
+    advantages = torch.tensor([[-2.0, 0.5, 0.0, 1.0, math.inf]])
+    per_token, diag = clipped_policy_loss(
+        logprobs, OLD_LOGPROBS, advantages, MASK, 0.2, 0.2, dual_clip=1.5
+    )
+    assert per_token[0, :4].tolist() == pytest.approx([3.0, -0.25, 0.0, -1.0])
+    assert diag["clipped"][0, :4].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
 def test_policy_loss_rejects_bad_inputs():
     logprobs = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="clip_low and clip_high"):
         clipped_policy_loss(logprobs, logprobs, logprobs, torch.ones(2, 3), 0.0, 0.2)
+    with pytest.raises(ValueError, match="clip_low and clip_high"):
+        clipped_policy_loss(logprobs, logprobs, logprobs, torch.ones(2, 3), 0.2, 0.0)
     with pytest.raises(ValueError, match="dual_clip"):
         clipped_policy_loss(logprobs, logprobs, logprobs, torch.ones(2, 3), 0.2, 0.2, 0.9)
+    with pytest.raises(ValueError, match="dual_clip"):
+        clipped_policy_loss(logprobs, logprobs, logprobs, torch.ones(2, 3), 0.2, 0.2, 1.0)
     with pytest.raises(ValueError, match="advantages has shape"):
         clipped_policy_loss(logprobs, logprobs, torch.zeros(2, 4), torch.ones(2, 3), 0.2, 0.2)
+
+
+def test_policy_loss_components_apply_their_settings():
+    """The configurable components give their functions' results with their own bounds."""
+    from rlhf_lightning.losses import VanillaPolicyGradient
+
+    logprobs = new_logprobs([1.5, 3.0, 1.1, 0.5])
+    advantages = torch.tensor([[2.0, -1.0, 1.0, 2.0, math.inf]])
+    per_token, diag = ClippedSurrogate(clip_low=0.2, clip_high=0.6, dual_clip=1.5)(
+        logprobs, OLD_LOGPROBS, advantages, MASK
+    )
+    assert per_token[0, :4].tolist() == pytest.approx([-3.0, 1.5, -1.1, -1.0])
+    assert diag["clipped"][0, :4].tolist() == [0.0, 1.0, 0.0, 0.0]
+    per_token, _ = ClippedSurrogate()(logprobs, OLD_LOGPROBS, advantages, MASK)  # 0.2, 0.2
+    assert per_token[0, :4].tolist() == pytest.approx([-2.4, 3.0, -1.1, -1.0])
+    per_token, diag = VanillaPolicyGradient()(logprobs, OLD_LOGPROBS, advantages, MASK)
+    expected = [-a * lp for a, lp in zip([2.0, -1.0, 1.0, 2.0], logprobs[0, :4].tolist())]
+    assert per_token[0, :4].tolist() == pytest.approx(expected)
+    assert diag["ratio"][0, :4].tolist() == pytest.approx([1.5, 3.0, 1.1, 0.5])
+
+
+@pytest.mark.parametrize(
+    "make, field, reason",
+    [
+        (lambda: ClippedSurrogate(clip_low=0.0), "clip_low", "must be > 0, got 0.0"),
+        (lambda: ClippedSurrogate(clip_high=-0.1), "clip_high", "must be > 0, got -0.1"),
+        (lambda: ClippedSurrogate(dual_clip=1.0), "dual_clip", "must be > 1 (or null), got 1.0"),
+        (lambda: SequenceMeanTokenSum(normalizer=0.0), "normalizer", "must be > 0, got 0.0"),
+    ],
+)
+def test_loss_components_validate_their_settings_by_field(make, field, reason):
+    from rlhf_lightning.errors import FieldError
+
+    with pytest.raises(FieldError) as error:
+        make()
+    assert (error.value.field, error.value.reason) == (field, reason)
+
+
+def test_loss_components_accept_values_just_inside_their_bounds():
+    ClippedSurrogate(clip_low=1e-3, clip_high=1e-3, dual_clip=1.001)
+    SequenceMeanTokenSum(normalizer=0.5)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -189,9 +248,21 @@ def test_value_loss_without_clipping():
     torch.testing.assert_close(values.grad, torch.tensor([[-1.0, -1.0, 0.5, 1.0, 0.0]]) / 4)
 
 
+def test_value_loss_clips_below_the_old_value_too():
+    """V 0.0, old 0.5 -> 0.3 (the lower bound), R 1.0: max(1.0, 0.49) = 1.0 unclipped wins;
+    V -1.0, old 0.0 -> -0.2, R -2.0: max(1.0, 3.24) = 3.24 the clipped term wins."""
+    values = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    old, returns = torch.tensor([[0.5, 0.0]]), torch.tensor([[1.0, -2.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    per_token, clipped = value_loss(values, old, returns, mask, clip_eps=0.2)
+    assert per_token[0].tolist() == pytest.approx([0.5 * 1.0, 0.5 * 3.24])
+    assert clipped[0].tolist() == [0.0, 1.0]
+
+
 def test_value_loss_rejects_bad_clip():
-    with pytest.raises(ValueError, match="clip_eps"):
-        value_loss(new_values(), OLD_VALUES, RETURNS, MASK, clip_eps=-0.2)
+    for bad in (-0.2, 0.0):
+        with pytest.raises(ValueError, match="clip_eps"):
+            value_loss(new_values(), OLD_VALUES, RETURNS, MASK, clip_eps=bad)
 
 
 # ----------------------------------------------------------------------------- Bradley-Terry
@@ -240,6 +311,11 @@ def test_bradley_terry_is_stable_for_large_gaps():
     assert torch.isfinite(chosen.grad).all()
 
 
+def test_bradley_terry_rejects_no_pairs():
+    with pytest.raises(ValueError, match="^bradley_terry_loss needs at least one pair$"):
+        bradley_terry_loss(torch.zeros(0), torch.zeros(0))
+
+
 def test_bradley_terry_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\(B,\)"):
         bradley_terry_loss(torch.zeros(2, 1), torch.zeros(2, 1))
@@ -269,6 +345,9 @@ def test_explained_variance_hand_values():
 def test_explained_variance_is_nan_for_constant_returns():
     returns = torch.tensor([[2.0, 2.0, 2.0]])
     assert math.isnan(explained_variance(torch.zeros(1, 3), returns, torch.ones(1, 3)).item())
+    # Not -inf when the values vary: Var[R - V] / 0 is as undefined as 0 / 0.
+    values = torch.tensor([[0.0, 1.0, 5.0]])
+    assert math.isnan(explained_variance(values, returns, torch.ones(1, 3)).item())
 
 
 # ----------------------------------------------------------------------------- masking

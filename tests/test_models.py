@@ -334,9 +334,10 @@ def test_critic_from_reward_model_predicts_reward_at_last_token(tiny_model_dir: 
     batch = _batch(load_tokenizer(tiny_model_dir), ["good answer", "ok"], "right")
     _, values = policy(**batch)
     last = last_token_index(batch["attention_mask"])
-    expected = reward_model(**batch, normalize=normalized)
+    raw = reward_model(**batch, normalize=False)
+    expected = 2.5 * raw - 0.7 if normalized else raw
     torch.testing.assert_close(values[torch.arange(2), last], expected)
-    assert not torch.allclose(expected, reward_model(**batch, normalize=not normalized))
+    assert not torch.allclose(2.5 * raw - 0.7, raw)
     assert policy.critic_backbone is not reward_model.backbone  # a copy, trained separately
 
 

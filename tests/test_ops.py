@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from rlhf_lightning.ops import (
     masked_sum,
     masked_var,
     masked_whiten,
+    zero_masked,
 )
 
 X = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
@@ -44,7 +46,9 @@ def test_masked_sum_and_mean_hand_values():
 
 
 def test_masked_mean_raises_when_the_mask_or_a_slice_is_empty():
-    with pytest.raises(ValueError, match="selects no element"):
+    with pytest.raises(
+        ValueError, match=r"^masked_mean: the mask selects no element \(in at least one slice\)$"
+    ):
         masked_mean(X, MASK.clone().fill_(False))
     with pytest.raises(ValueError, match="selects no element"):
         masked_mean(X, MASK, dim=0)  # column 3 has no true position
@@ -59,7 +63,7 @@ def test_numeric_masks_match_bool_masks(dtype):
 
 
 def test_bad_masks_are_rejected():
-    with pytest.raises(ValueError, match="only 0 and 1"):
+    with pytest.raises(ValueError, match="^mask must be bool or contain only 0 and 1$"):
         masked_mean(X, MASK.float() * 0.5)
     with pytest.raises(ValueError, match="shape"):
         masked_mean(X, MASK[:, :3])
@@ -76,6 +80,22 @@ def test_masked_var_needs_two_elements_when_unbiased():
     with pytest.raises(ValueError, match="at least 2"):
         masked_var(X, one)
     assert masked_var(X, one, unbiased=False).item() == 0.0
+    one[0, 1] = True  # two elements, 1 and 2: unbiased variance 0.5
+    assert masked_var(X, one).item() == 0.5
+
+
+def test_masked_whiten_of_a_constant_is_zero_not_nan():
+    x = torch.full((2, 3), 4.0)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert masked_whiten(x, mask).tolist() == [[0.0] * 3] * 2
+    assert masked_whiten(x, mask, shift_mean=False)[mask].tolist() == [4.0] * 3
+
+
+def test_zero_masked_keeps_the_dtype():
+    keep = torch.tensor([True, False])
+    for x in (torch.tensor([3, 4]), torch.tensor([1.5, 2.5], dtype=torch.float64)):
+        out = zero_masked(x, keep)
+        assert out.dtype == x.dtype and out.tolist() == [x[0].item(), 0]
 
 
 def test_masked_whiten_gives_mean_zero_and_variance_one():
@@ -92,12 +112,11 @@ def test_masked_whiten_without_shift_keeps_the_mean():
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[0, 3:] = False
     white = masked_whiten(x, mask, shift_mean=False)
-    assert masked_mean(white, mask).item() == pytest.approx(masked_mean(x, mask).item(), abs=1e-5)
-    assert masked_var(white, mask).item() == pytest.approx(1.0, abs=1e-5)
-    # Same scaling as the shifted version; only the offset differs.
-    torch.testing.assert_close(
-        white[mask], masked_whiten(x, mask)[mask] + masked_mean(x, mask), atol=1e-5, rtol=0
-    )
+    real = x[mask].tolist()
+    mean, std = statistics.mean(real), statistics.stdev(real)
+    expected = [(v - mean) / math.sqrt(std**2 + 1e-8) + mean for v in real]
+    assert white[mask].tolist() == pytest.approx(expected, abs=1e-5)
+    assert (white[~mask] == 0).all()
 
 
 @pytest.mark.parametrize(
@@ -199,7 +218,7 @@ def test_logprobs_reject_bad_inputs():
         logprobs_from_logits(logits, torch.full((2, 3), 5))
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         logprobs_from_logits(logits, torch.full((2, 3), -1))
-    with pytest.raises(ValueError, match="tokens has shape"):
+    with pytest.raises(ValueError, match=r"^tokens has shape \(2, 4\), expected \(2, 3\)$"):
         logprobs_from_logits(logits, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="integer"):
         logprobs_from_logits(logits, torch.zeros(2, 3))

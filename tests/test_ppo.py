@@ -197,9 +197,15 @@ def test_kl_coefficient_zero_gives_only_the_score_at_the_last_real_token():
     expected = torch.zeros(3, 5)
     expected[0, 2], expected[1, 4], expected[2, 0] = 0.5, -1.0, 2.0
     torch.testing.assert_close(exp.rewards, expected)
-    # With a KL coefficient every real token is penalised, padding still gets nothing.
+    # With a reference that differs and a coefficient, every real token gets -0.5 * KL_t (k1,
+    # from a naive full forward of both models); padding still gets nothing.
+    from tests.test_ppo_update import naive_logprobs, perturb_reference
+
+    perturb_reference(module)
     exp_kl = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, 0.5)
-    assert torch.all(exp_kl.rewards[~mask] == 0)
+    kl = naive_logprobs(module.policy.lm, exp_kl, 1.0) - naive_logprobs(module.ref_lm, exp_kl, 1.0)
+    assert kl[mask].abs().min() > 1e-4
+    torch.testing.assert_close(exp_kl.rewards, expected + torch.where(mask, -0.5 * kl, 0.0))
     assert torch.all(exp_kl.advantages[~mask] == 0) and torch.all(exp_kl.returns[~mask] == 0)
 
 
@@ -256,27 +262,45 @@ def test_ppo_learns_a_toy_reward_and_a_large_kl_coefficient_holds_it_back():
     assert mean(held[-3:], "kl/sequence") < 0.6 * mean(free[-3:], "kl/sequence")
 
 
+def _adaptive_kl_module(cfg):
+    """A module whose reference differs from the policy, with an adaptive KL coefficient that
+    rises every iteration (the KL is above its tiny target)."""
+    from tests.test_ppo_update import perturb_reference
+
+    module = tiny_ppo_module(cfg)
+    perturb_reference(module)
+    module.kl_ctl = AdaptiveKLController(0.1, target=1e-4, horizon=50.0)
+    return module
+
+
 def test_same_seed_gives_same_metrics_and_resume_matches_uninterrupted_run(tmp_path):
-    cfg = tiny_config(budget__num_iterations=3)
+    """Also the adaptive KL coefficient: it is in the checkpoint, so the resumed run continues
+    from the coefficient the interrupted one had reached, not from its start."""
+    cfg = tiny_config(budget__num_iterations=3, algorithm__kl__coef=0.1)
     L.seed_everything(7)
-    _, straight = fit(tiny_ppo_module(cfg), max_epochs=3)
+    _, straight = fit(_adaptive_kl_module(cfg), max_epochs=3)
+    coefs = [row["kl/coef"] for row in straight]
+    assert coefs == pytest.approx([0.1 * (1 + 0.2 * 16 / 50) ** k for k in (1, 2, 3)])
 
     L.seed_everything(7)
-    _, again = fit(tiny_ppo_module(cfg), max_epochs=3)
+    _, again = fit(_adaptive_kl_module(cfg), max_epochs=3)
     assert [r["objective/score"] for r in again] == [r["objective/score"] for r in straight]
 
     # Stop after 2 iterations, then resume from the checkpoint in a fresh module.
     L.seed_everything(7)
-    trainer, first_part = fit(tiny_ppo_module(cfg), max_epochs=2, tmp_path=tmp_path)
+    trainer, first_part = fit(_adaptive_kl_module(cfg), max_epochs=2, tmp_path=tmp_path)
     ckpt = (
         trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
     )
     assert ckpt
     L.seed_everything(123)  # resume must not depend on the seed the new process starts with
-    _, resumed = fit(tiny_ppo_module(cfg), max_epochs=3, tmp_path=tmp_path, ckpt_path=ckpt)
+    resumed_module = _adaptive_kl_module(cfg)
+    _, resumed = fit(resumed_module, max_epochs=3, tmp_path=tmp_path, ckpt_path=ckpt)
     assert len(resumed) == 1
-    for key in ("objective/score", "kl/sequence", "loss/policy", "loss/value", "lr/policy"):
+    keys = ("objective/score", "kl/sequence", "loss/policy", "loss/value", "lr/policy", "kl/coef")
+    for key in keys:
         assert resumed[0][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
+    assert resumed_module.kl_ctl.value == pytest.approx(0.1 * (1 + 0.2 * 16 / 50) ** 3, rel=1e-12)
 
 
 def test_value_head_runs_in_fp32_under_bf16_autocast():

@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.data.validation import DataValidationError
 from rlhf_lightning.models import ScalarRewardModel, load_reward_tokenizer
-from rlhf_lightning.modules.reward_model import fit_normalization, score_texts
+from rlhf_lightning.models.reward_model import score_pairs
+from rlhf_lightning.modules.reward_model import fit_normalization
 from rlhf_lightning.rewards import LearnedReward
 from rlhf_lightning.tasks.reward_model import train_reward_model
 
@@ -51,9 +52,12 @@ def test_normalisation_gives_mean_zero_std_one_on_the_training_responses(trained
     tokenizer = load_reward_tokenizer(out / "reward_model")
     dm = instantiate(_cfg(out).data.preferences, tokenizer=tokenizer)
     dm.setup("fit")
-    texts = [p + dm.joiner + r for p, r in dm.train_texts()]
     model = ScalarRewardModel.from_pretrained(out / "reward_model")
-    normalized = model.gain * score_texts(model, tokenizer, texts, dm.max_length) + model.bias
+    # The exported model reads pairs as its preference data did (conf/data/preferences/tiny).
+    assert model.text_format == dm.text_format
+    assert (model.text_format.joiner, model.text_format.max_length) == (" ", 48)
+    prompts, responses = zip(*dm.train_texts())
+    normalized = score_pairs(model, tokenizer, prompts, responses, normalize=True)
     assert normalized.mean().item() == pytest.approx(0.0, abs=1e-4)
     assert normalized.std().item() == pytest.approx(1.0, abs=1e-4)
     assert result["norm_gain"] == pytest.approx(model.gain.item())
@@ -64,9 +68,11 @@ def test_exported_model_reloads_with_identical_scores(trained):
     model = ScalarRewardModel.from_pretrained(out / "reward_model")
     tokenizer = load_reward_tokenizer(out / "reward_model")
     prompts, responses = ["The film was", "The film is"], [" good good.", " bad."]
-    texts = [p + r for p, r in zip(prompts, responses)]
-    direct = model.gain * score_texts(model, tokenizer, texts, 64) + model.bias
-    via_reward = LearnedReward(str(out / "reward_model"), max_length=64)(prompts, responses)
+    ids = [tokenizer(f"{p} {r.strip()}")["input_ids"] for p, r in zip(prompts, responses)]
+    direct = torch.cat(
+        [model(torch.tensor([i]), torch.ones(1, len(i), dtype=torch.long), True) for i in ids]
+    )
+    via_reward = LearnedReward(str(out / "reward_model"))(prompts, responses)
     torch.testing.assert_close(via_reward, direct)
     assert via_reward[0] > via_reward[1]
 

@@ -304,10 +304,17 @@ def test_learned_reward_matches_unbatched_scoring(reward_model_dir: Path):
         torch.testing.assert_close(reward(prompts, responses), expected)
 
 
-def test_learned_reward_truncates_from_the_left(reward_model_dir: Path):
-    reward = LearnedReward(reward_model_dir, max_length=6, normalize=False)
-    reward_model = ScalarRewardModel.from_pretrained(reward_model_dir)
-    tokenizer = load_tokenizer(reward_model_dir)
+def test_learned_reward_truncates_from_the_left(tiny_model_dir: Path, tmp_path: Path):
+    """A model trained on texts cut to their last 6 tokens is scored on the last 6."""
+    from rlhf_lightning.data.preferences import RewardTextFormat
+
+    torch.manual_seed(0)
+    reward_model = ScalarRewardModel.from_backbone(
+        tiny_model_dir, text_format=RewardTextFormat(joiner="", max_length=6)
+    )
+    tokenizer = load_tokenizer(tiny_model_dir)
+    reward_model.save_pretrained(tmp_path, tokenizer)
+    reward = LearnedReward(tmp_path, normalize=False)
     expected = _reference_scores(reward_model, tokenizer, ["ending"], normalize=False)
     torch.testing.assert_close(reward(["a long prompt, then the "], ["ending"]), expected)
 

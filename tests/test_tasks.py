@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -148,8 +149,12 @@ def test_last_falls_back_to_the_newest_checkpoint_when_the_link_is_gone(tmp_path
 
 @pytest.mark.slow
 def test_ppo_under_ddp_with_two_cpu_processes(tmp_path):
-    """`strategy=ddp` re-launches the command as rank 1, so run the real CLI in a subprocess."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    """`strategy=ddp` re-launches the command as rank 1, so run the real CLI in a subprocess;
+    each rank dumps its weights and the responses it scored (tests/ddp_helpers.py)."""
+    from tests.ddp_helpers import load_dump
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(root)}
     cmd = [
         sys.executable,
         "-m",
@@ -158,15 +163,48 @@ def test_ppo_under_ddp_with_two_cpu_processes(tmp_path):
         "reward=token_fraction",
         "trainer=ddp_cpu",
         f"hydra.run.dir={tmp_path}",
+        "task.fn=tests.ddp_helpers.ppo_with_rank_dumps",
         *TINY,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size=2" in proc.stdout + proc.stderr or "distributed_backend=gloo" in (
         proc.stdout + proc.stderr
     )
     assert (tmp_path / "policy" / "model.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    # After every update both ranks hold the same weights, and they moved.
+    start = load_dump(tmp_path, 0, "start")["params"]
+    for iteration in (0, 1):
+        ranks = [load_dump(tmp_path, r, f"iter{iteration}") for r in (0, 1)]
+        assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4 * (iteration + 1)
+        weights = [dump["params"] for dump in ranks]
+        assert weights[0].keys() == weights[1].keys() == start.keys()
+        for name in start:
+            assert torch.equal(weights[0][name], weights[1][name]), (iteration, name)
+        assert any(not torch.equal(weights[0][n], start[n]) for n in start if n.startswith("lm."))
+        # Metrics are reduced over ranks: both log the same numbers (timings are each rank's).
+        metrics = [
+            {k: v for k, v in dump["metrics"].items() if not k.startswith(("time/", "perf/"))}
+            for dump in ranks
+        ]
+        assert metrics[0].keys() == metrics[1].keys() and "policy/approx_kl" in metrics[0]
+        for name, value in metrics[0].items():
+            assert value == metrics[1][name] or math.isnan(value) and math.isnan(metrics[1][name])
+        assert metrics[0]["policy/epochs"] == 2.0
+        assert 0.0 <= metrics[0]["optim/clipped_frac"] <= 1.0
+    # The ranks sampled different responses (their own seeds), 8 per iteration each.
+    responses = [load_dump(tmp_path, r, "iter1")["responses"] for r in (0, 1)]
+    assert [len(batch) for batch in responses[0]] == [len(b) for b in responses[1]] == [8, 8]
+    for iteration in (0, 1):
+        assert responses[0][iteration] != responses[1][iteration]
+    # The exported policy is rank 0's final weights.
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "policy" / "model.safetensors")
+    final = load_dump(tmp_path, 0, "iter1")["params"]
+    for name, value in exported.items():
+        torch.testing.assert_close(value, final[f"lm.{name}"], rtol=0, atol=0)
 
 
 def test_critic_with_another_tokenizer_fails_before_models_load(tmp_path):

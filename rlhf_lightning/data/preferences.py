@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -25,6 +27,56 @@ from rlhf_lightning.data.validation import (
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RewardTextFormat:
+    """How a (prompt, response) pair becomes a reward model's input, at training and at scoring.
+
+    The text is ``prompt + joiner + response``. With a non-empty joiner, whitespace at the start
+    of the response is dropped first: the joiner is the separator, so a sampled continuation
+    (which starts with the space its first token carries) and the same response stored stripped
+    in a preference file give the same text. The text is tokenised with the special tokens the
+    tokenizer adds (special-token text inside it stays text, `encode_text`) and cut to its last
+    ``max_length`` tokens: the reward head reads the last real token, so the end of the response
+    must survive.
+
+    `PreferenceDataModule` builds one from its ``joiner`` and ``max_length``; the reward model
+    keeps it and stores it in ``reward_model.json``, and `LearnedReward` scores with the stored
+    one, so training and scoring see the same token ids.
+    """
+
+    joiner: str = ""
+    max_length: int = 512
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_length, int) and self.max_length >= 1):
+            raise ValueError(f"max_length must be an integer >= 1, got {self.max_length!r}")
+        if not isinstance(self.joiner, str):
+            raise ValueError(f"joiner must be a string, got {self.joiner!r}")
+
+    def text(self, prompt: str, response: str) -> str:
+        """The scored text of one pair (see the class doc)."""
+        if self.joiner:
+            response = response.lstrip()
+        return prompt + self.joiner + response
+
+    def uncut_token_ids(
+        self, tokenizer, prompts: Sequence[str], responses: Sequence[str]
+    ) -> list[list[int]]:
+        """Token ids of each pair's text, before the cut to ``max_length``."""
+        texts = [self.text(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return encode_text(tokenizer, texts) if texts else []
+
+    def cut(self, token_ids: list[int]) -> list[int]:
+        """The last ``max_length`` of ``token_ids``."""
+        return token_ids[-self.max_length :]
+
+    def token_ids(
+        self, tokenizer, prompts: Sequence[str], responses: Sequence[str]
+    ) -> list[list[int]]:
+        """What the reward model reads for each pair: its text's token ids, cut."""
+        return [self.cut(ids) for ids in self.uncut_token_ids(tokenizer, prompts, responses)]
+
+
 def collate_pairs(items: list[dict], pad_id: int) -> dict:
     """Batch of B pairs for one forward pass, right-padded to the longest of all 2B texts.
 
@@ -42,13 +94,11 @@ def collate_pairs(items: list[dict], pad_id: int) -> dict:
 class PreferenceDataModule(SplitDataModule):
     """(prompt, chosen, rejected[, margin]) rows, validated and tokenised once in `setup`.
 
-    The scored text is `prompt + joiner + response`, tokenised with the special tokens the
-    tokenizer adds (special-token text inside it stays text, `rlhf_lightning.data.tokenize`) and
-    cut to its last `max_length` tokens (the reward head reads the last real token, so the end
-    of the response must survive). Bad rows: missing column, non-string or blank text, chosen
-    identical to rejected, chosen and rejected the same tokens after that cut (`same_tokens`:
-    nothing to learn from), non-finite margin, exact duplicates. Without `eval_path`,
-    `eval_fraction` of the rows is split off by `seed`.
+    The scored text and its token ids are those of `text_format`, the `RewardTextFormat` of
+    `joiner` and `max_length` (the reward model is exported with it). Bad rows: missing column,
+    non-string or blank text, chosen identical to rejected, chosen and rejected the same tokens
+    after the cut to `max_length` (`same_tokens`: nothing to learn from), non-finite margin,
+    exact duplicates. Without `eval_path`, `eval_fraction` of the rows is split off by `seed`.
 
     Training batches are shuffled by `EpochShuffleSampler` (epoch e's order depends only on
     seed + e, so a resumed run sees the same batches); under DDP Lightning shards them.
@@ -91,14 +141,13 @@ class PreferenceDataModule(SplitDataModule):
         )
         if min(max_length, batch_size, eval_batch_size) < 1:
             raise ValueError("max_length, batch_size and eval_batch_size must be >= 1")
-        self.max_length = max_length
+        self.text_format = RewardTextFormat(joiner=joiner, max_length=max_length)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.prompt_column = prompt_column
         self.chosen_column = chosen_column
         self.rejected_column = rejected_column
         self.margin_column = margin_column
-        self.joiner = joiner
 
     def train_dataloader(self) -> DataLoader:
         items = self._require_setup(self.train_items)
@@ -137,7 +186,10 @@ class PreferenceDataModule(SplitDataModule):
                 items.append({**pair, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
         if num_truncated:
             log.warning(
-                "%s: cut %d texts to their last %d tokens", source, num_truncated, self.max_length
+                "%s: cut %d texts to their last %d tokens",
+                source,
+                num_truncated,
+                self.text_format.max_length,
             )
         return items
 
@@ -156,25 +208,27 @@ class PreferenceDataModule(SplitDataModule):
     def _tokenize(self, pairs: list[dict]) -> tuple[list[tuple[list[int], list[int]]], int]:
         """(chosen ids, rejected ids) per pair, each cut to its last `max_length` tokens, and the
         number of texts cut."""
+        fmt = self.text_format
+        prompts = [pair["prompt"] for pair in pairs]
         token_ids = {}
         num_truncated = 0
         for response in ("chosen", "rejected"):
-            texts = [pair["prompt"] + self.joiner + pair[response] for pair in pairs]
-            encoded = encode_text(self.tokenizer, texts)
-            num_truncated += sum(len(ids) > self.max_length for ids in encoded)
-            token_ids[response] = [ids[-self.max_length :] for ids in encoded]
+            responses = [pair[response] for pair in pairs]
+            encoded = fmt.uncut_token_ids(self.tokenizer, prompts, responses)
+            num_truncated += sum(len(ids) > fmt.max_length for ids in encoded)
+            token_ids[response] = [fmt.cut(ids) for ids in encoded]
         return list(zip(token_ids["chosen"], token_ids["rejected"], strict=True)), num_truncated
 
     def _same_tokens_message(self, pair: dict) -> str:
         """Why a pair whose chosen and rejected token ids are equal cannot train the model."""
-        texts = [
-            pair["prompt"] + self.joiner + pair[response] for response in ("chosen", "rejected")
-        ]
-        lengths = [len(ids) for ids in encode_text(self.tokenizer, texts)]
-        if max(lengths) > self.max_length:
+        fmt = self.text_format
+        responses = [pair["chosen"], pair["rejected"]]
+        encoded = fmt.uncut_token_ids(self.tokenizer, [pair["prompt"]] * 2, responses)
+        lengths = [len(ids) for ids in encoded]
+        if max(lengths) > fmt.max_length:
             return (
                 f"chosen and rejected are the same tokens once cut to their last max_length="
-                f"{self.max_length} tokens (they are {lengths[0]} and {lengths[1]} tokens and "
+                f"{fmt.max_length} tokens (they are {lengths[0]} and {lengths[1]} tokens and "
                 "differ only in what is cut); raise max_length or shorten the prompt"
             )
         return "chosen and rejected tokenise to the same tokens"

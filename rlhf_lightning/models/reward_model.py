@@ -5,10 +5,14 @@ Saved layout (`save_pretrained`), flat so that the directory is also a plain HF 
     config.json, model.safetensors    the backbone (`backbone.save_pretrained`)
     tokenizer files                   the tokenizer the model was trained with
     reward_head.safetensors           `head.weight` (1, d), `head.bias` (1,), `gain` (), `bias` ()
-    reward_model.json                 format version, backbone class, hidden size, gain, bias
+    reward_model.json                 format version, backbone class, hidden size, gain, bias,
+                                      text_format (joiner, max_length)
 
 `reward_head.safetensors` is authoritative; the gain and bias in `reward_model.json` are a
-readable copy.
+readable copy. `text_format` is the `RewardTextFormat` the model was trained with: scoring
+(`score_pairs`, `LearnedReward`) reads the same token ids for a (prompt, response) pair as
+training did. Format version 1 (before the text format was stored) still loads, with
+`text_format` None: such a model can serve as a critic but not be scored.
 """
 
 from __future__ import annotations
@@ -17,15 +21,21 @@ import inspect
 import json
 import math
 import os
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from rlhf_lightning.data.padding import pad_token_ids, require_pad_token_id
+from rlhf_lightning.data.preferences import RewardTextFormat
+from rlhf_lightning.errors import UserError
 from rlhf_lightning.models.loading import disable_dropout, load_backbone, load_tokenizer
 from rlhf_lightning.models.masking import last_token_index, position_ids_from_mask
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 HEAD_FILE = "reward_head.safetensors"
 METADATA_FILE = "reward_model.json"
 BACKBONE_FILES = ("config.json", "model.safetensors")
@@ -57,11 +67,14 @@ class ScalarRewardModel(nn.Module):
 
     The head is initialised N(0, 1/sqrt(d + 1)) with zero bias. Buffers `gain` and `bias` hold an
     affine normalisation (`gain * raw + bias`) fitted after training and applied on request.
-    Dropout is disabled in the backbone.
+    Dropout is disabled in the backbone. `text_format` (a `RewardTextFormat`, default: no
+    joiner, 512 tokens) says how a (prompt, response) pair becomes its input; training sets it
+    from the preference data, and it is saved with the model.
     """
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, text_format: RewardTextFormat | None = None):
         super().__init__()
+        self.text_format = RewardTextFormat() if text_format is None else text_format
         self.backbone = disable_dropout(backbone)
         hidden_size = backbone.config.hidden_size
         device = next(backbone.parameters()).device
@@ -100,10 +113,14 @@ class ScalarRewardModel(nn.Module):
 
     @classmethod
     def from_backbone(
-        cls, name_or_path: str | os.PathLike, dtype: str = "float32", **load_kw
+        cls,
+        name_or_path: str | os.PathLike,
+        dtype: str = "float32",
+        text_format: RewardTextFormat | None = None,
+        **load_kw,
     ) -> ScalarRewardModel:
         """A fresh reward model on a pretrained backbone (`load_backbone` arguments)."""
-        return cls(load_backbone(name_or_path, dtype=dtype, **load_kw))
+        return cls(load_backbone(name_or_path, dtype=dtype, **load_kw), text_format)
 
     def save_pretrained(self, out_dir: str | os.PathLike, tokenizer) -> Path:
         """Write the layout described in the module docstring to `out_dir`; returns it."""
@@ -126,6 +143,7 @@ class ScalarRewardModel(nn.Module):
             "hidden_size": self.head.in_features,
             "gain": self.gain.item(),
             "bias": self.bias.item(),
+            "text_format": asdict(self.text_format),
         }
         (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         return out_dir
@@ -140,12 +158,14 @@ class ScalarRewardModel(nn.Module):
         path = Path(path)
         _check_complete(path)
         metadata = json.loads((path / METADATA_FILE).read_text())
-        if metadata.get("format_version") != FORMAT_VERSION:
+        if metadata.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
                 f"{path / METADATA_FILE}: unsupported format_version "
-                f"{metadata.get('format_version')!r} (this version reads {FORMAT_VERSION})"
+                f"{metadata.get('format_version')!r} (this version reads "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})"
             )
         model = cls(load_backbone(path, dtype=dtype, **load_kw))
+        model.text_format = _read_text_format(path / METADATA_FILE, metadata)
         if model.head.in_features != metadata["hidden_size"]:
             raise ValueError(
                 f"{path}: backbone hidden size {model.head.in_features} does not match "
@@ -157,6 +177,24 @@ class ScalarRewardModel(nn.Module):
         )
         model.set_normalization(head_state["gain"].item(), head_state["bias"].item())
         return model
+
+
+def _read_text_format(where: Path, metadata: dict) -> RewardTextFormat | None:
+    """The stored `RewardTextFormat`, every field given (None in format version 1, which did
+    not store it)."""
+    if metadata["format_version"] == 1:
+        return None
+    stored = metadata.get("text_format")
+    fields = {"joiner", "max_length"}
+    try:
+        if not isinstance(stored, dict) or set(stored) != fields:
+            raise ValueError(f"needs exactly the keys {sorted(fields)}")
+        return RewardTextFormat(**stored)
+    except ValueError as error:
+        raise ValueError(
+            f'{where}: text_format must be {{"joiner": str, "max_length": int}}, got '
+            f"{stored!r} ({error})"
+        ) from None
 
 
 def _check_complete(path: Path) -> None:
@@ -199,3 +237,68 @@ def encode_for_reward(tokenizer, texts: list[str], max_length: int) -> dict[str,
     finally:
         tokenizer.truncation_side = saved_truncation_side
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+class UnscorableRewardModelError(UserError, ValueError):
+    """A reward model saved without the text format it was trained with."""
+
+
+def check_scorable(model: ScalarRewardModel, where: str | os.PathLike | None = None) -> None:
+    """Raise `UnscorableRewardModelError` (naming ``where``, the model's directory) when the model
+    has no text format (format version 1): nothing says how it read its inputs."""
+    if model.text_format is None:
+        raise UnscorableRewardModelError(
+            f"{where or 'the reward model'}: {METADATA_FILE} has no text_format (it was written "
+            "before the joiner and max_length were stored with the model); add "
+            '"text_format": {"joiner": ..., "max_length": ...} with the values of the '
+            "preference data it was trained on (conf/data/preferences), or train it again"
+        )
+
+
+def encode_pairs(
+    tokenizer, text_format: RewardTextFormat, prompts: Sequence[str], responses: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """`text_format`'s token ids of the pairs, right-padded: `input_ids`, `attention_mask`
+    (B, T) long with T <= max_length; row i is exactly ``text_format.token_ids(...)[i]``."""
+    ids = text_format.token_ids(tokenizer, prompts, responses)
+    input_ids, attention_mask = pad_token_ids(ids, require_pad_token_id(tokenizer), "right")
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@torch.no_grad()
+def score_pairs(
+    model: ScalarRewardModel,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    batch_size: int = 32,
+    normalize: bool = False,
+    where: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """Rewards of (prompt, response) pairs read as the model was trained to read them (its
+    `text_format`): N pairs -> (N,) float32 on CPU; normalised (`gain * raw + bias`) on request.
+
+    The model runs in eval mode on its own device and is left in the mode it was in. A model
+    without a text format fails `check_scorable`.
+    """
+    check_scorable(model, where)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = [torch.zeros(0)]
+    for start in range(0, len(prompts), batch_size):
+        stop = start + batch_size
+        batch = encode_pairs(
+            tokenizer, model.text_format, prompts[start:stop], responses[start:stop]
+        )
+        scores.append(
+            model(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                normalize=normalize,
+            )
+            .float()
+            .cpu()
+        )
+    model.train(was_training)
+    return torch.cat(scores)

@@ -1,7 +1,9 @@
 """Reward sources backed by a transformer: a learned reward model or a sequence classifier.
 
-Both score the text `prompt + response` (concatenated as is, no separator), re-tokenised with
-their own tokenizer: right padding, truncation from the left so the end of the response is kept.
+Both re-tokenise with their own tokenizer, right-padded, cut from the left so that the end of the
+response is kept. A learned reward model reads each pair exactly as it was trained to
+(`score_pairs`: the joiner and maximum length stored with it); a classifier reads
+`prompt + response` (concatenated as is) cut to `max_length` tokens.
 """
 
 from __future__ import annotations
@@ -13,30 +15,40 @@ import torch
 from rlhf_lightning.models.loading import load_sequence_classifier, load_tokenizer
 from rlhf_lightning.models.reward_model import (
     ScalarRewardModel,
+    check_scorable,
     encode_for_reward,
     load_reward_tokenizer,
+    score_pairs,
 )
 from rlhf_lightning.rewards.base import RewardSource
 
 
-class _TextScorer(RewardSource):
-    """Shared batching and device handling; subclasses implement `_score_batch`."""
+class _ModelReward(RewardSource):
+    """A model and its tokenizer, scored in batches of `batch_size`; `to` moves the model."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int, max_length: int):
-        if batch_size < 1 or max_length < 1:
-            raise ValueError(
-                f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}"
-            )
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.max_length = min(max_length, tokenizer.model_max_length)
         self.device = next(model.parameters()).device
 
-    def to(self, device: torch.device | str) -> _TextScorer:
+    def to(self, device: torch.device | str) -> _ModelReward:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self
+
+
+class _TextScorer(_ModelReward):
+    """Scores `prompt + response` cut to `max_length` tokens; subclasses implement
+    `_score_batch`."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int, max_length: int):
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        super().__init__(model, tokenizer, batch_size)
+        self.max_length = min(max_length, tokenizer.model_max_length)
 
     def _score_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: (b, T) -> (b,)"""
@@ -56,10 +68,12 @@ class _TextScorer(RewardSource):
         return torch.cat(scores)
 
 
-class LearnedReward(_TextScorer):
+class LearnedReward(_ModelReward):
     """Score with a reward model saved by `ScalarRewardModel.save_pretrained` (and its tokenizer).
 
-    `normalize=True` applies the gain and bias stored with the model.
+    Each pair is read as in training: the model's stored `text_format` (joiner and maximum
+    length, `reward_model.json`) makes the token ids (`score_pairs`). `normalize=True` applies
+    the gain and bias stored with the model.
     """
 
     name = "learned"
@@ -68,16 +82,25 @@ class LearnedReward(_TextScorer):
         self,
         path: str | os.PathLike,
         batch_size: int = 32,
-        max_length: int = 512,
         normalize: bool = True,
         dtype: str = "float32",
     ):
         model = ScalarRewardModel.from_pretrained(path, dtype=dtype)
-        super().__init__(model, load_reward_tokenizer(path), batch_size, max_length)
+        check_scorable(model, path)  # here, not at the first rollout
+        super().__init__(model, load_reward_tokenizer(path), batch_size)
+        self.path = str(path)
         self.normalize = normalize
 
-    def _score_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention_mask, normalize=self.normalize)
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return score_pairs(
+            self.model,
+            self.tokenizer,
+            prompts,
+            responses,
+            self.batch_size,
+            normalize=self.normalize,
+            where=self.path,
+        )
 
 
 class ClassifierReward(_TextScorer):

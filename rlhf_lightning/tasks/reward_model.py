@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from rlhf_lightning.config import rm_config_from
 from rlhf_lightning.models import ScalarRewardModel, load_tokenizer
-from rlhf_lightning.modules.reward_model import RewardModelModule, fit_normalization, score_texts
+from rlhf_lightning.models.reward_model import score_pairs
+from rlhf_lightning.modules.reward_model import RewardModelModule, fit_normalization
 from rlhf_lightning.tasks.common import (
     build_trainer,
     check_strategy_available,
@@ -62,7 +63,10 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     datamodule.setup("fit")  # reads and validates every row before the model loads
 
     model = ScalarRewardModel.from_backbone(
-        backbone.name_or_path, dtype=backbone.get("dtype", "float32"), **load_kw
+        backbone.name_or_path,
+        dtype=backbone.get("dtype", "float32"),
+        text_format=datamodule.text_format,  # exported with the model: scoring reads the same
+        **load_kw,
     )
     module = RewardModelModule(model, rm_cfg)
     checkpoint = ModelCheckpoint(
@@ -99,10 +103,8 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
 
     module.model.to("cpu")
     if rm_cfg.normalize:
-        texts = [
-            prompt + datamodule.joiner + response for prompt, response in datamodule.train_texts()
-        ]
-        raw = score_texts(module.model, tokenizer, texts, datamodule.max_length)
+        prompts, responses = zip(*datamodule.train_texts())
+        raw = score_pairs(module.model, tokenizer, prompts, responses)
         gain, bias = fit_normalization(raw)
         module.model.set_normalization(gain, bias)
         result.update(
