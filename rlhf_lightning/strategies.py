@@ -11,16 +11,18 @@ ranks, each rank trains on its own rows, and checkpoints are sharded (one file p
 Sharding (``fully_shard``, applied bottom-up): every transformer block is one unit (one block's
 full weights exist at a time in forward and backward), a ``PolicyWithValueHead``'s value head is
 a unit of its own that always computes in float32, and the root takes the rest (embeddings, final
-norm, LM head). A separate frozen reference is sharded the same way; a LoRA reference is the
-policy's own weights (``AdaptersDisabled``) and needs nothing more.
+norm, LM head). A separate frozen reference is sharded the same way (its root reshards after
+every forward, as it has no backward); a LoRA reference is the policy's own weights
+(``AdaptersDisabled``) and needs nothing more.
 
 Which task runs under which strategy (checked before any model loads, see ``tasks.ppo``):
 
 - reward-model training: ddp family, fsdp2;
 - PPO and its family: ddp family, fsdp2. Sampling needs full weights: :func:`gathered_weights`
   all-gathers them around ``generate`` (``rollout_gather=full``: every unit at once, held for the
-  whole rollout; ``per_layer``: each block per decoding step). The experience forwards and the
-  update run sharded.
+  whole rollout: the full model in the all-gather dtype on every rank; ``per_layer``: the root
+  unit held, each block gathered at every decoding step). The experience forwards and the update
+  run sharded, one block gathered at a time.
 """
 
 from __future__ import annotations
@@ -119,15 +121,20 @@ def is_sharded(module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard_transformer(model: nn.Module, mesh, mp_policy) -> nn.Module:
+def shard_transformer(model: nn.Module, mesh, mp_policy, frozen: bool = False) -> nn.Module:
     """``fully_shard`` every transformer block of ``model``, then ``model`` itself (the root
-    unit: what no block holds, e.g. embeddings, final norm, LM head). In place; returns it."""
+    unit: what no block holds, e.g. embeddings, final norm, LM head). In place; returns it.
+
+    ``frozen``: the root reshards after every forward too. FSDP2 keeps a root's parameters
+    gathered from its forward to its backward; a model without backward would hold them for
+    good."""
     from torch.distributed.fsdp import fully_shard
 
     for module in model.modules():
         if is_transformer_block(module):
             fully_shard(module, mesh=mesh, mp_policy=mp_policy)
-    return fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    root_reshard = True if frozen else None  # None: FSDP2's default, no reshard for a root
+    return fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=root_reshard)
 
 
 def shard_policy(policy: nn.Module, ref_lm, mesh, precision: str) -> None:
@@ -144,7 +151,7 @@ def shard_policy(policy: nn.Module, ref_lm, mesh, precision: str) -> None:
             fully_shard(module, mesh=mesh, mp_policy=mp_policy)
     fully_shard(policy, mesh=mesh, mp_policy=mp_policy)
     if isinstance(ref_lm, nn.Module):  # a separate copy (a LoRA reference is the policy itself)
-        shard_transformer(ref_lm, mesh, mp_policy)
+        shard_transformer(ref_lm, mesh, mp_policy, frozen=True)
 
 
 def shard_reward_model(model: nn.Module, mesh, precision: str) -> None:

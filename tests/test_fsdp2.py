@@ -41,14 +41,19 @@ def _rollout_rows(rollout, rows: slice):
     )
 
 
-def _worker(strategy: str, lora: bool, out: Path) -> None:
+def _worker(strategy: str, lora: bool, checkpointing: bool, out: Path) -> None:
     """Validation (sampling on 8 held-out prompts per rank), then one PPO iteration (2 optimizer
     steps on the whole batch, gradients clipped) on a fixed global batch of 16 rollouts split
-    over the ranks, then the export. Rank 0 saves what the test compares to ``out``."""
+    over the ranks, then the export. Rank 0 saves what the test compares to ``out``.
+    ``checkpointing``: the policy recomputes its blocks' activations in backward."""
     import lightning as L
 
     from rlhf_lightning.models import load_causal_lm, load_tokenizer
-    from rlhf_lightning.models.adapters import AdaptersDisabled, inject_lora
+    from rlhf_lightning.models.adapters import (
+        AdaptersDisabled,
+        enable_gradient_checkpointing,
+        inject_lora,
+    )
     from rlhf_lightning.modules.ppo import PPOModule
     from rlhf_lightning.rewards import TokenFractionReward, build_reward
     from rlhf_lightning.rollout.generation import sample_responses
@@ -80,6 +85,8 @@ def _worker(strategy: str, lora: bool, out: Path) -> None:
         with torch.no_grad():  # a reference unlike the policy: non-zero KL terms
             for p in ref_lm.parameters():
                 p.add_(0.05 * torch.randn_like(p))
+    if checkpointing:
+        enable_gradient_checkpointing(lm)
     batch = prompt_batch(tokenizer, GLOBAL_ROLLOUTS)
     rollout = sample_responses(
         lm, tokenizer, batch["input_ids"], batch["attention_mask"], batch["prompts"],
@@ -131,13 +138,10 @@ def _worker(strategy: str, lora: bool, out: Path) -> None:
         )
 
 
-def _run(strategy: str, tmp_path: Path, lora: bool = False) -> dict:
-    out = tmp_path / f"{strategy}{'_lora' if lora else ''}.pt"
-    cmd = [sys.executable, "-m", "tests.test_fsdp2", strategy, str(out)]
-    proc = subprocess.run(
-        cmd + (["--lora"] if lora else []), cwd=REPO, env=ENV, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
+def _run(strategy: str, tmp_path: Path, *flags: str) -> dict:
+    out = tmp_path / f"{strategy}{''.join(flags)}.pt"
+    cmd = [sys.executable, "-m", "tests.test_fsdp2", strategy, str(out), *flags]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = torch.load(out, weights_only=False)
     run["export"] = load_file(out.with_suffix(".policy") / "model.safetensors")
@@ -180,8 +184,10 @@ def test_one_ppo_update_under_fsdp2_equals_ddp_and_one_process(tmp_path):
 @pytest.mark.slow
 def test_lora_update_under_fsdp2_equals_one_process(tmp_path):
     """LoRA (the reference is the policy with its adapters off, called on the gathered root)
-    with per-layer gathering in sampling; the export merges the adapters."""
-    single, fsdp2 = (_run(s, tmp_path, lora=True) for s in ("single", "fsdp2"))
+    with per-layer gathering in sampling and gradient checkpointing under FSDP2; the export
+    merges the adapters."""
+    single = _run("single", tmp_path, "--lora")
+    fsdp2 = _run("fsdp2", tmp_path, "--lora", "--gradient-checkpointing")
     assert any("lora_" in name for name in fsdp2["state"])
     _assert_same_update(fsdp2, single)
     assert not any("lora" in name for name in fsdp2["export"])
@@ -249,7 +255,7 @@ def test_kill_9_then_resume_under_fsdp2_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_reward_model_under_fsdp2_equals_ddp(tmp_path):
     """Same data split, same steps (gradients clipped by Lightning over the sharded parameters):
-    the exported reward models agree; the checkpoints are sharded."""
+    the exported reward models agree and hold the best (sharded) checkpoint's weights."""
     rm = [
         "task=reward_model", "reward_backbone=tiny", "data/preferences=tiny", "rm.max_epochs=2",
         "rm.gradient_clip_val=0.05", "trainer.enable_progress_bar=false", "~logger",
@@ -257,7 +263,11 @@ def test_reward_model_under_fsdp2_equals_ddp(tmp_path):
     for trainer in ("ddp_cpu", "fsdp2_cpu"):
         proc = _cli(tmp_path / trainer, *rm, f"trainer={trainer}")
         assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "fsdp2_cpu" / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
+    (best,) = (tmp_path / "fsdp2_cpu" / "checkpoints").glob("rm-*.ckpt")
+    best_weights = _sharded_checkpoint(best)["state_dict"]
+    exported = load_file(tmp_path / "fsdp2_cpu" / "reward_model" / "model.safetensors")
+    for key, value in exported.items():
+        torch.testing.assert_close(value, best_weights[f"model.backbone.{key}"], msg=key)
     for name in ("model.safetensors", "reward_head.safetensors"):
         ddp = load_file(tmp_path / "ddp_cpu" / "reward_model" / name)
         fsdp2 = load_file(tmp_path / "fsdp2_cpu" / "reward_model" / name)
@@ -271,5 +281,6 @@ if __name__ == "__main__":
     parser.add_argument("strategy", choices=("single", "ddp", "fsdp2"))
     parser.add_argument("out", type=Path)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args()
-    _worker(args.strategy, args.lora, args.out)
+    _worker(args.strategy, args.lora, args.gradient_checkpointing, args.out)

@@ -147,6 +147,9 @@ def test_shard_policy_makes_each_block_a_unit_and_keeps_the_value_head_fp32(mesh
         "model.layers.0",
         "model.layers.1",
     ]
+    with torch.no_grad():  # the frozen reference never runs backward: nothing stays gathered
+        ref(input_ids=torch.tensor([[5, 6, 7]]))
+    assert all(isinstance(p, DTensor) for p in ref.parameters())
     assert policy._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16
     assert policy.value_head._get_fsdp_state()._mp_policy.param_dtype is None  # stays fp32
     assert not is_transformer_block(policy.lm.lm_head)
@@ -190,3 +193,35 @@ def test_gathered_weights_do_nothing_to_an_unsharded_policy():
     policy, _ = _policy_and_ref()
     with gathered_weights(policy, every_unit=True):
         assert not is_sharded(policy)
+
+
+def test_a_crash_while_saving_a_sharded_checkpoint_leaves_the_previous_one(
+    mesh, tmp_path, monkeypatch
+):
+    """The shards go to a hidden directory renamed into place only when complete: a save that
+    dies half-way leaves the checkpoint of that name as it was."""
+    import lightning.pytorch.strategies.model_parallel as model_parallel
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    strategy = FSDP2Strategy()
+    path = tmp_path / "last.ckpt"
+    strategy.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, path)
+    saved = _load_distributed_checkpoint(path)
+    assert saved["epoch"] == 1 and torch.equal(saved["state_dict"]["w"], torch.ones(3))
+
+    real_save = model_parallel._distributed_checkpoint_save
+
+    def dies_half_way(state, directory):
+        real_save(state, directory)  # the shards are written, meta.pt is not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_parallel, "_distributed_checkpoint_save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        strategy.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    kept = _load_distributed_checkpoint(path)
+    assert kept["epoch"] == 1 and torch.equal(kept["state_dict"]["w"], torch.ones(3))
+
+    monkeypatch.setattr(model_parallel, "_distributed_checkpoint_save", real_save)
+    strategy.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    assert _load_distributed_checkpoint(path)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name) == ["last.ckpt"]

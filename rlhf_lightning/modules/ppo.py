@@ -547,7 +547,7 @@ class PPOModule(L.LightningModule):
 
         With ``16-mixed`` Lightning's precision plugin unscales the fp16 gradients first, and the
         norm is not reported. In every other precision the gradients are already true
-        gradients, and ``clip_grad_norm_`` does it directly (Lightning's bf16-mixed plugin
+        gradients, clipped here directly (Lightning's bf16-mixed plugin
         refuses to clip for a fused optimizer, although there is nothing to unscale). Under the
         DDP family every rank holds the full, already averaged gradients, so the local norm is
         the global one; under FSDP2 each rank holds a shard of them and the norm is reduced over
