@@ -276,6 +276,24 @@ def test_reward_model_under_fsdp2_equals_ddp(tmp_path):
             torch.testing.assert_close(fsdp2[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
+def test_pipeline_under_fsdp2(tmp_path):
+    """Reward model, then PPO against it, in the same two processes: rank 1 starts PPO only once
+    rank 0 has exported the reward model."""
+    from transformers import AutoModelForCausalLM
+
+    proc = _cli(
+        tmp_path, "task=pipeline", "policy=tiny", "reward_backbone=tiny", "data/prompts=tiny",
+        "data/preferences=tiny", "trainer=fsdp2_cpu", "trainer.enable_progress_bar=false",
+        "rm.max_epochs=1", "budget.num_iterations=1", "budget.rollout_batch_size=8",
+        "budget.minibatch_size=4", "budget.micro_batch_size=2", "algorithm.epochs=1",
+        "task.eval_every=1", "task.eval_batches=1", "generation.max_new_tokens=8", "~logger",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "summary.md").is_file()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("strategy", choices=("single", "ddp", "fsdp2"))

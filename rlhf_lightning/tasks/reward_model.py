@@ -112,6 +112,7 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         log_final_hparams(trainer, cfg, {cfg.task.metric: result["metric"]})
     full_state = gather_full_state_dict(module.model) if sharded else None
     if not trainer.is_global_zero:
+        trainer.strategy.barrier()  # the next stage (pipeline: PPO) reads rank 0's export
         return result
 
     if full_state is not None:
@@ -137,4 +138,5 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     out = module.model.save_pretrained(export_dir(cfg), tokenizer)
     result["path"] = str(out)
     log.info("exported reward model to %s", out)
+    trainer.strategy.barrier()
     return result
