@@ -15,6 +15,12 @@ with P, R the padded prompt and response widths of the iteration, N_policy the p
 value head (and critic backbone, if any), N_reward the reward model's parameters (0 for rule
 rewards; its own tokenisation is approximated by the policy's B * (P + R) tokens).
 
+With ``--strategy ddp|fsdp2 --devices N`` it runs N processes (Lightning re-launches the
+script for ranks 1..N-1; ``fsdp2`` is ``rlhf_lightning.strategies.FSDP2Strategy``, with
+``--rollout-gather full|per_layer``); sizes are per rank, rank 0 reports, times and FLOPs are
+rank 0's, and ``memory_per_rank`` lists each rank's parameter, gradient and optimizer-state bytes
+(the local shards under fsdp2) and its peak RSS.
+
 Example (tiny model, 1 thread)::
 
     python experiments/benchmarks/bench_ppo.py --policy builtin:tiny --reward token_fraction:e \
@@ -82,6 +88,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed PPO iterations run first")
     p.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--strategy",
+        default="single",
+        choices=("single", "ddp", "fsdp2"),
+        help="single: one process; ddp / fsdp2: --devices processes (FSDP2Strategy for fsdp2)",
+    )
+    p.add_argument("--devices", type=int, default=1, help="processes (one per GPU on cuda)")
+    p.add_argument(
+        "--rollout-gather",
+        default="full",
+        choices=("full", "per_layer"),
+        help="fsdp2: how sampling gathers the sharded weights",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--policy-lr", type=float, default=1e-5)
     p.add_argument("--value-lr", type=float, default=1e-4)
@@ -111,6 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.micro = args.micro or args.minibatch
     if args.iterations < 1 or args.warmup < 0:
         p.error("--iterations must be >= 1 and --warmup >= 0")
+    if args.strategy == "single" and args.devices != 1:
+        p.error("--devices > 1 needs --strategy ddp or fsdp2")
+    if args.strategy == "fsdp2" and (args.sampling_dtype or args.compile):
+        p.error("--strategy fsdp2 takes neither --sampling-dtype nor --compile")
     check_save_arguments(p, args)
     return args
 
@@ -132,6 +155,8 @@ def main(argv=None) -> dict:
     )
 
     set_threads(args.threads)
+    if args.threads is not None:  # else Lightning's distributed strategies set their own count
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     device = torch.device(args.device)
     t_start = time.perf_counter()
     peak = matmul_peak_flops(
@@ -240,6 +265,42 @@ def main(argv=None) -> dict:
     n_reward = count_params(getattr(reward, "model", None))
     load_s = time.perf_counter() - t_start
 
+    def local_bytes(tensors) -> int:
+        """Bytes this rank holds of ``tensors`` (the local shard of a DTensor)."""
+        from torch.distributed.tensor import DTensor
+
+        total = 0
+        for t in tensors:
+            t = t.to_local() if isinstance(t, DTensor) else t
+            total += t.numel() * t.element_size()
+        return total
+
+    class MemoryPerRank(L.Callback):
+        """After the last iteration: this rank's parameter (policy and a separate reference),
+        gradient and optimizer-state bytes and its peak RSS, gathered on every rank."""
+
+        rows: list[dict] = []
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            ref = pl_module.ref_lm
+            params = [*pl_module.policy.parameters()]
+            if isinstance(ref, torch.nn.Module):  # not the LoRA view of the policy
+                params += list(ref.parameters())
+            optimizer = trainer.optimizers[0]
+            state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+            row = {
+                "rank": trainer.global_rank,
+                "param_bytes": local_bytes(params),
+                "grad_bytes": local_bytes(p.grad for p in params if p.grad is not None),
+                "optimizer_bytes": local_bytes(state),
+                "peak_rss_process_bytes": max_rss_bytes(),
+            }
+            rows = [row]
+            if trainer.world_size > 1:
+                rows = [None] * trainer.world_size
+                torch.distributed.all_gather_object(rows, row)
+            self.rows = rows
+
     class PhaseTimer(L.Callback):
         """Per iteration: the module's logged phase times and score, and the wall time from the
         previous iteration's end (or the start of training) to this one's end, Lightning's loop
@@ -288,16 +349,23 @@ def main(argv=None) -> dict:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         profiler = torch.profiler.profile(activities=activities)
     timer = PhaseTimer()
+    memory = MemoryPerRank()
+    strategy = {"single": "auto", "ddp": "ddp"}.get(args.strategy)
+    if args.strategy == "fsdp2":
+        from rlhf_lightning.strategies import FSDP2Strategy
+
+        strategy = FSDP2Strategy(rollout_gather=args.rollout_gather)
     trainer = L.Trainer(
         accelerator=args.device,
-        devices=1,
+        devices=args.devices,
+        strategy=strategy,
         precision=args.precision,
         max_epochs=total_iterations,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, memory],
         limit_val_batches=0,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
@@ -305,6 +373,8 @@ def main(argv=None) -> dict:
     )
     trainer.fit(module, datamodule=datamodule)
     peak_rss_timed = timer.sampler.stop()
+    if not trainer.is_global_zero:
+        return {}
     if profiler is not None:
         profiler.stop()
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -357,6 +427,7 @@ def main(argv=None) -> dict:
             "peak_rss_timed_bytes": peak_rss_timed if device.type == "cpu" else None,
             "peak_gpu_bytes": peak_gpu,
             "load_s": load_s,
+            "memory_per_rank": memory.rows,
         }
     )
     result = {

@@ -63,6 +63,7 @@ from rlhf_lightning.rollout.generation import (
 )
 from rlhf_lightning.schedules import warmup_decay_lambda
 from rlhf_lightning.stats import Stats, all_ranks_sum, any_rank, world_size
+from rlhf_lightning.strategies import gathered_weights, global_grad_norm, is_sharded, shard_policy
 from rlhf_lightning.tracking import log_samples
 
 EVAL_SEED = 1234
@@ -154,6 +155,24 @@ class PPOModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.place_frozen_models()
 
+    def configure_model(self) -> None:
+        """Under ``FSDP2Strategy`` (a device mesh is set): shard the policy and a separate
+        frozen reference over the data-parallel ranks (``strategies.shard_policy``). Lightning
+        calls it before every fit / validate; the second call finds the policy sharded."""
+        if self._device_mesh is None or is_sharded(self.policy):
+            return
+        shard_policy(
+            self.policy, self.ref_lm, self._device_mesh["data_parallel"], trainer_precision(self)
+        )
+
+    def full_weights(self, sampling: bool = False):
+        """Context: the sharded policy's LM callable on its own (sampling, a LoRA reference,
+        the eval KL); with ``sampling`` and ``rollout_gather=full`` every block is gathered once
+        for the whole rollout (``strategies.gathered_weights``). A no-op unless sharded."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        every_unit = sampling and getattr(strategy, "rollout_gather", "full") == "full"
+        return gathered_weights(self.policy, every_unit)
+
     def on_validation_start(self) -> None:  # also runs for trainer.validate() before fit
         self.place_frozen_models()
 
@@ -181,12 +200,12 @@ class PPOModule(L.LightningModule):
         iteration = self.current_epoch
         torch.manual_seed(self.iteration_seed(iteration))
         self.phase_seconds = {}
-        with self.running("sampling"):
+        with self.running("sampling"), self.full_weights(sampling=True):
             rollout = self.sample(batch, self.cfg.algorithm.samples_per_prompt)
         with self.running("scoring"):
             scores = self.score(rollout, batch, iteration)
         kl_coef = float(self.kl_ctl.value)
-        with self.running("experience"):
+        with self.running("experience"), self.full_weights():
             exp = self.make_experience(rollout, scores, kl_coef, iteration)
         with self.running("update"):
             stats = self.update(exp, iteration)
@@ -501,13 +520,14 @@ class PPOModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         """Sample on held-out prompts (fixed seed, training RNG untouched) and score them."""
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), self.full_weights(sampling=True):
             torch.manual_seed(EVAL_SEED + batch_idx + 7919 * self.global_rank)
             rollout = self.sample(batch)
         columns = columns_of(batch, rollout)
         scores = torch.as_tensor(self.reward(rollout.prompts, rollout.responses, **columns))
         T = self.cfg.generation.temperature
-        seq_kl = eval_sequence_kl(self.policy.lm, self.ref_lm, rollout, T)
+        with self.full_weights():
+            seq_kl = eval_sequence_kl(self.policy.lm, self.ref_lm, rollout, T)
         gold = None
         stats = self._val_stats
         stats.add_mean("val/reward", scores)
@@ -564,10 +584,11 @@ class PPOModule(L.LightningModule):
 
         With ``16-mixed`` Lightning's precision plugin unscales the fp16 gradients first, and the
         norm is not reported. In every other precision the gradients are already true
-        gradients, and ``clip_grad_norm_`` does it directly (Lightning's bf16-mixed plugin
+        gradients, clipped here directly (Lightning's bf16-mixed plugin
         refuses to clip for a fused optimizer, although there is nothing to unscale). Under the
         DDP family every rank holds the full, already averaged gradients, so the local norm is
-        the global one.
+        the global one; under FSDP2 each rank holds a shard of them and the norm is reduced over
+        the ranks (``strategies.global_grad_norm``).
         """
         if trainer_precision(self) == "16-mixed":
             if max_norm is not None:
@@ -576,10 +597,10 @@ class PPOModule(L.LightningModule):
                 )
             return None
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if max_norm is None:
-            grads = [p.grad for p in params if p.grad is not None]
-            return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = global_grad_norm([p.grad for p in params if p.grad is not None])
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
 
     def check_finite(self, name: str, values: torch.Tensor, iteration: int) -> None:
         """Raise :class:`NonFiniteError` on every rank when ``values`` is not finite on one."""

@@ -17,6 +17,7 @@ from rlhf_lightning.losses import bradley_terry_loss
 from rlhf_lightning.models import encode_for_reward
 from rlhf_lightning.optim import adamw, trainer_precision
 from rlhf_lightning.schedules import warmup_decay_lambda
+from rlhf_lightning.strategies import is_sharded, shard_reward_model
 
 
 class RewardModelModule(L.LightningModule):
@@ -26,6 +27,13 @@ class RewardModelModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.cfg = cfg
+
+    def configure_model(self) -> None:
+        """Under ``FSDP2Strategy`` (a device mesh is set): shard the reward model over the
+        data-parallel ranks (``strategies.shard_reward_model``); a no-op once sharded."""
+        if self._device_mesh is None or is_sharded(self.model):
+            return
+        shard_reward_model(self.model, self._device_mesh["data_parallel"], trainer_precision(self))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, T) -> (N,) raw rewards."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import tempfile
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_lightning.callbacks import ProgressLine
 from rlhf_lightning.config import ConfigError
 from rlhf_lightning.hardware import resolve_precision
+from rlhf_lightning.strategies import ROLLOUT_GATHER
 from rlhf_lightning.tracking import build_logger
 
 log = logging.getLogger(__name__)
@@ -64,25 +64,32 @@ def checkpoint_dir(cfg: DictConfig, stage: str | None = None) -> Path:
     return base / stage if stage else base
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint (``trainer=fsdp2``): a directory of one shard
+    per rank plus ``meta.pt``, which rank 0 writes after every shard is complete."""
+    return path.is_file() or (path / "meta.pt").is_file()
+
+
 def resolve_ckpt_path(cfg: DictConfig, stage: str | None = None) -> str | None:
     """``ckpt_path``: None, ``"last"`` or a path.
 
     ``"last"`` is ``<run dir>/checkpoints[/stage]/last.ckpt``; if a crash hit between replacing
     that link and writing it again, the newest ``*.ckpt`` in the directory is used instead.
+    Sharded checkpoints (directories) count as checkpoints (:func:`is_checkpoint`).
     """
     value = cfg.get("ckpt_path")
     if value is None:
         return None
     if value != "last":
-        if not Path(value).is_file():
+        if not is_checkpoint(Path(value)):
             raise FileNotFoundError(f"ckpt_path: no checkpoint at {value}")
         return str(value)
     directory = checkpoint_dir(cfg, stage)
     last = directory / "last.ckpt"
-    if last.is_file():
+    if is_checkpoint(last):
         return str(last)
     candidates = sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    candidates = [p for p in candidates if p.is_file()]
+    candidates = [p for p in candidates if is_checkpoint(p)]
     if candidates:
         log.warning("%s is missing: resuming from the newest checkpoint %s", last, candidates[-1])
         return str(candidates[-1])
@@ -133,22 +140,43 @@ def trainer_precision_from(cfg: DictConfig) -> str:
     )
 
 
+FSDP2 = "rlhf_lightning.strategies.FSDP2Strategy"
+FSDP2_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+
+
 def check_strategy_available(cfg: DictConfig) -> None:
-    """Sharded strategies need GPUs (Lightning's FSDP / DeepSpeed) and DeepSpeed its package:
-    say so before any model loads. Also resolves (and reports) ``trainer.precision``."""
-    trainer_precision_from(cfg)
+    """The strategy runs here with this precision: say so before any model loads. Also
+    resolves (and reports) ``trainer.precision``.
+
+    Lightning's other sharded strategies (FSDP1, DeepSpeed, a bare ModelParallelStrategy) are
+    refused: they have no tested path here (``trainer=fsdp2`` shards on GPUs and CPUs). FSDP2
+    takes 32-true and the bf16 precisions (fp16 would need a sharded gradient scaler).
+    """
+    precision = trainer_precision_from(cfg)
     name = strategy_name(cfg)
-    sharded = name.startswith("deepspeed") or "fsdp" in name.lower()
-    if sharded and cfg.trainer.get("accelerator") == "cpu":
+    lowered = name.lower()
+    if name != FSDP2 and (
+        lowered.startswith("deepspeed")
+        or "fsdp" in lowered
+        or "model_parallel" in lowered
+        or "modelparallel" in lowered
+    ):
         raise ConfigError(
-            f"invalid config: trainer.strategy: {name!r} needs GPUs in Lightning "
-            "(trainer.accelerator=gpu); on CPUs use ddp (trainer=ddp_cpu)"
+            f"invalid config: trainer.strategy: {name!r} is not supported; for sharded "
+            "training use trainer=fsdp2 (GPUs) or trainer=fsdp2_cpu (2 CPU processes)"
         )
-    if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(
-            f"invalid config: trainer.strategy: {name!r} needs DeepSpeed (pip install deepspeed, "
-            "on a machine with CUDA)"
-        )
+    if name == FSDP2:
+        if precision not in FSDP2_PRECISIONS:
+            raise ConfigError(
+                f"invalid config: trainer.precision: {precision!r} is not supported with "
+                f"trainer=fsdp2; use one of {', '.join(FSDP2_PRECISIONS)}"
+            )
+        gather = cfg.trainer.strategy.get("rollout_gather", "full")
+        if gather not in ROLLOUT_GATHER:
+            raise ConfigError(
+                "invalid config: trainer.strategy.rollout_gather: must be one of "
+                f"{', '.join(ROLLOUT_GATHER)}, got {gather!r}"
+            )
 
 
 def lr_monitor(cfg: DictConfig) -> list:

@@ -38,7 +38,9 @@ from rlhf_lightning.models.adapters import (
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import build_reward
 from rlhf_lightning.rollout.generation import resolve_stop_token_ids, save_sampling_settings
+from rlhf_lightning.strategies import gather_full_state_dict, is_sharded
 from rlhf_lightning.tasks.common import (
+    FSDP2,
     build_trainer,
     check_strategy_available,
     checkpoint_dir,
@@ -59,6 +61,7 @@ SUPPORTED_STRATEGIES = (
     "ddp_spawn",
     "ddp_find_unused_parameters_true",
     "single_device",
+    FSDP2,
 )
 
 
@@ -71,15 +74,14 @@ def validate_ppo_setup(cfg: DictConfig) -> RLConfig:
     ppo_cfg = rl_config_from(cfg)
     policy_options_from(cfg.policy)
     strategy = strategy_name(cfg)
+    check_strategy_available(cfg)
     if strategy not in SUPPORTED_STRATEGIES:
         raise ConfigError(
-            f"invalid config: trainer.strategy: {strategy!r} is not supported for PPO: rollouts "
-            "call generate() on the policy and on a frozen reference outside the Lightning "
-            "module, which needs full parameters on every rank (FSDP / DeepSpeed shard them). "
-            f"Use one of {', '.join(SUPPORTED_STRATEGIES)}; to fit a larger policy, "
-            "peft=lora (no reference copy) and policy.gradient_checkpointing=true"
+            f"invalid config: trainer.strategy: {strategy!r} is not supported for PPO; use one "
+            f"of {', '.join(SUPPORTED_STRATEGIES)} (trainer=ddp, trainer=fsdp2, ...)"
         )
-    check_strategy_available(cfg)
+    if strategy == FSDP2:
+        check_fsdp2_options(cfg, ppo_cfg)
     if OmegaConf.select(cfg, "reward._target_") is None:
         raise ConfigError("invalid config: reward: needs a _target_ (e.g. reward=vader)")
     missing = OmegaConf.missing_keys(cfg.reward)
@@ -89,6 +91,22 @@ def validate_ppo_setup(cfg: DictConfig) -> RLConfig:
             "reward=learned)"
         )
     return ppo_cfg
+
+
+def check_fsdp2_options(cfg: DictConfig, ppo_cfg: RLConfig) -> None:
+    """What PPO under FSDP2 does not take: a sampling copy (the gathered weights sample directly;
+    ``trainer.precision=bf16-mixed`` gathers them in bf16) and ``policy.compile`` (untested with
+    sharding)."""
+    if ppo_cfg.generation.sampling_dtype is not None:
+        raise ConfigError(
+            "invalid config: generation.sampling_dtype: not supported with trainer=fsdp2 (the "
+            "rollout samples from the gathered weights; trainer.precision=bf16-mixed gathers "
+            "them in bf16); set it to null"
+        )
+    if cfg.policy.get("compile") is not None:
+        raise ConfigError(
+            "invalid config: policy.compile: not supported with trainer=fsdp2; set it to null"
+        )
 
 
 def check_critic_tokenizer(ppo_cfg: RLConfig, tokenizer) -> None:
@@ -128,25 +146,46 @@ def build_policy(cfg: DictConfig, ppo_cfg: RLConfig, options: PolicyOptions | No
     return policy, ref_lm
 
 
-def export_policy(module: PPOModule, tokenizer, out_dir: Path) -> Path:
+def export_policy(
+    module: PPOModule, tokenizer, out_dir: Path, full_state: dict | None = None
+) -> Path:
     """``save_pretrained`` of the policy LM (plain transformers loads it), its sampling settings
     (``generation_config.json``) and the value head.
 
-    LoRA adapters are merged into the exported weights (the export needs no PEFT) and also
-    saved alone in PEFT's format under ``adapter/``.
+    LoRA adapters are merged into the exported weights (the export needs no PEFT) and, from an
+    unsharded policy, also saved alone in PEFT's format under ``adapter/``.
+    ``full_state``: the full state dict of a sharded policy (``gather_full_state_dict``, which
+    every rank must call); the LM is then rebuilt unsharded from its config with those weights.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    lm = merged_copy(module.policy.lm) if has_adapters(module.policy.lm) else module.policy.lm
+    if full_state is None:
+        lm = merged_copy(module.policy.lm) if has_adapters(module.policy.lm) else module.policy.lm
+        head = module.policy.value_head.state_dict() if module.policy.value_head else {}
+    else:
+        lm = unsharded_lm(module.policy.lm, full_state, module.policy_lora)
+        head = {k[11:]: v for k, v in full_state.items() if k.startswith("value_head.")}
     lm.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     save_sampling_settings(out_dir, module.cfg.generation, module.stop_token_ids, tokenizer)
-    if has_adapters(module.policy.lm):  # also the adapters alone, for PEFT users
+    if full_state is None and has_adapters(module.policy.lm):  # the adapters alone, for PEFT
         save_adapters(module.policy.lm, out_dir / "adapter", module.policy_source)
-    if module.policy.value_head is not None:
-        head = module.policy.value_head.state_dict()
+    if head:
         head = {k: v.detach().cpu().contiguous() for k, v in head.items()}
         save_file(head, out_dir / "value_head.safetensors")
     return out_dir
+
+
+def unsharded_lm(lm, full_state: dict, lora: dict | None):
+    """A plain copy of the (sharded) policy LM ``lm`` holding the ``lm.*`` weights of the
+    policy's full state dict, its LoRA adapters (settings ``lora``) merged."""
+    weights = {k[3:]: v for k, v in full_state.items() if k.startswith("lm.")}
+    dtype = next(v.dtype for v in weights.values() if v.is_floating_point())
+    plain = type(lm)(copy.deepcopy(lm.config)).to(dtype)
+    plain.generation_config = copy.deepcopy(lm.generation_config)
+    if lora is not None:
+        inject_lora(plain, **lora)
+    plain.load_state_dict(weights, strict=True)
+    return merged_copy(plain) if lora is not None else plain.eval()
 
 
 def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
@@ -219,7 +258,9 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         "path": None,
     }
     log_final_hparams(trainer, cfg, {cfg.task.metric: result["metric"]})
+    full_state = gather_full_state_dict(module.policy) if is_sharded(module.policy) else None
     if trainer.is_global_zero:
-        result["path"] = str(export_policy(module, tokenizer, run_dir(cfg) / "policy"))
+        path = export_policy(module, tokenizer, run_dir(cfg) / "policy", full_state)
+        result["path"] = str(path)
         log.info("exported policy to %s", result["path"])
     return result

@@ -6,6 +6,7 @@ module -> callbacks -> trainer -> fit -> best checkpoint -> normalisation -> exp
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from rlhf_lightning.config import rm_config_from
 from rlhf_lightning.models import ScalarRewardModel, load_tokenizer
 from rlhf_lightning.models.reward_model import score_pairs
 from rlhf_lightning.modules.reward_model import RewardModelModule, fit_normalization
+from rlhf_lightning.strategies import gather_full_state_dict, is_sharded
 from rlhf_lightning.tasks.common import (
     build_trainer,
     check_strategy_available,
@@ -37,6 +39,16 @@ STAGE = "reward_model"
 
 def export_dir(cfg: DictConfig) -> Path:
     return run_dir(cfg) / "reward_model"
+
+
+def unsharded_reward_model(model: ScalarRewardModel, full_state: dict) -> ScalarRewardModel:
+    """A plain copy of the (sharded) reward model ``model`` holding ``full_state``, its full
+    state dict (``strategies.gather_full_state_dict``)."""
+    dtype = next(v.dtype for k, v in full_state.items() if k.startswith("backbone."))
+    backbone = type(model.backbone)(copy.deepcopy(model.backbone.config))
+    plain = ScalarRewardModel(backbone.to(dtype), model.text_format)
+    plain.load_state_dict(full_state, strict=True)
+    return plain
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -90,17 +102,25 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     metric = task_metric(trainer, cfg.task.metric) if cfg.task.metric.startswith("val/") else None
 
     result = {"metric": metric, "best_checkpoint": checkpoint.best_model_path, "path": None}
+    sharded = is_sharded(module.model)
     if checkpoint.best_model_path:
-        best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
-        module.load_state_dict(best["state_dict"])
+        if sharded:  # a directory of shards: every rank loads its own
+            trainer.strategy.load_checkpoint(checkpoint.best_model_path)
+        else:
+            best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+            module.load_state_dict(best["state_dict"])
         result["best_score"] = float(checkpoint.best_model_score)
         if rm_cfg.monitor == cfg.task.metric:
             result["metric"] = result["best_score"]
     if stage_dir is None:  # the pipeline logs its run's hparams once, after its PPO stage
         log_final_hparams(trainer, cfg, {cfg.task.metric: result["metric"]})
+    full_state = gather_full_state_dict(module.model) if sharded else None
     if not trainer.is_global_zero:
+        trainer.strategy.barrier()  # the next stage (pipeline: PPO) reads rank 0's export
         return result
 
+    if full_state is not None:
+        module.model = unsharded_reward_model(module.model, full_state)
     module.model.to("cpu")
     if rm_cfg.normalize:
         prompts, responses = zip(*datamodule.train_texts())
@@ -120,4 +140,5 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     out = module.model.save_pretrained(export_dir(cfg), tokenizer)
     result["path"] = str(out)
     log.info("exported reward model to %s", out)
+    trainer.strategy.barrier()
     return result
