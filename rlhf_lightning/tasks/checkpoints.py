@@ -106,7 +106,7 @@ def read_record(path: Path) -> dict:
     if not isinstance(record, dict) or record.get("kind") not in KINDS:
         raise CheckpointError(
             f"checkpoint {path}: not written by rlhf-train (no {RECORD_KEY} record): another "
-            "program's or another model's checkpoint"
+            "program's or model's checkpoint, or one from a version before the record"
         )
     return record
 
