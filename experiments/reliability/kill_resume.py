@@ -1,15 +1,19 @@
 """Kill tiny runs with SIGKILL at random moments, resume them, compare with uninterrupted runs.
 
 For each stage (``ppo``, ``reward_model``, ``pipeline``): one uninterrupted reference run, then
-chains of runs in fresh run dirs. A chain starts the run, SIGKILLs it after a random delay
-(uniform in [0, the reference's wall time], seeded), restarts it (``ckpt_path=last``; a fresh
-start when a standalone task had saved no checkpoint yet), and so on for up to
-``--kills-per-chain`` kills; then it lets the run finish and compares its end state with the
-reference's: every tensor of the final ``last.ckpt`` (weights, optimizer state, LR schedulers),
-its epoch and step counts, and the exported files, byte for byte. A run that ends before its
-kill delay ends the chain early. After every kill it also records what the kill hit (no
-checkpoint yet, or the step of ``last.ckpt``) and any temporary file a checkpoint write left;
-after the last resume, no temporary file may remain.
+chains of runs in fresh run dirs. A chain starts the run and SIGKILLs it after a random delay,
+restarts it (``ckpt_path=last``; a fresh start when a standalone task had saved no checkpoint
+yet), and so on for up to ``--kills-per-chain`` kills; then it lets the run finish and compares
+its end state with the reference's: every tensor of the final ``last.ckpt`` (weights, optimizer
+state, LR schedulers), its epoch and step counts, and the exported files, byte for byte.
+
+The delay is drawn (seeded) uniformly in [0, W], counted from the moment the run's job starts
+(Hydra writes ``.hydra/config.yaml``, after the Python imports), where W is the reference's wall
+time from that moment to its end: kills land in model loading, data checks, training,
+checkpoint writes and exports in proportion to their time. A run that ends before its delay
+ends the chain. After every kill the script records what the kill left (the step of each
+``last.ckpt``, the finished pipeline stages, temporary files of an interrupted checkpoint
+write); after the last resume no temporary file may remain.
 
     nice -n 10 python experiments/reliability/kill_resume.py --kills 20 --seed 0 \\
         --out experiments/reliability/results.json
@@ -52,16 +56,16 @@ STAGES = {
     "ppo": [
         "task=ppo",
         "reward=token_fraction",
-        "budget.num_iterations=8",
+        "budget.num_iterations=12",
         "task.eval_every=3",
         "task.eval_batches=1",
         "task.checkpoint_every=1",
     ],
-    "reward_model": ["task=reward_model", "rm.max_epochs=4"],
+    "reward_model": ["task=reward_model", "rm.max_epochs=6"],
     "pipeline": [
         "task=pipeline",
-        "rm.max_epochs=2",
-        "budget.num_iterations=4",
+        "rm.max_epochs=3",
+        "budget.num_iterations=6",
         "task.eval_every=2",
         "task.eval_batches=1",
         "task.checkpoint_every=1",
@@ -153,15 +157,28 @@ def _unequal(a, b, path: str = "") -> list[str]:
     return [] if a == b else [path]
 
 
-def run_chain(stage, reference, run_dir, max_kills, reference_seconds, rng, log) -> dict:
+def wait_for_job(proc: subprocess.Popen, run_dir: Path, since: float) -> float | None:
+    """Wait until the run's Hydra job has started (``.hydra/config.yaml`` written after
+    ``since``, a ``time.time()``); returns that moment on the monotonic clock, or None if the
+    process ended first."""
+    config = run_dir / ".hydra" / "config.yaml"
+    while proc.poll() is None:
+        if config.is_file() and config.stat().st_mtime >= since:
+            return time.monotonic()
+        time.sleep(0.02)
+    return None
+
+
+def run_chain(stage, reference, run_dir, max_kills, work_seconds, rng, log) -> dict:
     """Kill and resume one run up to ``max_kills`` times, then finish it and compare."""
     kills, resume = [], False
     while True:
-        delay = rng.uniform(0.0, reference_seconds) if len(kills) < max_kills else None
-        began = time.monotonic()
+        delay = rng.uniform(0.0, work_seconds) if len(kills) < max_kills else None
+        since = time.time()
         proc = start(stage, run_dir, resume, log)
+        began = wait_for_job(proc, run_dir, since)
         try:
-            proc.wait(timeout=delay)
+            proc.wait(timeout=None if delay is None else delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -181,9 +198,10 @@ def run_chain(stage, reference, run_dir, max_kills, reference_seconds, rng, log)
 
 def run_stage(stage, workdir, kills, kills_per_chain, rng, log) -> dict:
     reference = workdir / f"{stage}-reference"
-    began = time.monotonic()
+    since = time.time()
     proc = start(stage, reference, False, log)
-    if proc.wait() != 0:
+    began = wait_for_job(proc, reference, since)
+    if proc.wait() != 0 or began is None:
         raise SystemExit(f"{stage}: the reference run failed (see the log)")
     seconds = time.monotonic() - began
     chains, done = [], 0
@@ -196,7 +214,7 @@ def run_stage(stage, workdir, kills, kills_per_chain, rng, log) -> dict:
         chains.append(chain)
         status = "equal" if chain["ok"] else f"DIFFERENT {chain.get('differences') or chain}"
         print(f"{stage}: chain {len(chains)}: {len(chain['kills'])} kills, end state {status}")
-    return {"reference_seconds": round(seconds, 1), "chains": chains}
+    return {"reference_job_seconds": round(seconds, 1), "chains": chains}
 
 
 def summary(results: dict) -> dict:
