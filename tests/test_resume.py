@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 from fractions import Fraction
 from pathlib import Path
@@ -17,11 +18,12 @@ from hydra import compose, initialize_config_dir
 
 from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.errors import CheckpointError
+from rlhf_lightning.models._util import umask
 from rlhf_lightning.models.loading import CacheError
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.modules.reward_model import RewardModelModule
 from rlhf_lightning.tasks import pipeline
-from rlhf_lightning.tasks.checkpoints import RECORD_KEY
+from rlhf_lightning.tasks.checkpoints import RECORD_KEY, ResumeCheckpoint
 from rlhf_lightning.tasks.ppo import train_ppo
 from rlhf_lightning.tasks.reward_model import train_reward_model
 
@@ -153,6 +155,24 @@ def test_a_crash_during_a_validation_resumes_before_it(tmp_path, monkeypatch):
     assert validated == [(0, 6), (1, 12)]
 
 
+def test_a_crash_after_a_validation_keeps_its_best_checkpoint(tmp_path, monkeypatch):
+    """last.ckpt saved at the end of a validation holds the best-checkpoint choice made on that
+    validation's metrics: a crash right after it (before the epoch ends) still resumes to a
+    best checkpoint for the epoch (the resumed run has no metrics of that validation)."""
+
+    def crash(self):
+        raise Crash
+
+    overrides = [*RM, "rm.max_epochs=1", "rm.checkpoint_every_n_steps=2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(RewardModelModule, "on_train_epoch_end", crash, raising=False)
+        with pytest.raises(Crash):
+            train_reward_model(_cfg(tmp_path, *overrides))
+    result = train_reward_model(_cfg(tmp_path, *overrides, "ckpt_path=last"))
+    assert result["best_checkpoint"] == str(tmp_path / "checkpoints" / "rm-epoch=0-step=6.ckpt")
+    assert "best_score" in result
+
+
 def test_rm_checkpoint_every_n_steps_is_validated(tmp_path):
     from rlhf_lightning.config import ConfigError
 
@@ -252,6 +272,24 @@ def test_ppo_module_refuses_a_checkpoint_without_its_state():
         PPOModule.on_load_checkpoint(None, {"state_dict": {}})
 
 
+# -------------------------------------------------------------------------------- signals
+def test_the_first_sigint_asks_for_a_stop_the_second_stops_at_once():
+    """While training: the first SIGINT only asks for a stop at the next safe point, the second
+    raises KeyboardInterrupt; after training the previous handlers are back."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    callback = ResumeCheckpoint("unused", "ppo", {}, "rlhf-train ...")
+    callback._handle_signals()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert callback.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # asks for the same stop; no exception
+    finally:
+        callback.on_train_end(None, None)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 # ------------------------------------------------- stale temporaries, file permissions
 def test_a_start_removes_stale_temporaries_and_files_honour_the_umask(tmp_path):
     """A crash while saving leaves ``.last.ckpt.<random>.tmp``: the next start removes it.
@@ -339,6 +377,10 @@ def test_pipeline_resumes_by_stage(tmp_path, monkeypatch):
     for name in ("policy/model.safetensors", "reward_model/model.safetensors"):
         assert (straight / name).read_bytes() == (crashed / name).read_bytes()
     assert (crashed / "summary.json").is_file()
+    mode = 0o666 & ~umask()
+    for export in ("policy", "reward_model"):
+        for path in (crashed / export).iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == mode, path
 
     monkeypatch.setattr(pipeline, "train_reward_model", _must_not_run)
     monkeypatch.setattr(pipeline, "train_ppo", _must_not_run)
@@ -361,3 +403,5 @@ def test_pipeline_resume_checks_finished_stages_and_refuses_a_used_run_dir(tmp_p
         pipeline.run(_cfg(run, *PIPELINE))
     with pytest.raises(ConfigError, match="ckpt_path: task=pipeline resumes with ckpt_path=last"):
         pipeline.run(_cfg(run, *PIPELINE, f"ckpt_path={run / 'x.ckpt'}"))
+    # ckpt_path=last with nothing to resume: a start from the beginning.
+    assert pipeline.check_resume(_cfg(tmp_path / "empty", *PIPELINE, "ckpt_path=last"))

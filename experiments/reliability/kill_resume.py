@@ -1,6 +1,7 @@
 """Kill tiny runs with SIGKILL at random moments, resume them, compare with uninterrupted runs.
 
-For each stage (``ppo``, ``reward_model``, ``pipeline``): one uninterrupted reference run, then
+For each stage (``ppo``, ``reward_model``, ``pipeline``; tiny models, trained for ``LONGER`` here
+and for ``STAGES`` alone in ``tests/test_reliability.py``): one uninterrupted reference run, then
 chains of runs in fresh run dirs. A chain starts the run and SIGKILLs it after a random delay,
 restarts it (``ckpt_path=last``; a fresh start when a standalone task had saved no checkpoint
 yet), and so on for up to ``--kills-per-chain`` kills; then it lets the run finish and compares
@@ -71,6 +72,13 @@ STAGES = {
         "task.checkpoint_every=1",
     ],
 }
+# The experiment trains longer than the test suite's runs, so that most of a run's time is
+# training (with checkpoint writes) rather than start-up.
+LONGER = {
+    "ppo": ["budget.num_iterations=30"],
+    "reward_model": ["rm.max_epochs=16"],
+    "pipeline": ["rm.max_epochs=4", "budget.num_iterations=12"],
+}
 # What must be equal at the end: (final checkpoint, exported files), relative to the run dir.
 END_STATE = {
     "ppo": (["checkpoints/last.ckpt"], ["policy/model.safetensors"]),
@@ -89,10 +97,11 @@ END_STATE = {
 }
 
 
-def start(stage: str, run_dir: Path, resume: bool, log) -> subprocess.Popen:
-    """The stage's tiny run in ``run_dir`` (``ckpt_path=last`` when ``resume``)."""
+def start(stage: str, run_dir: Path, resume: bool, log, extra=()) -> subprocess.Popen:
+    """The stage's tiny run in ``run_dir`` (``ckpt_path=last`` when ``resume``), with the
+    ``extra`` overrides."""
     command = [
-        sys.executable, "-m", "rlhf_lightning.cli.train", *TINY, *STAGES[stage],
+        sys.executable, "-m", "rlhf_lightning.cli.train", *TINY, *STAGES[stage], *extra,
         f"hydra.run.dir={run_dir}", *(["ckpt_path=last"] if resume else []),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -169,13 +178,13 @@ def wait_for_job(proc: subprocess.Popen, run_dir: Path, since: float) -> float |
     return None
 
 
-def run_chain(stage, reference, run_dir, max_kills, work_seconds, rng, log) -> dict:
+def run_chain(stage, reference, run_dir, max_kills, work_seconds, rng, log, extra=()) -> dict:
     """Kill and resume one run up to ``max_kills`` times, then finish it and compare."""
     kills, resume = [], False
     while True:
         delay = rng.uniform(0.0, work_seconds) if len(kills) < max_kills else None
         since = time.time()
-        proc = start(stage, run_dir, resume, log)
+        proc = start(stage, run_dir, resume, log, extra)
         began = wait_for_job(proc, run_dir, since)
         try:
             proc.wait(timeout=None if delay is None else delay)
@@ -196,10 +205,11 @@ def run_chain(stage, reference, run_dir, max_kills, work_seconds, rng, log) -> d
         return {"kills": kills, "ok": ok, "differences": found, "temporaries_at_end": left}
 
 
-def run_stage(stage, workdir, kills, kills_per_chain, rng, log) -> dict:
+def run_stage(stage, workdir, kills, kills_per_chain, rng, log, extra=()) -> dict:
+    """A reference run, then chains of kills and resumes until ``kills`` kills were made."""
     reference = workdir / f"{stage}-reference"
     since = time.time()
-    proc = start(stage, reference, False, log)
+    proc = start(stage, reference, False, log, extra)
     began = wait_for_job(proc, reference, since)
     if proc.wait() != 0 or began is None:
         raise SystemExit(f"{stage}: the reference run failed (see the log)")
@@ -207,9 +217,11 @@ def run_stage(stage, workdir, kills, kills_per_chain, rng, log) -> dict:
     chains, done = [], 0
     while done < kills:
         chain_dir = workdir / f"{stage}-chain{len(chains)}"
-        chain = run_chain(
-            stage, reference, chain_dir, min(kills_per_chain, kills - done), seconds, rng, log
-        )
+        planned = min(kills_per_chain, kills - done)
+        chain = {
+            "planned_kills": planned,
+            **run_chain(stage, reference, chain_dir, planned, seconds, rng, log, extra),
+        }
         done += len(chain["kills"])
         chains.append(chain)
         status = "equal" if chain["ok"] else f"DIFFERENT {chain.get('differences') or chain}"
@@ -227,8 +239,13 @@ def summary(results: dict) -> dict:
                 not kill["last_ckpt_step"] and not kill["finished_stages"] for kill in kills
             ),
             "kills_leaving_a_temporary_file": sum(bool(kill["temporaries_left"]) for kill in kills),
-            "chains": len(result["chains"]),
-            "chains_equal_to_reference": sum(chain["ok"] for chain in result["chains"]),
+            "chains_with_kills": sum(bool(chain["kills"]) for chain in result["chains"]),
+            "chains_with_kills_equal_to_reference": sum(
+                chain["ok"] for chain in result["chains"] if chain["kills"]
+            ),
+            "runs_ending_before_their_kill_moment": sum(
+                len(chain["kills"]) < chain["planned_kills"] for chain in result["chains"]
+            ),
         }
     return rows
 
@@ -249,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with open(workdir / "runs.log", "w") as log:
         for stage in args.stages.split(","):
-            results[stage] = run_stage(stage, workdir, args.kills, args.kills_per_chain, rng, log)
+            results[stage] = run_stage(
+                stage, workdir, args.kills, args.kills_per_chain, rng, log, LONGER[stage]
+            )
     report = {"seed": args.seed, "summary": summary(results), "stages": results}
     print(json.dumps(report["summary"], indent=2))
     if args.out:

@@ -80,7 +80,9 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     )
     module = RewardModelModule(model, rm_cfg)
     directory = checkpoint_dir(cfg, stage_dir)
-    checkpoint = ModelCheckpoint(  # the best; uses each validation's metrics at its end
+    # The best by rm.monitor, judged at the end of each validation (not at the epoch's end: a
+    # last.ckpt saved after the validation must already hold that judgement).
+    checkpoint = ModelCheckpoint(
         dirpath=directory,
         filename="rm-{epoch}-{step}",
         monitor=rm_cfg.monitor,
@@ -88,7 +90,8 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         save_top_k=1,
         save_on_train_epoch_end=False,
     )
-    resume = ResumeCheckpoint(  # last.ckpt; after `checkpoint`, which it must follow
+    # last.ckpt; listed after `checkpoint`, so it runs after it at the end of a validation.
+    resume = ResumeCheckpoint(
         directory,
         STAGE,
         run_settings(cfg, STAGE),
