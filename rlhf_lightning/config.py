@@ -550,6 +550,8 @@ class RMConfig:
     histogram_every_n_steps: int = 50
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
+    checkpoint_every_n_steps: int | None = 25
+    """Save ``last.ckpt`` every N optimizer steps (None: at the end of each epoch only)."""
 
     def __post_init__(self) -> None:
         p = "rm"
@@ -560,6 +562,8 @@ class RMConfig:
         _check(self.val_check_interval > 0, f"{p}.val_check_interval", "must be > 0")
         _check(self.histogram_every_n_steps >= 0, f"{p}.histogram_every_n_steps", "must be >= 0")
         _check(self.accumulate_grad_batches >= 1, f"{p}.accumulate_grad_batches", "must be >= 1")
+        every = self.checkpoint_every_n_steps
+        _check(every is None or every >= 1, f"{p}.checkpoint_every_n_steps", "must be >= 1 or null")
         if self.gradient_clip_val is not None:
             _check(self.gradient_clip_val > 0, f"{p}.gradient_clip_val", "must be > 0 (or null)")
 

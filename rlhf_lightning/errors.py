@@ -12,6 +12,16 @@ class UserError(Exception):
     """Base class of the errors caused by the user's input (config, data, files, rewards)."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint that cannot resume this run: unreadable, written by another task, or written
+    with settings that change what it means. The message names the file and what is wrong."""
+
+
+class TrainingStopped(UserError):
+    """Training stopped on SIGTERM or SIGINT after saving a checkpoint; the message says how to
+    resume."""
+
+
 class FieldError(ValueError):
     """An invalid constructor argument of a configurable component (an advantage estimator, a
     policy loss, ...). The config builder turns it into a ``ConfigError`` naming the full key,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,92 @@ def test_offline_mode_opens_no_network_connection(monkeypatch):
     with pytest.raises(ModelNotAvailableError):
         load_tokenizer("lvwerra/gpt2-imdb")
     assert attempts == []
+
+
+# ---------------------------------------------------------------------- SIGTERM / SIGINT
+TINY_RM = [
+    "task=reward_model", "reward_backbone=tiny", "data/preferences=tiny",
+    "trainer.enable_progress_bar=false", "rm.lr=1e-3", "rm.checkpoint_every_n_steps=4", "~logger",
+]  # fmt: skip
+SIGNAL_RUNS = {
+    "ppo": [*TINY_PPO, "budget.num_iterations=8", "task.checkpoint_every=4"],
+    "reward_model": [*TINY_RM, "rm.max_epochs=6"],
+}
+
+
+def _train(run_dir: Path, overrides: list[str], *extra: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "rlhf_lightning.cli.train", *overrides,
+        f"hydra.run.dir={run_dir}", *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1], **popen)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "signum"),
+    [("ppo", signal.SIGTERM), ("reward_model", signal.SIGTERM), ("reward_model", signal.SIGINT)],
+    ids=["ppo-SIGTERM", "reward_model-SIGTERM", "reward_model-SIGINT"],
+)
+def test_a_signal_saves_a_checkpoint_stops_promptly_and_the_run_resumes_exactly(
+    tmp_path, stage, signum
+):
+    """SIGTERM (SLURM, kill) or SIGINT (Ctrl-C) once the first checkpoint exists: the run
+    finishes its PPO iteration or optimizer step, saves last.ckpt, exits with one message that
+    says how to resume, well before its end; the resume ends like an uninterrupted run."""
+    overrides = SIGNAL_RUNS[stage]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    with open(tmp_path / "stderr", "w+") as stderr:
+        proc = _train(stopped, overrides, stdout=subprocess.DEVNULL, stderr=stderr)
+        last = stopped / "checkpoints" / "last.ckpt"
+        while not last.exists():
+            assert proc.poll() is None, "the run ended before it was signalled"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        signalled = time.monotonic()
+        assert proc.wait(timeout=120) == 2
+        seconds = time.monotonic() - signalled
+        stderr.seek(0)
+        errors = stderr.read()
+    assert seconds < 30, f"{seconds:.1f} s from the signal to the exit"
+    assert "Traceback" not in errors, errors[-3000:]
+    lines = [line for line in errors.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, errors[-3000:]
+    name = signal.Signals(signum).name
+    assert f"error: stopped by {name}: saved {last}" in lines[0]
+    assert f"resume with: rlhf-train {' '.join(overrides[:2])}" in lines[0]
+    assert lines[0].endswith(f"hydra.run.dir={stopped} ckpt_path=last")
+    state = _final_state(stopped)
+    total = {"ppo": (8, 8 * 4), "reward_model": (6, 6 * 6)}[stage]  # (epochs, optimizer steps)
+    assert state["global_step"] < total[1], "the run was not stopped before its end"
+
+    for run_dir, extra in ((stopped, ["ckpt_path=last"]), (straight, [])):
+        done = _train(
+            run_dir, overrides, *extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        _, err = done.communicate(timeout=600)
+        assert done.returncode == 0, err[-3000:]
+    a, b = _final_state(straight), _final_state(stopped)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    assert a["global_step"] == total[1]
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, rtol=0, atol=0, msg=name)
+    for key in ("optimizer_states", "lr_schedulers"):
+        assert str(a[key]) == str(b[key])
+
+
+# --------------------------------------------------------------- SIGKILL at random moments
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["ppo", "reward_model", "pipeline"])
+def test_random_sigkills_then_resumes_end_like_an_uninterrupted_run(tmp_path, stage):
+    """experiments/reliability/kill_resume.py with 2 kills (seeded): every chain of kills and
+    resumes ends with the reference's weights, optimizer state, step counts and exports."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "reliability"))
+    from kill_resume import run_stage
+
+    with open(tmp_path / "runs.log", "w") as log:
+        result = run_stage(stage, tmp_path, 2, 2, random.Random(1), log)
+    kills = [kill for chain in result["chains"] for kill in chain["kills"]]
+    assert len(kills) == 2
+    assert all(chain["ok"] for chain in result["chains"]), result

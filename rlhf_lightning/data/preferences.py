@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.base import SplitDataModule
 from rlhf_lightning.data.padding import pad_token_ids
-from rlhf_lightning.data.sampler import EpochShuffleSampler
+from rlhf_lightning.data.sampler import EpochShuffleSampler, ResumableDataLoader
 from rlhf_lightning.data.tokenize import encode_text
 from rlhf_lightning.data.validation import (
     BadRow,
@@ -101,7 +101,8 @@ class PreferenceDataModule(SplitDataModule):
     exact duplicates. Without `eval_path`, `eval_fraction` of the rows is split off by `seed`.
 
     Training batches are shuffled by `EpochShuffleSampler` (epoch e's order depends only on
-    seed + e, so a resumed run sees the same batches); under DDP Lightning shards them.
+    seed + e, so a resumed run sees the same batches) and served by a `ResumableDataLoader`,
+    which also resumes in the middle of an epoch; under DDP Lightning shards them.
     """
 
     what = "preference pairs"
@@ -151,7 +152,8 @@ class PreferenceDataModule(SplitDataModule):
 
     def train_dataloader(self) -> DataLoader:
         items = self._require_setup(self.train_items)
-        return self._loader(items, self.batch_size, EpochShuffleSampler(len(items), self.seed))
+        sampler = EpochShuffleSampler(len(items), self.seed)
+        return self._loader(items, self.batch_size, sampler, ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._require_setup(self.eval_items), self.eval_batch_size, None)
@@ -163,8 +165,8 @@ class PreferenceDataModule(SplitDataModule):
             (item["prompt"], item["rejected"]) for item in items
         ]
 
-    def _loader(self, items: list[dict], batch_size: int, sampler) -> DataLoader:
-        return DataLoader(
+    def _loader(self, items: list[dict], batch_size: int, sampler, cls=DataLoader) -> DataLoader:
+        return cls(
             items,
             batch_size=batch_size,
             sampler=sampler,

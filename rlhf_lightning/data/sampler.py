@@ -1,11 +1,13 @@
-"""Which prompts each rank rolls out at each epoch: a stateless, resumable sampler."""
+"""Which items each rank sees at each epoch: stateless, resumable samplers, and a DataLoader
+that resumes in the middle of an epoch."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 def stream_indices(num_items: int, seed: int, start: int, count: int) -> list[int]:
@@ -97,3 +99,40 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_items
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that resumes in the middle of an epoch.
+
+    Lightning saves its ``state_dict()`` in checkpoints, ``{"epoch", "batches"}``: the sampler's
+    epoch and how many batches of that epoch have been handed out, and passes it back to
+    ``load_state_dict`` on resume. The next pass over the same epoch then skips those batches:
+    it draws and drops them, so the rest comes in the order of an uninterrupted run whatever the
+    sampler (Lightning's distributed one too). Skipping costs the skipped batches' collation.
+    A pass over another epoch (the checkpoint was saved at the end of its epoch) skips nothing.
+
+    The count is exact because Lightning fetches a sized loader's batches one at a time, as
+    the training loop consumes them (no look-ahead).
+    """
+
+    _position = (0, 0)  # (epoch, batches handed out in it)
+    _resume_at: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_at = (int(state["epoch"]), int(state["batches"]))
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: this runs at the first next(), after Lightning's set_epoch.
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        resume_epoch, skip = self._resume_at or (epoch, 0)
+        self._resume_at = None
+        skip = skip if resume_epoch == epoch else 0
+        self._position = (epoch, 0)
+        for index, batch in enumerate(super().__iter__()):
+            self._position = (epoch, index + 1)
+            if index >= skip:
+                yield batch

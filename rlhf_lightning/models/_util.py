@@ -1,4 +1,5 @@
-"""Small helpers shared by the model modules: dtype names and atomic directory writes."""
+"""Small helpers shared by the model modules: dtype names, atomic directory writes and file
+permissions that honour the umask."""
 
 from __future__ import annotations
 
@@ -31,6 +32,28 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype | str:
     return DTYPES[name]
 
 
+def umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` and everything under it the permissions a plain ``open()`` / ``mkdir`` would:
+    files ``0o666``, directories ``0o777``, minus the umask (0644 / 0755 with the usual 022).
+
+    Files written atomically through a temporary file (``tempfile.mkstemp``, which safetensors'
+    ``save_file`` uses) are private (0600) otherwise.
+    """
+    path = Path(path)
+    mask = umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if item.is_symlink():
+            continue
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Create directory `target` by calling `write(tmp_dir)` and renaming `tmp_dir` into place.
 
@@ -46,7 +69,7 @@ def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path]
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp_dir)
-        tmp_dir.chmod(0o755)  # mkdtemp creates it private (0700)
+        honour_umask(tmp_dir)  # mkdtemp creates it private (0700), safetensors files 0600
         try:
             os.replace(tmp_dir, target)
         except OSError:

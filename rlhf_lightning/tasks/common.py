@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_lightning.callbacks import ProgressLine
 from rlhf_lightning.config import ConfigError
 from rlhf_lightning.hardware import resolve_precision
+from rlhf_lightning.models._util import umask
 from rlhf_lightning.strategies import ROLLOUT_GATHER
 from rlhf_lightning.tracking import build_logger
 
@@ -26,9 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside it, then renames it into place.
+    """Writes each checkpoint to a temporary file beside it (``.<name>.<random>.tmp``), then
+    renames it into place with the permissions of a plain ``open()`` (the umask's).
 
-    A crash while saving leaves the previous checkpoint intact instead of a truncated file.
+    A crash while saving leaves the previous checkpoint intact instead of a truncated file; the
+    temporary file it may leave is removed when the next run starts
+    (`rlhf_lightning.tasks.checkpoints.remove_stale_temporaries`).
     Checkpoints load with ``torch.load(weights_only=True)``: they hold only tensors and plain
     containers (optimizer, scheduler and KL-controller states included), never pickled code.
     """
@@ -44,6 +48,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, 0o666 & ~umask())
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
@@ -70,12 +75,16 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_file() or (path / "meta.pt").is_file()
 
 
-def resolve_ckpt_path(cfg: DictConfig, stage: str | None = None) -> str | None:
+def resolve_ckpt_path(
+    cfg: DictConfig, stage: str | None = None, missing_ok: bool = False
+) -> str | None:
     """``ckpt_path``: None, ``"last"`` or a path.
 
     ``"last"`` is ``<run dir>/checkpoints[/stage]/last.ckpt``; if a crash hit between replacing
     that link and writing it again, the newest ``*.ckpt`` in the directory is used instead.
-    Sharded checkpoints (directories) count as checkpoints (:func:`is_checkpoint`).
+    Sharded checkpoints (directories) count as checkpoints (:func:`is_checkpoint`). With
+    ``missing_ok`` (a pipeline stage that had not saved a checkpoint yet) ``"last"`` without any
+    checkpoint is None: the stage starts from the beginning.
     """
     value = cfg.get("ckpt_path")
     if value is None:
@@ -93,6 +102,9 @@ def resolve_ckpt_path(cfg: DictConfig, stage: str | None = None) -> str | None:
     if candidates:
         log.warning("%s is missing: resuming from the newest checkpoint %s", last, candidates[-1])
         return str(candidates[-1])
+    if missing_ok:
+        log.info("no checkpoint in %s yet: stage %s starts from the beginning", directory, stage)
+        return None
     raise FileNotFoundError(
         f"ckpt_path: no checkpoint at {last} (ckpt_path=last looks in the run dir: pass the old "
         "run's dir with hydra.run.dir=...)"

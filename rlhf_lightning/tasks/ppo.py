@@ -39,6 +39,12 @@ from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import build_reward
 from rlhf_lightning.rollout.generation import resolve_stop_token_ids, save_sampling_settings
 from rlhf_lightning.strategies import gather_full_state_dict, is_sharded
+from rlhf_lightning.tasks.checkpoints import (
+    ResumeCheckpoint,
+    resume_checkpoint,
+    resume_command,
+    run_settings,
+)
 from rlhf_lightning.tasks.common import (
     FSDP2,
     build_trainer,
@@ -46,7 +52,6 @@ from rlhf_lightning.tasks.common import (
     checkpoint_dir,
     load_policy_lm,
     load_policy_tokenizer,
-    resolve_ckpt_path,
     run_dir,
     strategy_name,
     task_metric,
@@ -191,7 +196,7 @@ def unsharded_lm(lm, full_state: dict, lora: dict | None):
 def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     """Run PPO; returns the final metrics, the baseline eval metrics and the export path."""
     ppo_cfg = validate_ppo_setup(cfg)
-    ckpt_path = resolve_ckpt_path(cfg, stage_dir)
+    ckpt_path = resume_checkpoint(cfg, "ppo", stage_dir)  # checked before any model loads
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer = load_policy_tokenizer(cfg, padding_side="left")
@@ -231,10 +236,14 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         every_n_epochs=ppo_cfg.cadence.checkpoint_every,
         save_on_train_epoch_end=True,
     )
+    # Records the run's settings in each checkpoint; saves last.ckpt on SIGTERM / SIGINT.
+    on_signal = ResumeCheckpoint(
+        checkpoint_dir(cfg, stage_dir), "ppo", run_settings(cfg, "ppo"), resume_command(cfg)
+    )
     cadence = ppo_cfg.cadence
     trainer = build_trainer(
         cfg,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, on_signal],
         stage="ppo",
         max_epochs=ppo_cfg.budget.num_iterations,
         check_val_every_n_epoch=cadence.eval_every or None,

@@ -1,7 +1,13 @@
 """``rlhf-train task=reward_model``: Bradley-Terry training, normalisation, HF-style export.
 
-Reads top to bottom: validate config -> data (validated before any model loads) -> model ->
-module -> callbacks -> trainer -> fit -> best checkpoint -> normalisation -> export.
+Reads top to bottom: validate config -> checkpoint to resume from (checked before any model
+loads) -> data (validated before any model loads) -> model -> module -> callbacks -> trainer ->
+fit -> best checkpoint -> normalisation -> export.
+
+Checkpoints: the best one by ``rm.monitor`` (``rm-epoch=E-step=S.ckpt``) and ``last.ckpt``, saved
+every ``rm.checkpoint_every_n_steps`` optimizer steps and at the end of each epoch; a resume
+continues mid-epoch with exactly the batches an uninterrupted run would see
+(`rlhf_lightning.tasks.checkpoints.ResumeCheckpoint`, ``ResumableDataLoader``).
 """
 
 from __future__ import annotations
@@ -18,15 +24,22 @@ from omegaconf import DictConfig
 
 from rlhf_lightning.config import rm_config_from
 from rlhf_lightning.models import ScalarRewardModel, load_tokenizer
+from rlhf_lightning.models._util import honour_umask
+from rlhf_lightning.models.loading import check_cache_writable
 from rlhf_lightning.models.reward_model import score_pairs
 from rlhf_lightning.modules.reward_model import RewardModelModule, fit_normalization
 from rlhf_lightning.strategies import gather_full_state_dict, is_sharded
+from rlhf_lightning.tasks.checkpoints import (
+    ResumeCheckpoint,
+    resume_checkpoint,
+    resume_command,
+    run_settings,
+)
 from rlhf_lightning.tasks.common import (
     build_trainer,
     check_strategy_available,
     checkpoint_dir,
     lr_monitor,
-    resolve_ckpt_path,
     run_dir,
     task_metric,
 )
@@ -62,10 +75,11 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     """
     rm_cfg = rm_config_from(cfg.rm)
     check_strategy_available(cfg)
-    ckpt_path = resolve_ckpt_path(cfg, stage_dir)
+    backbone = cfg.reward_backbone
+    check_cache_writable([backbone.name_or_path])
+    ckpt_path = resume_checkpoint(cfg, STAGE, stage_dir)
     L.seed_everything(cfg.seed, workers=True)
 
-    backbone = cfg.reward_backbone
     load_kw = {
         "trust_remote_code": backbone.get("trust_remote_code", False),
         "revision": backbone.get("revision"),
@@ -81,17 +95,29 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         **load_kw,
     )
     module = RewardModelModule(model, rm_cfg)
+    directory = checkpoint_dir(cfg, stage_dir)
+    # The best by rm.monitor, judged at the end of each validation (not at the epoch's end: a
+    # last.ckpt saved after the validation must already hold that judgement).
     checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir(cfg, stage_dir),
+        dirpath=directory,
         filename="rm-{epoch}-{step}",
         monitor=rm_cfg.monitor,
         mode="min" if rm_cfg.monitor.endswith("loss") else "max",
         save_top_k=1,
-        save_last=True,
+        save_on_train_epoch_end=False,
+    )
+    # last.ckpt; listed after `checkpoint`, so it runs after it at the end of a validation.
+    resume = ResumeCheckpoint(
+        directory,
+        STAGE,
+        run_settings(cfg, STAGE),
+        resume_command(cfg),
+        every_n_steps=rm_cfg.checkpoint_every_n_steps,
+        every_epoch=True,
     )
     trainer = build_trainer(
         cfg,
-        callbacks=[checkpoint, *lr_monitor(cfg)],
+        callbacks=[checkpoint, resume, *lr_monitor(cfg)],
         stage=STAGE,
         max_epochs=rm_cfg.max_epochs,
         val_check_interval=rm_cfg.val_check_interval,
@@ -138,6 +164,7 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
             raw.std(),
         )
     out = module.model.save_pretrained(export_dir(cfg), tokenizer)
+    honour_umask(out)
     result["path"] = str(out)
     log.info("exported reward model to %s", out)
     trainer.strategy.barrier()
