@@ -151,16 +151,22 @@ def _load_lm_weights(lm, lm_state: dict, path: Path, source: str) -> None:
         )
 
 
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a ``.jsonl`` file (a ``prompt`` field per line) or a text file (one per
-    non-empty line). ``shipped:...`` names a file in the repository's ``experiments/``."""
+def read_prompt_rows(path: str) -> tuple[list[str], dict[str, list]]:
+    """Prompts and the other columns of a prompt file: ``(prompts, {column: one value a prompt})``.
+
+    A ``.jsonl`` file holds an object with a string ``prompt`` field per line; its other fields
+    with scalar values (strings, numbers, booleans, null) are the columns, None where a row lacks
+    one (a reward receives the columns its signature names, e.g. ``answer``). Any other file holds
+    one prompt per non-empty line and no columns. ``shipped:...`` names a file in the
+    repository's ``experiments/``.
+    """
     file = Path(resolve_data_path(path)).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"prompts file not found: {file}")
     lines = file.read_text(encoding="utf-8").splitlines()
     if file.suffix != ".jsonl":
-        return [line for line in lines if line.strip()]
-    prompts = []
+        return [line for line in lines if line.strip()], {}
+    rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -170,8 +176,21 @@ def read_prompts(path: str) -> list[str]:
             raise ValueError(f"{file}:{number}: invalid JSON: {error}") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(f"{file}:{number}: expected an object with a string 'prompt' field")
-        prompts.append(row["prompt"])
-    return prompts
+        rows.append(row)
+    names = dict.fromkeys(
+        name
+        for row in rows
+        for name, value in row.items()
+        if name != "prompt" and isinstance(value, str | int | float | bool | type(None))
+    )
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    return [row["prompt"] for row in rows], columns
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of `read_prompt_rows` (a ``.jsonl`` file's ``prompt`` fields, or the non-empty
+    lines of a text file)."""
+    return read_prompt_rows(path)[0]
 
 
 def reward_from_spec(spec: str) -> RewardSource:
@@ -356,6 +375,7 @@ def evaluate_policy(
     batch_size: int = 16,
     seed: int = 0,
     samples: list[dict] | None = None,
+    columns: dict[str, Sequence] | None = None,
     confidence: float = 0.95,
     num_resamples: int = 1000,
     bootstrap_seed: int = 0,
@@ -367,7 +387,9 @@ def evaluate_policy(
     ``judge``, default ``reward``), each with ``<key>_std_error``; ``win_rate_ci_low`` and
     ``win_rate_ci_high`` (`bootstrap_ci` with ``confidence``, ``num_resamples``,
     ``bootstrap_seed``); ``distinct_1``, ``distinct_2``, ``num_prompts``. See the module
-    docstring for their definitions. ``seed`` seeds the sampling. With a ``samples`` list, one
+    docstring for their definitions. ``seed`` seeds the sampling. ``columns``: the prompts' other
+    columns (one value a prompt), given to ``reward``, ``gold`` and ``judge`` as keyword
+    arguments as far as each accepts them. With a ``samples`` list, one
     row per prompt is appended to it: ``prompt``, ``response``, ``reference_response``,
     ``reward``, ``reference_reward``, ``kl``, ``response_length``, ``win`` (1, 0.5 or 0) (and
     ``gold_score`` with ``gold``).
@@ -382,12 +404,14 @@ def evaluate_policy(
     kl = torch.cat([sequence_kl(policy_lm, ref_lm, r, gen.temperature) for r in rollouts])
     lengths = torch.cat([r.response_mask.sum(dim=1).cpu().float() for r in rollouts])
     ended = torch.cat([r.ended.cpu().float() for r in rollouts])
-    scores = reward(prompts, responses)
-    ref_scores = reward(prompts, ref_responses)
+    columns = dict(columns or {})
+    scores = reward(prompts, responses, **columns)
+    ref_scores = reward(prompts, ref_responses, **columns)
     if judge is None:
         judged, ref_judged = scores, ref_scores
     else:
-        judged, ref_judged = judge(prompts, responses), judge(prompts, ref_responses)
+        judged = judge(prompts, responses, **columns)
+        ref_judged = judge(prompts, ref_responses, **columns)
 
     outcomes = wins(judged, ref_judged)
     per_prompt = {
@@ -399,7 +423,7 @@ def evaluate_policy(
         "win_rate": outcomes,
     }
     if gold is not None:
-        per_prompt["gold_score"] = gold(prompts, responses)
+        per_prompt["gold_score"] = gold(prompts, responses, **columns)
     metrics = {}
     for key, values in per_prompt.items():
         metrics[key] = values.double().mean().item()

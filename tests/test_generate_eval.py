@@ -16,6 +16,7 @@ from rlhf_lightning.evaluation import (
     evaluate_policy,
     generate_texts,
     load_policy_for_inference,
+    read_prompt_rows,
     read_prompts,
     reward_from_spec,
     sample_rollouts,
@@ -34,6 +35,11 @@ GEN = GenerationConfig(temperature=0.7, max_new_tokens=6, stop_token=None)
 def length_reward(prompts, responses):
     """Used through `python:tests.test_generate_eval:length_reward`."""
     return [float(len(r)) for r in responses]
+
+
+def answer_reward(prompts, responses, answer):
+    """Used through `python:tests.test_generate_eval:answer_reward`: the prompt's answer."""
+    return [float(a) for a in answer]
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +344,20 @@ def test_read_prompts(tmp_path):
         read_prompts(str(tmp_path / "none.jsonl"))
 
 
+def test_read_prompt_rows_returns_the_scalar_columns(tmp_path):
+    lines = [
+        '{"prompt": "a", "answer": 3, "tags": ["x"], "note": "n"}',
+        "",
+        '{"prompt": "b", "answer": 4.5, "tags": []}',
+    ]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    prompts, columns = read_prompt_rows(str(tmp_path / "p.jsonl"))
+    assert prompts == ["a", "b"]
+    assert columns == {"answer": [3, 4.5], "note": ["n", None]}  # lists are not columns
+    (tmp_path / "p.txt").write_text("first\n")
+    assert read_prompt_rows(str(tmp_path / "p.txt")) == (["first"], {})
+
+
 # ------------------------------------------------------------------------------------- CLIs
 def test_rlhf_generate_prompts_from_args_and_file(tiny_model_dir, tmp_path, capsys):
     prompts_file = tmp_path / "prompts.jsonl"
@@ -398,6 +418,25 @@ def test_rlhf_eval_end_to_end(tiny_model_dir, other_dir, tmp_path, capsys):
     assert 0 <= metrics["win_rate"] <= 1 and metrics["kl"] > 0
     assert result["settings"]["reference"] == str(other_dir)
     assert "win_rate" in capsys.readouterr().out
+
+
+def test_rlhf_eval_gives_the_prompt_columns_to_the_rewards(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"Sum {i}", "answer": i} for i in range(6)]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "eval.json"
+    argv = [str(tiny_model_dir), "--prompts", str(prompts), "--reference", str(tiny_model_dir)]
+    argv += ["--reward", "python:tests.test_generate_eval:answer_reward", "--gold", "vader"]
+    argv += ["--num-prompts", "4", "--max-new-tokens", "3", "--output", str(out)]
+    eval_cli.main(argv)
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["reward"] == pytest.approx((0 + 1 + 2 + 3) / 4)  # the first 4 answers
+    assert metrics["reference_reward"] == metrics["reward"]
+    (tmp_path / "plain.txt").write_text("Sum 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main([*argv[:2], str(tmp_path / "plain.txt"), *argv[3:]])
+    assert exit_info.value.code == 2
+    assert "takes 'answer', which no column of the prompt data fills" in capsys.readouterr().err
 
 
 def test_rlhf_eval_errors(tiny_model_dir, tmp_path, capsys):

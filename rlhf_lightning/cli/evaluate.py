@@ -32,7 +32,7 @@ from rlhf_lightning.evaluation import (
     checkpoint_policy_source,
     evaluate_policy,
     load_policy_for_inference,
-    read_prompts,
+    read_prompt_rows,
     reward_from_spec,
 )
 
@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("policy", metavar="POLICY", help="exported dir, .ckpt, builtin, hub id")
     parser.add_argument(
-        "--prompts", required=True, help="jsonl with a 'prompt' field or txt; shipped:... allowed"
+        "--prompts",
+        required=True,
+        help="jsonl with a 'prompt' field (other fields reach the rewards as columns) or txt; "
+        "shipped:... allowed",
     )
     parser.add_argument(
         "--reference", help="reference model (default: the base policy of a .ckpt POLICY)"
@@ -90,7 +93,9 @@ def default_reference(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> dict:
     """Evaluate; returns ``{"metrics": {...}, "settings": {...}, "samples": [a row a prompt]}``."""
     gen = generation_config_from(args)
-    prompts = read_prompts(args.prompts)[: args.num_prompts]
+    prompts, columns = read_prompt_rows(args.prompts)
+    prompts = prompts[: args.num_prompts]
+    columns = {name: values[: args.num_prompts] for name, values in columns.items()}
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts")
     reward = reward_from_spec(args.reward)
@@ -121,6 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         seed=args.seed,
         samples=samples,
+        columns=columns,
         confidence=args.confidence,
         num_resamples=args.bootstrap_resamples,
         bootstrap_seed=args.bootstrap_seed,
