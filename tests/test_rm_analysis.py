@@ -32,6 +32,10 @@ def _load_script():
 rm_analysis = _load_script()
 
 
+def test_words_strip_punctuation_and_case():
+    assert rm_analysis.words("Great, GREAT film!! (not bad)") == {"great", "film", "not", "bad"}
+
+
 def test_accuracy_by_bins_hand_values():
     values = [0.1, 0.15, 0.25, 0.5, 2.0]
     correct = [True, False, True, True, False]
@@ -55,13 +59,16 @@ def test_pair_features_on_a_shipped_pair_whose_label_flips_in_context():
         "chosen_ids": [0] * 40,
         "rejected_ids": [0] * 20,
     }
-    features = rm_analysis.pair_features(SentimentIntensityAnalyzer(), item, " ", 96)
+    seen = rm_analysis.words(item["chosen"] + " " + item["rejected"])
+    features = rm_analysis.pair_features(SentimentIntensityAnalyzer(), item, " ", 96, seen)
     assert features["gap"] == pytest.approx(0.0 - (-0.1603))  # the stored scores
+    assert features["new_lexicon_word"] is False
     assert features["flips_in_context"] is True
     assert features["flips_lowercased"] is False
     assert features["truncated"] is False and features["chosen_longer"] is True
-    truncated = rm_analysis.pair_features(SentimentIntensityAnalyzer(), item, " ", 40)
-    assert truncated["truncated"] is True
+    other = rm_analysis.pair_features(SentimentIntensityAnalyzer(), item, " ", 40, seen - {"help"})
+    assert other["truncated"] is True
+    assert other["new_lexicon_word"] is True  # "help" is in VADER's lexicon (+1.7)
 
 
 def test_case_that_only_capitals_decide_is_flagged():

@@ -12,7 +12,8 @@ VADER, the labeller, is re-run on the texts for the diagnostics. Prints markdown
 - accuracy on the pairs with a property that could explain an error: a label that VADER flips
   when it scores the text the reward model sees (prompt + joiner + response) instead of the
   response alone, a label that depends on letter case (VADER's capitalisation boost), a text cut
-  by ``max_length``, the chosen response longer than the rejected one;
+  by ``max_length``, a word of VADER's lexicon that no training response contains, the chosen
+  response longer than the rejected one;
 - the expected calibration error of ``sigmoid(r_w - r_l)`` and its reliability table.
 
 Writes ``reliability.png`` and ``pairs.jsonl`` (one row per pair: texts, VADER scores, reward
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import string
 from pathlib import Path
 
 import matplotlib
@@ -45,21 +47,32 @@ from rlhf_lightning.models import ScalarRewardModel, load_reward_tokenizer  # no
 GAP_EDGES = (0.1, 0.2, 0.3, 0.5, 0.8, 2.0)  # make_data.py drops gaps under 0.1
 
 
+def words(text: str) -> set[str]:
+    """Lowercased whitespace tokens with the punctuation around them stripped (as VADER reads
+    words), empty ones dropped."""
+    return {w for w in (t.strip(string.punctuation) for t in text.lower().split()) if w}
+
+
 def vader_gap(scorer: SentimentIntensityAnalyzer, first: str, second: str) -> float:
     """VADER compound score of ``first`` minus that of ``second``."""
     return scorer.polarity_scores(first)["compound"] - scorer.polarity_scores(second)["compound"]
 
 
 def pair_features(
-    scorer: SentimentIntensityAnalyzer, item: dict, joiner: str, max_length: int
+    scorer: SentimentIntensityAnalyzer,
+    item: dict,
+    joiner: str,
+    max_length: int,
+    seen_words: set[str] = frozenset(),
 ) -> dict:
     """Diagnostics of one tokenised pair (``prompt``, ``chosen``, ``rejected``, ``*_ids``).
 
     ``gap``: VADER(chosen) - VADER(rejected), as labelled; ``flips_in_context``: VADER prefers
     the rejected response (or ties) once each response is scored with its prompt, as the reward
     model reads it; ``flips_lowercased``: the same for lowercased responses (an uncased tokenizer
-    cannot see case); ``truncated``: a text reached ``max_length`` tokens; ``chosen_longer``:
-    more characters in the chosen response.
+    cannot see case); ``truncated``: a text reached ``max_length`` tokens; ``new_lexicon_word``:
+    a response holds a word of VADER's lexicon that is not in ``seen_words`` (the words of the
+    training responses); ``chosen_longer``: more characters in the chosen response.
     """
     chosen, rejected, prompt = item["chosen"], item["rejected"], item["prompt"]
     return {
@@ -68,6 +81,9 @@ def pair_features(
         <= 0,
         "flips_lowercased": vader_gap(scorer, chosen.lower(), rejected.lower()) <= 0,
         "truncated": max(len(item["chosen_ids"]), len(item["rejected_ids"])) >= max_length,
+        "new_lexicon_word": any(
+            w in scorer.lexicon and w not in seen_words for w in words(chosen) | words(rejected)
+        ),
         "chosen_longer": len(chosen) > len(rejected),
     }
 
@@ -151,9 +167,10 @@ def analyse(run_dir: Path, split: str, out: Path) -> dict:
     items = datamodule.eval_items if split == "eval" else datamodule.train_items
     margins = reward_margins(model, datamodule, split)
     scorer = SentimentIntensityAnalyzer()
+    seen_words = set().union(*(words(response) for _, response in datamodule.train_texts()))
     pairs = []
     for item, margin in zip(items, margins.tolist(), strict=True):
-        features = pair_features(scorer, item, datamodule.joiner, datamodule.max_length)
+        features = pair_features(scorer, item, datamodule.joiner, datamodule.max_length, seen_words)
         pairs.append(
             {
                 "prompt": item["prompt"],
@@ -176,7 +193,14 @@ def analyse(run_dir: Path, split: str, out: Path) -> dict:
         "by_feature": [],
         "reliability": reliability_table(bins),
     }
-    for name in ("flips_in_context", "flips_lowercased", "truncated", "chosen_longer"):
+    properties = (
+        "flips_in_context",
+        "flips_lowercased",
+        "truncated",
+        "new_lexicon_word",
+        "chosen_longer",
+    )
+    for name in properties:
         for value in (True, False):
             hits = [p["correct"] for p in pairs if p[name] == value]
             if hits:
