@@ -36,6 +36,11 @@ def test_words_strip_punctuation_and_case():
     assert rm_analysis.words("Great, GREAT film!! (not bad)") == {"great", "film", "not", "bad"}
 
 
+def test_valence_sum_ignores_vaders_rules():
+    lexicon = SentimentIntensityAnalyzer().lexicon
+    assert rm_analysis.valence_sum(lexicon, "Not good, but DULL!") == pytest.approx(1.9 - 1.7)
+
+
 def test_accuracy_by_bins_hand_values():
     values = [0.1, 0.15, 0.25, 0.5, 2.0]
     correct = [True, False, True, True, False]
@@ -77,6 +82,7 @@ def test_case_that_only_capitals_decide_is_flagged():
     item |= {"chosen_ids": [1], "rejected_ids": [2]}
     features = rm_analysis.pair_features(SentimentIntensityAnalyzer(), item, " ", 96)
     assert features["gap"] > 0 and features["flips_lowercased"] is True
+    assert features["rule_decided"] is True  # equal valence sums
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +138,34 @@ def test_analysis_scores_the_validation_pairs_and_writes_only_into_out(tiny_run,
 def test_analysis_of_a_dir_that_is_not_a_run(tmp_path):
     with pytest.raises(SystemExit, match="expected .hydra/config.yaml and reward_model/"):
         rm_analysis.main([str(tmp_path)])
+
+
+def _load_bow():
+    path = REPO / "experiments" / "sentiment" / "bow_baseline.py"
+    spec = importlib.util.spec_from_file_location("bow_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bow_count_matrix_and_valence_sum_hand_values():
+    bow = _load_bow()
+    counts = bow.count_matrix(["Good, good film!", "bad"], {"good": 0, "film": 1})
+    assert counts.tolist() == [[2.0, 1.0], [0.0, 0.0]]
+    pairs = [
+        {"chosen": "The movie was good.", "rejected": "The movie was dull."},  # 1.9 > -1.7
+        {"chosen": "The movie was good.", "rejected": "The movie was not good."},  # tie: wrong
+    ]
+    assert bow.valence_sum_accuracy(pairs) == 0.5
+
+
+def test_bow_model_separates_the_tiny_pairs_it_was_not_fitted_on():
+    """The tiny pairs: chosen from positive words only, rejected from negative ones. Fitted on
+    the first 96, the word-count model orders the other 32 right."""
+    bow = _load_bow()
+    pairs = bow.read_pairs(REPO / "experiments" / "sentiment" / "data" / "tiny_preferences.jsonl")
+    result = bow.evaluate(pairs[:96], pairs[96:], lexicon_only=False, penalty=1e-4)
+    assert result["train_accuracy"] == 1.0 and result["eval_accuracy"] == 1.0
+    assert result["vocabulary"] == 12  # the 6 positive and 6 negative words, all in VADER
+    lexicon_only = bow.evaluate(pairs[:96], pairs[96:], lexicon_only=True, penalty=1e-4)
+    assert lexicon_only["vocabulary"] == 12 and lexicon_only["eval_accuracy"] == 1.0

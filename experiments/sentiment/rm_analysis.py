@@ -12,8 +12,9 @@ VADER, the labeller, is re-run on the texts for the diagnostics. Prints markdown
 - accuracy on the pairs with a property that could explain an error: a label that VADER flips
   when it scores the text the reward model sees (prompt + joiner + response) instead of the
   response alone, a label that depends on letter case (VADER's capitalisation boost), a text cut
-  by ``max_length``, a word of VADER's lexicon that no training response contains, the chosen
-  response longer than the rejected one;
+  by ``max_length``, a word of VADER's lexicon that no training response contains, a label that
+  the plain sum of VADER's word valences gets wrong (so VADER's rules for negation, "but",
+  intensifiers and punctuation decide it), the chosen response longer than the rejected one;
 - the expected calibration error of ``sigmoid(r_w - r_l)`` and its reliability table.
 
 Writes ``reliability.png`` and ``pairs.jsonl`` (one row per pair: texts, VADER scores, reward
@@ -47,10 +48,20 @@ from rlhf_lightning.models import ScalarRewardModel, load_reward_tokenizer  # no
 GAP_EDGES = (0.1, 0.2, 0.3, 0.5, 0.8, 2.0)  # make_data.py drops gaps under 0.1
 
 
-def words(text: str) -> set[str]:
+def tokens(text: str) -> list[str]:
     """Lowercased whitespace tokens with the punctuation around them stripped (as VADER reads
     words), empty ones dropped."""
-    return {w for w in (t.strip(string.punctuation) for t in text.lower().split()) if w}
+    return [w for w in (t.strip(string.punctuation) for t in text.lower().split()) if w]
+
+
+def words(text: str) -> set[str]:
+    """The distinct `tokens` of ``text``."""
+    return set(tokens(text))
+
+
+def valence_sum(lexicon: dict[str, float], text: str) -> float:
+    """Sum of the VADER lexicon valences of the text's tokens: VADER without its rules."""
+    return sum(lexicon.get(w, 0.0) for w in tokens(text))
 
 
 def vader_gap(scorer: SentimentIntensityAnalyzer, first: str, second: str) -> float:
@@ -72,7 +83,8 @@ def pair_features(
     model reads it; ``flips_lowercased``: the same for lowercased responses (an uncased tokenizer
     cannot see case); ``truncated``: a text reached ``max_length`` tokens; ``new_lexicon_word``:
     a response holds a word of VADER's lexicon that is not in ``seen_words`` (the words of the
-    training responses); ``chosen_longer``: more characters in the chosen response.
+    training responses); ``rule_decided``: the plain sum of lexicon valences does not prefer the
+    chosen response; ``chosen_longer``: more characters in the chosen response.
     """
     chosen, rejected, prompt = item["chosen"], item["rejected"], item["prompt"]
     return {
@@ -84,6 +96,8 @@ def pair_features(
         "new_lexicon_word": any(
             w in scorer.lexicon and w not in seen_words for w in words(chosen) | words(rejected)
         ),
+        "rule_decided": valence_sum(scorer.lexicon, chosen)
+        <= valence_sum(scorer.lexicon, rejected),
         "chosen_longer": len(chosen) > len(rejected),
     }
 
@@ -198,6 +212,7 @@ def analyse(run_dir: Path, split: str, out: Path) -> dict:
         "flips_lowercased",
         "truncated",
         "new_lexicon_word",
+        "rule_decided",
         "chosen_longer",
     )
     for name in properties:
