@@ -4,9 +4,7 @@
 (same seed), then reports:
 
 - ``reward`` / ``gold_score``: mean score of the policy's responses under the reward (and gold)
-  source, and ``reference_reward``: the same for the reference's responses; each with its
-  standard error over prompts (``*_std_error``: sample std / sqrt(n), 0 for a single prompt), the
-  noise to beat when two policies are compared on the same prompts;
+  source, and ``reference_reward``: the same for the reference's responses;
 - ``kl``: mean over prompts of ``sum_t log pi(y_t | .) - log pi_ref(y_t | .)`` over the policy's
   own responses (the k1 estimator of KL(pi || pi_ref) per sequence), with both models' logits
   divided by the sampling temperature, as in PPO's KL penalty. With ``top_k``/``top_p`` the
@@ -15,7 +13,13 @@
 - ``response_length`` (tokens, the stop token included), ``ended_frac`` (share of responses that
   emitted the stop token), ``distinct_1`` / ``distinct_2`` (diversity);
 - ``win_rate``: how often the judge (default: the reward) scores the policy's response above the
-  reference's response to the same prompt, ties counting 0.5.
+  reference's response to the same prompt, ties counting 0.5, with a percentile bootstrap
+  interval over prompts (``win_rate_ci_low``, ``win_rate_ci_high``; 95% and 1000 seeded
+  resamples unless told otherwise).
+
+Every metric that is a mean over prompts (all but ``distinct_*`` and ``num_prompts``) comes with
+its standard error over prompts, ``<metric>_std_error`` (sample std / sqrt(n), 0 for a single
+prompt): the noise to beat when two policies are compared on the same prompts.
 
 Sampling is seeded with `torch.random.fork_rng`, so it is deterministic for a seed and leaves the
 global RNG untouched.
@@ -147,16 +151,22 @@ def _load_lm_weights(lm, lm_state: dict, path: Path, source: str) -> None:
         )
 
 
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a ``.jsonl`` file (a ``prompt`` field per line) or a text file (one per
-    non-empty line). ``shipped:...`` names a file in the repository's ``experiments/``."""
+def read_prompt_rows(path: str) -> tuple[list[str], dict[str, list]]:
+    """Prompts and the other columns of a prompt file: ``(prompts, {column: one value a prompt})``.
+
+    A ``.jsonl`` file holds an object with a string ``prompt`` field per line; its other fields
+    with scalar values (strings, numbers, booleans, null) are the columns, None where a row lacks
+    one (a reward receives the columns its signature names, e.g. ``answer``). Any other file holds
+    one prompt per non-empty line and no columns. ``shipped:...`` names a file in the
+    repository's ``experiments/``.
+    """
     file = Path(resolve_data_path(path)).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"prompts file not found: {file}")
     lines = file.read_text(encoding="utf-8").splitlines()
     if file.suffix != ".jsonl":
-        return [line for line in lines if line.strip()]
-    prompts = []
+        return [line for line in lines if line.strip()], {}
+    rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -166,8 +176,21 @@ def read_prompts(path: str) -> list[str]:
             raise ValueError(f"{file}:{number}: invalid JSON: {error}") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(f"{file}:{number}: expected an object with a string 'prompt' field")
-        prompts.append(row["prompt"])
-    return prompts
+        rows.append(row)
+    names = dict.fromkeys(
+        name
+        for row in rows
+        for name, value in row.items()
+        if name != "prompt" and isinstance(value, str | int | float | bool | type(None))
+    )
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    return [row["prompt"] for row in rows], columns
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of `read_prompt_rows` (a ``.jsonl`` file's ``prompt`` fields, or the non-empty
+    lines of a text file)."""
+    return read_prompt_rows(path)[0]
 
 
 def reward_from_spec(spec: str) -> RewardSource:
@@ -271,8 +294,11 @@ def std_error(scores: torch.Tensor) -> float:
     return (scores.double().std(unbiased=True) / n**0.5).item()
 
 
-def win_rate(scores_a, scores_b) -> float:
-    """Share of pairs with ``scores_a[i] > scores_b[i]``, ties counting 0.5: (N,), (N,) -> float."""
+def wins(scores_a, scores_b) -> torch.Tensor:
+    """Per-pair outcome of a against b: 1 if ``scores_a[i] > scores_b[i]``, 0.5 on a tie, else 0.
+
+    (N,), (N,) -> (N,) float64.
+    """
     a = torch.as_tensor(scores_a, dtype=torch.float64).flatten()
     b = torch.as_tensor(scores_b, dtype=torch.float64).flatten()
     if a.shape != b.shape or a.numel() == 0:
@@ -280,7 +306,40 @@ def win_rate(scores_a, scores_b) -> float:
             f"win_rate needs two non-empty score lists of equal length, got {a.numel()} and "
             f"{b.numel()}"
         )
-    return float(((a > b).double() + 0.5 * (a == b).double()).mean())
+    return (a > b).double() + 0.5 * (a == b).double()
+
+
+def win_rate(scores_a, scores_b) -> float:
+    """Share of pairs with ``scores_a[i] > scores_b[i]``, ties counting 0.5: (N,), (N,) -> float."""
+    return float(wins(scores_a, scores_b).mean())
+
+
+def bootstrap_ci(
+    values,
+    confidence: float = 0.95,
+    num_resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of (n,) per-prompt values.
+
+    Draws ``num_resamples`` resamples of the n values with replacement (a seeded
+    ``torch.Generator``, so the interval is a function of the arguments and the global RNG is
+    untouched), takes each resample's mean and returns the ``(1 - confidence) / 2`` and
+    ``(1 + confidence) / 2`` quantiles of those means (linear interpolation) as ``(low, high)``.
+    """
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if x.numel() == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, x.numel(), (num_resamples, x.numel()), generator=generator)
+    means = x[index].mean(dim=1)  # (num_resamples,)
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return low.item(), high.item()
 
 
 @torch.no_grad()
@@ -316,15 +375,24 @@ def evaluate_policy(
     batch_size: int = 16,
     seed: int = 0,
     samples: list[dict] | None = None,
+    columns: dict[str, Sequence] | None = None,
+    confidence: float = 0.95,
+    num_resamples: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> dict[str, float]:
     """Metrics of ``policy_lm`` on ``prompts`` against the reference ``ref_lm`` (same tokenizer).
 
     Keys: ``reward``, ``reference_reward``, ``gold_score`` (with ``gold``), ``kl``,
-    ``response_length``, ``ended_frac``, ``distinct_1``, ``distinct_2``, ``win_rate`` (policy vs
-    reference samples under ``judge``, default ``reward``), ``num_prompts``. See the module
-    docstring for their definitions. With a ``samples`` list, one row per prompt is appended to
-    it: ``prompt``, ``response``, ``reference_response``, ``reward``, ``reference_reward``,
-    ``kl``, ``response_length`` (and ``gold_score`` with ``gold``).
+    ``response_length``, ``ended_frac`` and ``win_rate`` (policy vs reference samples under
+    ``judge``, default ``reward``), each with ``<key>_std_error``; ``win_rate_ci_low`` and
+    ``win_rate_ci_high`` (`bootstrap_ci` with ``confidence``, ``num_resamples``,
+    ``bootstrap_seed``); ``distinct_1``, ``distinct_2``, ``num_prompts``. See the module
+    docstring for their definitions. ``seed`` seeds the sampling. ``columns``: the prompts' other
+    columns (one value a prompt), given to ``reward``, ``gold`` and ``judge`` as keyword
+    arguments as far as each accepts them. With a ``samples`` list, one
+    row per prompt is appended to it: ``prompt``, ``response``, ``reference_response``,
+    ``reward``, ``reference_reward``, ``kl``, ``response_length``, ``win`` (1, 0.5 or 0) (and
+    ``gold_score`` with ``gold``).
     """
     gen = gen or GenerationConfig()
     prompts = list(prompts)
@@ -336,26 +404,37 @@ def evaluate_policy(
     kl = torch.cat([sequence_kl(policy_lm, ref_lm, r, gen.temperature) for r in rollouts])
     lengths = torch.cat([r.response_mask.sum(dim=1).cpu().float() for r in rollouts])
     ended = torch.cat([r.ended.cpu().float() for r in rollouts])
-    scores = reward(prompts, responses)
-    ref_scores = reward(prompts, ref_responses)
+    columns = dict(columns or {})
+    scores = reward(prompts, responses, **columns)
+    ref_scores = reward(prompts, ref_responses, **columns)
     if judge is None:
         judged, ref_judged = scores, ref_scores
     else:
-        judged, ref_judged = judge(prompts, responses), judge(prompts, ref_responses)
+        judged = judge(prompts, responses, **columns)
+        ref_judged = judge(prompts, ref_responses, **columns)
 
-    metrics = {
-        "reward": scores.mean().item(),
-        "reward_std_error": std_error(scores),
-        "reference_reward": ref_scores.mean().item(),
-        "reference_reward_std_error": std_error(ref_scores),
-        "kl": kl.mean().item(),
-        "response_length": lengths.mean().item(),
-        "ended_frac": ended.mean().item(),
-        "distinct_1": distinct_n(responses, 1),
-        "distinct_2": distinct_n(responses, 2),
-        "win_rate": win_rate(judged, ref_judged),
-        "num_prompts": len(prompts),
+    outcomes = wins(judged, ref_judged)
+    per_prompt = {
+        "reward": scores,
+        "reference_reward": ref_scores,
+        "kl": kl,
+        "response_length": lengths,
+        "ended_frac": ended,
+        "win_rate": outcomes,
     }
+    if gold is not None:
+        per_prompt["gold_score"] = gold(prompts, responses, **columns)
+    metrics = {}
+    for key, values in per_prompt.items():
+        metrics[key] = values.double().mean().item()
+        metrics[f"{key}_std_error"] = std_error(values)
+    low, high = bootstrap_ci(outcomes, confidence, num_resamples, bootstrap_seed)
+    metrics.update(win_rate_ci_low=low, win_rate_ci_high=high)
+    metrics.update(
+        distinct_1=distinct_n(responses, 1),
+        distinct_2=distinct_n(responses, 2),
+        num_prompts=len(prompts),
+    )
     columns = {
         "prompt": prompts,
         "response": responses,
@@ -364,12 +443,10 @@ def evaluate_policy(
         "reference_reward": ref_scores.tolist(),
         "kl": kl.tolist(),
         "response_length": lengths.int().tolist(),
+        "win": outcomes.tolist(),
     }
     if gold is not None:
-        gold_scores = gold(prompts, responses)
-        metrics["gold_score"] = gold_scores.mean().item()
-        metrics["gold_score_std_error"] = std_error(gold_scores)
-        columns["gold_score"] = gold_scores.tolist()
+        columns["gold_score"] = per_prompt["gold_score"].tolist()
     if samples is not None:
         samples.extend(dict(zip(columns, row)) for row in zip(*columns.values()))
     return metrics

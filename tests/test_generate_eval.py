@@ -11,16 +11,19 @@ from rlhf_lightning.cli import evaluate as eval_cli
 from rlhf_lightning.cli import generate as generate_cli
 from rlhf_lightning.config import GenerationConfig
 from rlhf_lightning.evaluation import (
+    bootstrap_ci,
     distinct_n,
     evaluate_policy,
     generate_texts,
     load_policy_for_inference,
+    read_prompt_rows,
     read_prompts,
     reward_from_spec,
     sample_rollouts,
     sequence_kl,
     std_error,
     win_rate,
+    wins,
 )
 from rlhf_lightning.models import load_causal_lm, load_tokenizer, make_tiny_model_dir
 from rlhf_lightning.rewards import CallableReward, TokenFractionReward, VaderReward
@@ -32,6 +35,11 @@ GEN = GenerationConfig(temperature=0.7, max_new_tokens=6, stop_token=None)
 def length_reward(prompts, responses):
     """Used through `python:tests.test_generate_eval:length_reward`."""
     return [float(len(r)) for r in responses]
+
+
+def answer_reward(prompts, responses, answer):
+    """Used through `python:tests.test_generate_eval:answer_reward`: the prompt's answer."""
+    return [float(a) for a in answer]
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +124,129 @@ def test_evaluate_policy_against_itself(tiny):
     naive_se = (sum((s - mean) ** 2 for s in scores) / 2) ** 0.5 / 3**0.5
     assert metrics["reward_std_error"] == pytest.approx(naive_se)
     assert metrics["reference_reward_std_error"] == metrics["reward_std_error"]
-    assert "gold_score_std_error" in metrics
+    gold = VaderReward()(PROMPTS, responses).double()
+    assert metrics["gold_score_std_error"] == pytest.approx(std_error(gold))
+    # all ties: every resample's win rate is 0.5
+    assert metrics["win_rate_std_error"] == 0.0
+    assert (metrics["win_rate_ci_low"], metrics["win_rate_ci_high"]) == (0.5, 0.5)
+    # every response has 6 tokens and none ended: no spread
+    assert metrics["response_length_std_error"] == 0.0 and metrics["ended_frac_std_error"] == 0.0
+    assert metrics["kl_std_error"] < 1e-5
+
+
+def test_evaluate_policy_std_errors_and_interval_match_the_samples(tiny, other_dir):
+    lm, tok = tiny
+    other = load_causal_lm(other_dir)
+    prompts = [f"{word} was" for word in "abcdefghijkl"]
+    samples = []
+    metrics = evaluate_policy(
+        lm,
+        other,
+        tok,
+        prompts,
+        TokenFractionReward("e"),
+        gen=GEN,
+        seed=2,
+        samples=samples,
+        confidence=0.9,
+        num_resamples=500,
+        bootstrap_seed=5,
+    )
+    for key in ("reward", "reference_reward", "kl", "response_length"):
+        column = torch.tensor([row[key] for row in samples], dtype=torch.float64)
+        assert metrics[f"{key}_std_error"] == pytest.approx(std_error(column), rel=1e-5), key
+    outcomes = wins([r["reward"] for r in samples], [r["reference_reward"] for r in samples])
+    assert [row["win"] for row in samples] == outcomes.tolist()
+    assert metrics["win_rate"] == pytest.approx(outcomes.mean().item())
+    assert metrics["win_rate_std_error"] == pytest.approx(std_error(outcomes))
+    assert (metrics["win_rate_ci_low"], metrics["win_rate_ci_high"]) == bootstrap_ci(
+        outcomes, confidence=0.9, num_resamples=500, seed=5
+    )
+
+
+def test_format_table_folds_std_errors_and_intervals_into_their_rows():
+    table = eval_cli.format_table(
+        {
+            "reward": 0.5,
+            "reward_std_error": 0.25,
+            "win_rate": 0.625,
+            "win_rate_std_error": 0.125,
+            "win_rate_ci_low": 0.375,
+            "win_rate_ci_high": 0.875,
+            "distinct_1": 0.75,
+            "num_prompts": 4,
+        },
+        confidence=0.9,
+    )
+    lines = table.splitlines()
+    assert lines[0].split() == ["metric", "value", "std", "error", "90%", "CI", "(bootstrap)"]
+    assert lines[1].split() == ["reward", "0.5000", "0.2500"]
+    assert lines[2].split() == ["win_rate", "0.6250", "0.1250", "[0.3750,", "0.8750]"]
+    assert lines[3].split() == ["distinct_1", "0.7500"]
+    assert lines[4].split() == ["num_prompts", "4"]
+    assert len(lines) == 5
 
 
 def test_std_error():
     assert std_error(torch.tensor([1.0, 3.0])) == pytest.approx(1.0)  # std sqrt(2) / sqrt(2)
     assert std_error(torch.tensor([2.0])) == 0.0
+    # 1..4: mean 2.5, squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5, var 5/3, se sqrt(5/3)/2
+    assert std_error(torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx((5 / 3) ** 0.5 / 2)
+    # win outcomes 1, 0.5, 0, 1: mean 0.625, var (0.140625 + 0.015625 + 0.390625 + 0.140625) / 3
+    assert std_error(wins([2, 1, 0, 5], [1, 1, 3, 4])) == pytest.approx((0.6875 / 3) ** 0.5 / 2)
+
+
+def test_wins_per_pair():
+    assert wins([2, 1, 0], [1, 1, 3]).tolist() == [1.0, 0.5, 0.0]
+
+
+def test_bootstrap_ci_hand_cases():
+    # every resample of a constant is that constant
+    assert bootstrap_ci([0.7] * 5) == pytest.approx((0.7, 0.7))
+    # two values 0 and 1: resample means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so the
+    # 2.5% and 97.5% quantiles are 0 and 1, and the 30% and 70% quantiles are both 0.5
+    assert bootstrap_ci([0.0, 1.0], num_resamples=4000) == (0.0, 1.0)
+    assert bootstrap_ci([0.0, 1.0], confidence=0.4, num_resamples=4000) == (0.5, 0.5)
+
+
+def test_bootstrap_ci_is_seeded_and_leaves_the_global_rng_alone():
+    values = torch.arange(50, dtype=torch.float64) % 7
+    state = torch.random.get_rng_state()
+    first = bootstrap_ci(values, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert bootstrap_ci(values, seed=3) == first
+    assert bootstrap_ci(values, seed=4) != first
+    low, high = first
+    assert low < values.mean().item() < high
+
+
+def test_bootstrap_ci_width_and_coverage_on_bernoulli_data():
+    """Win outcomes ~ Bernoulli(0.7), n = 200: the 95% interval should be about as wide as the
+    normal one (2 * 1.96 * sqrt(p (1 - p) / n) = 0.127) and cover 0.7 in about 95% of data sets."""
+    p, n, datasets = 0.7, 200, 400
+    generator = torch.Generator().manual_seed(0)
+    covered, widths = 0, []
+    for k in range(datasets):
+        data = (torch.rand(n, generator=generator) < p).double()
+        low, high = bootstrap_ci(data, num_resamples=1000, seed=k)
+        covered += low <= p <= high
+        widths.append(high - low)
+    assert 0.91 <= covered / datasets <= 0.98  # binomial sd of the rate at 400 sets: 0.011
+    normal_width = 2 * 1.96 * (p * (1 - p) / n) ** 0.5
+    assert sum(widths) / datasets == pytest.approx(normal_width, rel=0.05)
+    # a 4x larger sample halves the width
+    big = (torch.rand(4 * n, generator=generator) < p).double()
+    low, high = bootstrap_ci(big)
+    assert high - low == pytest.approx(normal_width / 2, rel=0.15)
+
+
+def test_bootstrap_ci_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="at least one value"):
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci([1.0], confidence=1.0)
+    with pytest.raises(ValueError, match="num_resamples"):
+        bootstrap_ci([1.0], num_resamples=0)
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -219,6 +344,20 @@ def test_read_prompts(tmp_path):
         read_prompts(str(tmp_path / "none.jsonl"))
 
 
+def test_read_prompt_rows_returns_the_scalar_columns(tmp_path):
+    lines = [
+        '{"prompt": "a", "answer": 3, "tags": ["x"], "note": "n"}',
+        "",
+        '{"prompt": "b", "answer": 4.5, "tags": []}',
+    ]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    prompts, columns = read_prompt_rows(str(tmp_path / "p.jsonl"))
+    assert prompts == ["a", "b"]
+    assert columns == {"answer": [3, 4.5], "note": ["n", None]}  # lists are not columns
+    (tmp_path / "p.txt").write_text("first\n")
+    assert read_prompt_rows(str(tmp_path / "p.txt")) == (["first"], {})
+
+
 # ------------------------------------------------------------------------------------- CLIs
 def test_rlhf_generate_prompts_from_args_and_file(tiny_model_dir, tmp_path, capsys):
     prompts_file = tmp_path / "prompts.jsonl"
@@ -268,12 +407,36 @@ def test_rlhf_eval_end_to_end(tiny_model_dir, other_dir, tmp_path, capsys):
         assert sum(r[key] for r in rows) / 5 == pytest.approx(metrics[key], abs=1e-6), key
     expected_keys = {"reward", "reference_reward", "gold_score", "kl", "response_length"}
     expected_keys |= {"ended_frac", "distinct_1", "distinct_2", "win_rate", "num_prompts"}
-    expected_keys |= {"reward_std_error", "reference_reward_std_error", "gold_score_std_error"}
+    means = {"reward", "reference_reward", "gold_score", "kl", "response_length", "ended_frac"}
+    expected_keys |= {f"{key}_std_error" for key in (*means, "win_rate")}
+    expected_keys |= {"win_rate_ci_low", "win_rate_ci_high"}
     assert set(metrics) == expected_keys
+    assert metrics["win_rate_ci_low"] <= metrics["win_rate"] <= metrics["win_rate_ci_high"]
+    assert result["settings"]["confidence"] == 0.95
+    assert result["settings"]["bootstrap_resamples"] == 1000
     assert metrics["num_prompts"] == 5 and 0 < metrics["response_length"] <= 5
     assert 0 <= metrics["win_rate"] <= 1 and metrics["kl"] > 0
     assert result["settings"]["reference"] == str(other_dir)
     assert "win_rate" in capsys.readouterr().out
+
+
+def test_rlhf_eval_gives_the_prompt_columns_to_the_rewards(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"Sum {i}", "answer": i} for i in range(6)]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "eval.json"
+    argv = [str(tiny_model_dir), "--prompts", str(prompts), "--reference", str(tiny_model_dir)]
+    argv += ["--reward", "python:tests.test_generate_eval:answer_reward", "--gold", "vader"]
+    argv += ["--num-prompts", "4", "--max-new-tokens", "3", "--output", str(out)]
+    eval_cli.main(argv)
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["reward"] == pytest.approx((0 + 1 + 2 + 3) / 4)  # the first 4 answers
+    assert metrics["reference_reward"] == metrics["reward"]
+    (tmp_path / "plain.txt").write_text("Sum 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main([*argv[:2], str(tmp_path / "plain.txt"), *argv[3:]])
+    assert exit_info.value.code == 2
+    assert "takes 'answer', which no column of the prompt data fills" in capsys.readouterr().err
 
 
 def test_rlhf_eval_errors(tiny_model_dir, tmp_path, capsys):
@@ -284,3 +447,10 @@ def test_rlhf_eval_errors(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_cli.main(base)
     assert "--reference MODEL is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main([*base, "--reference", str(tiny_model_dir), "--confidence", "95"])
+    assert exit_info.value.code == 2
+    assert "--confidence must be in (0, 1), got 95.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_cli.main([*base, "--reference", str(tiny_model_dir), "--bootstrap-resamples", "0"])
+    assert "--bootstrap-resamples must be >= 1" in capsys.readouterr().err

@@ -8,8 +8,8 @@ Example::
 
 The reference defaults to the checkpoint's base policy (``policy_source``, or ``--base``); for any
 other POLICY it must be given with ``--reference``. Prints a table of the metrics of
-`rlhf_lightning.evaluation.evaluate_policy` and, with ``--output``, writes them as JSON together
-with the settings.
+`rlhf_lightning.evaluation.evaluate_policy` (value, standard error over prompts, and the bootstrap
+interval of the win rate) and, with ``--output``, writes them as JSON together with the settings.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from rlhf_lightning.evaluation import (
     checkpoint_policy_source,
     evaluate_policy,
     load_policy_for_inference,
-    read_prompts,
+    read_prompt_rows,
     reward_from_spec,
 )
 
@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("policy", metavar="POLICY", help="exported dir, .ckpt, builtin, hub id")
     parser.add_argument(
-        "--prompts", required=True, help="jsonl with a 'prompt' field or txt; shipped:... allowed"
+        "--prompts",
+        required=True,
+        help="jsonl with a 'prompt' field (other fields reach the rewards as columns) or txt; "
+        "shipped:... allowed",
     )
     parser.add_argument(
         "--reference", help="reference model (default: the base policy of a .ckpt POLICY)"
@@ -54,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gold", help="gold reward SPEC, reported as gold_score")
     parser.add_argument("--judge", help="SPEC that judges the win rate (default: --reward)")
     parser.add_argument("--num-prompts", type=int, help="use only the first N prompts")
+    parser.add_argument(
+        "--confidence", type=float, default=0.95, help="level of the win-rate bootstrap interval"
+    )
+    parser.add_argument(
+        "--bootstrap-resamples", type=int, default=1000, help="resamples of the prompts"
+    )
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the resampling")
     parser.add_argument("--output", help="write the metrics and settings as JSON here")
     parser.add_argument(
         "--samples", help="write one JSON line per prompt here (texts, rewards, KL, length)"
@@ -83,7 +93,9 @@ def default_reference(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> dict:
     """Evaluate; returns ``{"metrics": {...}, "settings": {...}, "samples": [a row a prompt]}``."""
     gen = generation_config_from(args, args.policy)
-    prompts = read_prompts(args.prompts)[: args.num_prompts]
+    prompts, columns = read_prompt_rows(args.prompts)
+    prompts = prompts[: args.num_prompts]
+    columns = {name: values[: args.num_prompts] for name, values in columns.items()}
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts")
     reward = reward_from_spec(args.reward)
@@ -114,18 +126,40 @@ def run(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         seed=args.seed,
         samples=samples,
+        columns=columns,
+        confidence=args.confidence,
+        num_resamples=args.bootstrap_resamples,
+        bootstrap_seed=args.bootstrap_seed,
     )
     settings = {key: value for key, value in vars(args).items() if key not in ("output", "samples")}
     settings["reference"] = reference
     return {"metrics": metrics, "settings": settings, "samples": samples}
 
 
-def format_table(metrics: dict) -> str:
-    width = max(len(key) for key in metrics)
-    lines = [f"{'metric':<{width}}  value"]
-    for key, value in metrics.items():
+STD_ERROR_SUFFIX = "_std_error"
+CI_SUFFIXES = ("_ci_low", "_ci_high")
+
+
+def format_table(metrics: dict, confidence: float = 0.95) -> str:
+    """One row per metric: its value, its standard error and its interval where it has them.
+
+    ``<key>_std_error``, ``<key>_ci_low`` and ``<key>_ci_high`` fill the columns of ``<key>``.
+    """
+    folded = (STD_ERROR_SUFFIX, *CI_SUFFIXES)
+    keys = [key for key in metrics if not key.endswith(folded)]
+    width = max(len(key) for key in keys)
+    ci_header = f"{confidence:.0%} CI (bootstrap)"
+    lines = [f"{'metric':<{width}}  {'value':>10}  {'std error':>10}  {ci_header}"]
+    for key in keys:
+        value = metrics[key]
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"{key:<{width}}  {text}")
+        se = metrics.get(key + STD_ERROR_SUFFIX)
+        se_text = "" if se is None else f"{se:.4f}"
+        row = f"{key:<{width}}  {text:>10}  {se_text:>10}"
+        low, high = (metrics.get(key + suffix) for suffix in CI_SUFFIXES)
+        if low is not None and high is not None:
+            row += f"  [{low:.4f}, {high:.4f}]"
+        lines.append(row.rstrip())
     return "\n".join(lines)
 
 
@@ -135,11 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.num_prompts is not None and args.num_prompts < 1:
         parser.error(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if not 0 < args.confidence < 1:
+        parser.error(f"--confidence must be in (0, 1), got {args.confidence}")
+    if args.bootstrap_resamples < 1:
+        parser.error(f"--bootstrap-resamples must be >= 1, got {args.bootstrap_resamples}")
     try:
         result = run(args)
     except (OSError, ValueError) as error:  # ConfigError is a ValueError
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    print(format_table(result["metrics"]))
+    print(format_table(result["metrics"], args.confidence))
     samples = result.pop("samples")
     if args.output:
         out = Path(args.output)

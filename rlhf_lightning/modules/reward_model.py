@@ -5,6 +5,8 @@ stacks them: rows ``0..B-1`` chosen, ``B..2B-1`` rejected); the loss is
 ``-log sigmoid(r_w - r_l - margin)`` (the reward-model slide of the seed talk; Ouyang et al. 2022).
 After training, :func:`fit_normalization` finds the gain and bias that give the training
 responses' rewards mean 0 and std 1 (N+ details: reward normalisation), stored with the export.
+Validation also logs ``val/ece``, the expected calibration error of ``sigmoid(r_w - r_l)`` over
+all held-out pairs (`rlhf_lightning.calibration`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from rlhf_lightning.calibration import calibration_bins, expected_calibration_error
 from rlhf_lightning.config import RMConfig
 from rlhf_lightning.losses import bradley_terry_loss
 from rlhf_lightning.models import encode_for_reward
@@ -27,6 +30,7 @@ class RewardModelModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self._val_calibration: torch.Tensor | None = None  # (bins, 3) sums of this epoch
 
     def configure_model(self) -> None:
         """Under ``FSDP2Strategy`` (a device mesh is set): shard the reward model over the
@@ -60,6 +64,8 @@ class RewardModelModule(L.LightningModule):
             batch_size=B,
             sync_dist=split != "train",
         )
+        if split == "val":
+            self._add_calibration(chosen.detach() - rejected.detach())
         every = self.cfg.histogram_every_n_steps
         if split == "train" and every and self.global_step % every == 0:
             self._histograms(chosen.detach(), rejected.detach())
@@ -70,6 +76,24 @@ class RewardModelModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_calibration = None
+
+    def _add_calibration(self, margins: torch.Tensor) -> None:
+        """Add a validation batch's (B,) reward margins to the epoch's calibration-bin sums."""
+        bins = calibration_bins(margins)
+        self._val_calibration = (
+            bins if self._val_calibration is None else self._val_calibration + bins
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/ece`` of all held-out pairs (bin sums added over batches and ranks)."""
+        if self._val_calibration is None:
+            return
+        bins = self.trainer.strategy.reduce(self._val_calibration, reduce_op="sum")
+        self.log("val/ece", expected_calibration_error(bins), sync_dist=True)
+        self._val_calibration = None
 
     def _histograms(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
         logger = self.logger
