@@ -16,7 +16,8 @@ from rlhf_lightning.calibration import (
 from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.config import rm_config_from
 from rlhf_lightning.models import ScalarRewardModel, load_tokenizer
-from rlhf_lightning.modules.reward_model import RewardModelModule, score_texts
+from rlhf_lightning.models.reward_model import score_pairs
+from rlhf_lightning.modules.reward_model import RewardModelModule
 
 
 def _margins(probabilities: list[float]) -> torch.Tensor:
@@ -104,12 +105,10 @@ def test_validation_logs_the_ece_of_all_held_out_pairs(tmp_path):
 
     items = datamodule.eval_items
     assert len(items) == 32  # 4 batches of 8
-    texts = [
-        item["prompt"] + datamodule.joiner + item[key]
-        for key in ("chosen", "rejected")
-        for item in items
-    ]
-    scores = score_texts(model, tokenizer, texts, datamodule.max_length)
+    prompts = [item["prompt"] for item in items] * 2
+    responses = [item["chosen"] for item in items] + [item["rejected"] for item in items]
+    model.text_format = datamodule.text_format  # as the task exports it
+    scores = score_pairs(model, tokenizer, prompts, responses)
     margins = scores[: len(items)] - scores[len(items) :]
     bins = calibration_bins(margins)
     assert (bins[:, 0] > 0).sum() >= 2

@@ -14,8 +14,9 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from rlhf_lightning.calibration import calibration_bins, expected_calibration_error
 from rlhf_lightning.cli.train import CONF_DIR
+from rlhf_lightning.data.preferences import RewardTextFormat
 from rlhf_lightning.models import ScalarRewardModel, load_reward_tokenizer
-from rlhf_lightning.modules.reward_model import score_texts
+from rlhf_lightning.models.reward_model import score_pairs
 from rlhf_lightning.tasks.reward_model import train_reward_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,13 +66,17 @@ def test_pair_features_on_a_shipped_pair_whose_label_flips_in_context():
         "rejected_ids": [0] * 20,
     }
     seen = rm_analysis.words(item["chosen"] + " " + item["rejected"])
-    features = rm_analysis.pair_features(SentimentIntensityAnalyzer(), item, " ", 96, seen)
+    features = rm_analysis.pair_features(
+        SentimentIntensityAnalyzer(), item, RewardTextFormat(" ", 96), seen
+    )
     assert features["gap"] == pytest.approx(0.0 - (-0.1603))  # the stored scores
     assert features["new_lexicon_word"] is False
     assert features["flips_in_context"] is True
     assert features["flips_lowercased"] is False
     assert features["truncated"] is False and features["chosen_longer"] is True
-    other = rm_analysis.pair_features(SentimentIntensityAnalyzer(), item, " ", 40, seen - {"help"})
+    other = rm_analysis.pair_features(
+        SentimentIntensityAnalyzer(), item, RewardTextFormat(" ", 40), seen - {"help"}
+    )
     assert other["truncated"] is True
     assert other["new_lexicon_word"] is True  # "help" is in VADER's lexicon (+1.7)
 
@@ -80,7 +85,9 @@ def test_case_that_only_capitals_decide_is_flagged():
     # VADER boosts an all-caps sentiment word in mixed-case text: 0.5622 against 0.4404
     item = {"prompt": "Review:", "chosen": "The movie was GOOD.", "rejected": "The movie was good."}
     item |= {"chosen_ids": [1], "rejected_ids": [2]}
-    features = rm_analysis.pair_features(SentimentIntensityAnalyzer(), item, " ", 96)
+    features = rm_analysis.pair_features(
+        SentimentIntensityAnalyzer(), item, RewardTextFormat(" ", 96)
+    )
     assert features["gap"] > 0 and features["flips_lowercased"] is True
     assert features["rule_decided"] is True  # equal valence sums
 
@@ -120,8 +127,9 @@ def test_analysis_scores_the_validation_pairs_and_writes_only_into_out(tiny_run,
     assert len(pairs) == 32  # the tiny eval split
     model = ScalarRewardModel.from_pretrained(tiny_run / "reward_model")
     tokenizer = load_reward_tokenizer(tiny_run / "reward_model")
-    texts = [p["prompt"] + " " + p[key] for key in ("chosen", "rejected") for p in pairs]
-    scores = score_texts(model, tokenizer, texts, 48)
+    prompts = [p["prompt"] for p in pairs] * 2
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    scores = score_pairs(model, tokenizer, prompts, responses)
     margins = scores[:32] - scores[32:]
     torch.testing.assert_close(
         torch.tensor([p["margin"] for p in pairs]), margins, atol=1e-5, rtol=1e-5

@@ -43,6 +43,7 @@ from rlhf_lightning.calibration import (  # noqa: E402
     expected_calibration_error,
     reliability_table,
 )
+from rlhf_lightning.data.preferences import RewardTextFormat  # noqa: E402
 from rlhf_lightning.models import ScalarRewardModel, load_reward_tokenizer  # noqa: E402
 
 GAP_EDGES = (0.1, 0.2, 0.3, 0.5, 0.8, 2.0)  # make_data.py drops gaps under 0.1
@@ -72,16 +73,16 @@ def vader_gap(scorer: SentimentIntensityAnalyzer, first: str, second: str) -> fl
 def pair_features(
     scorer: SentimentIntensityAnalyzer,
     item: dict,
-    joiner: str,
-    max_length: int,
+    text_format: RewardTextFormat,
     seen_words: set[str] = frozenset(),
 ) -> dict:
     """Diagnostics of one tokenised pair (``prompt``, ``chosen``, ``rejected``, ``*_ids``).
 
     ``gap``: VADER(chosen) - VADER(rejected), as labelled; ``flips_in_context``: VADER prefers
     the rejected response (or ties) once each response is scored with its prompt, as the reward
-    model reads it; ``flips_lowercased``: the same for lowercased responses (an uncased tokenizer
-    cannot see case); ``truncated``: a text reached ``max_length`` tokens; ``new_lexicon_word``:
+    model reads it (``text_format.text``); ``flips_lowercased``: the same for lowercased
+    responses (an uncased tokenizer cannot see case); ``truncated``: a text reached
+    ``text_format.max_length`` tokens; ``new_lexicon_word``:
     a response holds a word of VADER's lexicon that is not in ``seen_words`` (the words of the
     training responses); ``rule_decided``: the plain sum of lexicon valences does not prefer the
     chosen response; ``chosen_longer``: more characters in the chosen response.
@@ -89,10 +90,13 @@ def pair_features(
     chosen, rejected, prompt = item["chosen"], item["rejected"], item["prompt"]
     return {
         "gap": vader_gap(scorer, chosen, rejected),
-        "flips_in_context": vader_gap(scorer, prompt + joiner + chosen, prompt + joiner + rejected)
+        "flips_in_context": vader_gap(
+            scorer, text_format.text(prompt, chosen), text_format.text(prompt, rejected)
+        )
         <= 0,
         "flips_lowercased": vader_gap(scorer, chosen.lower(), rejected.lower()) <= 0,
-        "truncated": max(len(item["chosen_ids"]), len(item["rejected_ids"])) >= max_length,
+        "truncated": max(len(item["chosen_ids"]), len(item["rejected_ids"]))
+        >= text_format.max_length,
         "new_lexicon_word": any(
             w in scorer.lexicon and w not in seen_words for w in words(chosen) | words(rejected)
         ),
@@ -184,7 +188,7 @@ def analyse(run_dir: Path, split: str, out: Path) -> dict:
     seen_words = set().union(*(words(response) for _, response in datamodule.train_texts()))
     pairs = []
     for item, margin in zip(items, margins.tolist(), strict=True):
-        features = pair_features(scorer, item, datamodule.joiner, datamodule.max_length, seen_words)
+        features = pair_features(scorer, item, datamodule.text_format, seen_words)
         pairs.append(
             {
                 "prompt": item["prompt"],

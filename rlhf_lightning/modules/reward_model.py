@@ -17,7 +17,6 @@ import torch
 from rlhf_lightning.calibration import calibration_bins, expected_calibration_error
 from rlhf_lightning.config import RMConfig
 from rlhf_lightning.losses import bradley_terry_loss
-from rlhf_lightning.models import encode_for_reward
 from rlhf_lightning.optim import adamw, trainer_precision
 from rlhf_lightning.schedules import warmup_decay_lambda
 from rlhf_lightning.strategies import is_sharded, shard_reward_model
@@ -126,22 +125,6 @@ class RewardModelModule(L.LightningModule):
         schedule = warmup_decay_lambda(total, warmup, "linear")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
-
-
-@torch.no_grad()
-def score_texts(
-    model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32
-) -> torch.Tensor:
-    """Raw rewards of full texts (prompt + response): list of N strings -> (N,) fp32 on CPU."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(texts), batch_size):
-        enc = encode_for_reward(tokenizer, texts[start : start + batch_size], max_length)
-        out.append(model(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float())
-    model.train(was_training)
-    return torch.cat(out).cpu()
 
 
 def fit_normalization(raw_scores: torch.Tensor) -> tuple[float, float]:
