@@ -33,10 +33,14 @@ PRECISIONS = (
 CUDA_ACCELERATORS = ("gpu", "cuda")
 ACCELERATORS = ("auto", "cpu", *CUDA_ACCELERATORS, "mps", "tpu")
 
-# What RewardModelModule._step logs (rlhf_lightning/modules/reward_model.py), for each split;
-# tests/test_preflight.py checks this list against a real training step.
+# What RewardModelModule logs (rlhf_lightning/modules/reward_model.py): _step for each split,
+# and val/ece at the end of a validation; tests/test_preflight.py checks this list against a
+# real training step.
 RM_METRIC_NAMES = ("loss", "accuracy", "chosen_reward", "rejected_reward", "margin")
-RM_METRICS = tuple(f"{split}/{name}" for split in ("train", "val") for name in RM_METRIC_NAMES)
+RM_METRICS = (
+    *(f"{split}/{name}" for split in ("train", "val") for name in RM_METRIC_NAMES),
+    "val/ece",
+)
 
 
 def preflight(cfg: DictConfig) -> None:

@@ -269,7 +269,9 @@ def job(cfg: DictConfig) -> float | None:
             raise
         if cfg.get("debug"):
             traceback.print_exc()
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        # One write per line: under DDP every rank reports, and their lines must not interleave.
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
         if is_multirun():
             raise ReportedError(message) from None  # this job fails, the sweep goes on
         raise SystemExit(2) from None
