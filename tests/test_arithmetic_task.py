@@ -60,6 +60,20 @@ def test_shipped_prompts_are_what_make_data_writes_and_answers_are_the_sums():
         assert row["prompt"].endswith("A:")
 
 
+def test_shipped_preference_pairs_choose_the_right_answer_over_a_wrong_one():
+    make_data = _make_data()
+    train, evals = make_data.make_splits(1024, 128, shots=3, terms=2, max_operand=5, seed=1234)
+    for split, rows, seed in (("train", train, 1234), ("eval", evals, 1235)):
+        pairs = _rows(f"preferences_{split}.jsonl")
+        assert pairs == make_data.make_pairs(rows, 10, seed)
+        assert [p["prompt"] for p in pairs] == [r["prompt"] for r in rows]
+        for pair, row in zip(pairs, rows):
+            assert first_number_correct(
+                [""] * 2, [pair["chosen"], pair["rejected"]], [row["answer"]] * 2
+            ) == [1.0, 0.0]
+            assert 0 <= int(pair["rejected"]) <= 10 and pair["chosen"] == f" {row['answer']}"
+
+
 @pytest.mark.slow
 def test_experiment_config_gives_the_reward_the_answer_column():
     """The composed experiment: its prompt data carries `answer`, and its reward, built as PPO

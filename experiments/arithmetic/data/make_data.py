@@ -1,4 +1,5 @@
-"""Build the arithmetic task's prompts: few-shot additions with the answer in a column.
+"""Build the arithmetic task's prompts (few-shot additions with the answer in a column) and
+preference pairs (the right answer chosen over a wrong one).
 
 Each prompt shows ``--shots`` solved additions of ``--terms`` numbers drawn from
 0..``--max-operand``, then an unsolved one, in the form
@@ -12,7 +13,9 @@ and its row carries the sum as ``answer``. The reward (`experiments/arithmetic/r
 the first number of the response against it. Prompts are drawn with ``random.Random(--seed)``
 and deduplicated; the first ``--num-eval`` distinct prompts are the eval prompts, the next
 ``--num-train`` the train prompts (no prompt text is in both; questions repeat, since there are
-only so many sums).
+only so many sums). Each prompt also gets a preference pair (``preferences_*.jsonl``): the right
+answer chosen, a wrong sum in 0..terms*max_operand rejected, for a reward model of the task
+(``rlhf-train task=reward_model data.preferences.path=shipped:arithmetic/data/...``).
 
     python experiments/arithmetic/data/make_data.py                 # writes the shipped files
     python experiments/arithmetic/data/make_data.py --base-rate 128  # SmolLM2's success rate
@@ -67,6 +70,19 @@ def make_splits(
     return ordered[num_eval:], ordered[:num_eval]
 
 
+def make_pairs(rows: list[dict], max_sum: int, seed: int) -> list[dict]:
+    """One preference pair per prompt row: ``chosen`` is the right answer, ``rejected`` a wrong
+    one drawn uniformly from 0..max_sum, both written as the model continues (`` 7``)."""
+    rng = random.Random(seed)
+    pairs = []
+    for row in rows:
+        wrong = rng.choice([n for n in range(max_sum + 1) if n != row["answer"]])
+        pairs.append(
+            {"prompt": row["prompt"], "chosen": f" {row['answer']}", "rejected": f" {wrong}"}
+        )
+    return pairs
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -118,7 +134,13 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out_dir / "prompts_train.jsonl", train)
     write_jsonl(args.out_dir / "prompts_eval.jsonl", evals)
-    print(f"wrote {len(train)} train and {len(evals)} eval prompts to {args.out_dir}")
+    max_sum = args.terms * args.max_operand
+    write_jsonl(args.out_dir / "preferences_train.jsonl", make_pairs(train, max_sum, args.seed))
+    write_jsonl(args.out_dir / "preferences_eval.jsonl", make_pairs(evals, max_sum, args.seed + 1))
+    print(
+        f"wrote {len(train)} train and {len(evals)} eval prompts, and a preference pair for "
+        f"each, to {args.out_dir}"
+    )
 
 
 if __name__ == "__main__":
