@@ -1,7 +1,7 @@
 """How the cost of an iteration grows with response length and rollout batch, and whether it
 stays flat over a long run (no leak, no slow-down).
 
-On a small random Llama with the character tokenizer (4 layers, hidden 256, 3.3 M parameters:
+On a small random Llama with the character tokenizer (4 layers, hidden 256, 4.0 M parameters:
 small enough for this machine, large enough that the matmuls, not Python, take the time), runs
 ``bench_ppo.py`` (default ``ppo``, 2 epochs, two minibatches per epoch, responses of a fixed
 length: no stop token) for
