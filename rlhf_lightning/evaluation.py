@@ -4,7 +4,8 @@
 (same seed), then reports:
 
 - ``reward`` / ``gold_score``: mean score of the policy's responses under the reward (and gold)
-  source, and ``reference_reward``: the same for the reference's responses;
+  source, and ``reference_reward`` / ``reference_gold_score``: the same for the reference's
+  responses;
 - ``kl``: mean over prompts of ``sum_t log pi(y_t | .) - log pi_ref(y_t | .)`` over the policy's
   own responses (the k1 estimator of KL(pi || pi_ref) per sequence), with both models' logits
   divided by the sampling temperature, as in PPO's KL penalty. With ``top_k``/``top_p`` the
@@ -382,7 +383,8 @@ def evaluate_policy(
 ) -> dict[str, float]:
     """Metrics of ``policy_lm`` on ``prompts`` against the reference ``ref_lm`` (same tokenizer).
 
-    Keys: ``reward``, ``reference_reward``, ``gold_score`` (with ``gold``), ``kl``,
+    Keys: ``reward``, ``reference_reward``, ``gold_score`` and ``reference_gold_score`` (with
+    ``gold``), ``kl``,
     ``response_length``, ``ended_frac`` and ``win_rate`` (policy vs reference samples under
     ``judge``, default ``reward``), each with ``<key>_std_error``; ``win_rate_ci_low`` and
     ``win_rate_ci_high`` (`bootstrap_ci` with ``confidence``, ``num_resamples``,
@@ -392,7 +394,7 @@ def evaluate_policy(
     arguments as far as each accepts them. With a ``samples`` list, one
     row per prompt is appended to it: ``prompt``, ``response``, ``reference_response``,
     ``reward``, ``reference_reward``, ``kl``, ``response_length``, ``win`` (1, 0.5 or 0) (and
-    ``gold_score`` with ``gold``).
+    ``gold_score`` and ``reference_gold_score`` with ``gold``).
     """
     gen = gen or GenerationConfig()
     prompts = list(prompts)
@@ -424,6 +426,7 @@ def evaluate_policy(
     }
     if gold is not None:
         per_prompt["gold_score"] = gold(prompts, responses, **columns)
+        per_prompt["reference_gold_score"] = gold(prompts, ref_responses, **columns)
     metrics = {}
     for key, values in per_prompt.items():
         metrics[key] = values.double().mean().item()
@@ -447,6 +450,7 @@ def evaluate_policy(
     }
     if gold is not None:
         columns["gold_score"] = per_prompt["gold_score"].tolist()
+        columns["reference_gold_score"] = per_prompt["reference_gold_score"].tolist()
     if samples is not None:
         samples.extend(dict(zip(columns, row)) for row in zip(*columns.values()))
     return metrics

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from rlhf_lightning.cli import evaluate as eval_cli
 from rlhf_lightning.cli import generate as generate_cli
@@ -405,9 +406,16 @@ def test_rlhf_eval_end_to_end(tiny_model_dir, other_dir, tmp_path, capsys):
     assert {"prompt", "response", "reference_response", "gold_score"} <= set(rows[0])
     for key in ("reward", "reference_reward", "kl", "gold_score", "response_length"):
         assert sum(r[key] for r in rows) / 5 == pytest.approx(metrics[key], abs=1e-6), key
-    expected_keys = {"reward", "reference_reward", "gold_score", "kl", "response_length"}
+    # the reference's own responses, scored by the gold source (VADER's compound score)
+    vader = SentimentIntensityAnalyzer()
+    ref_gold = [vader.polarity_scores(r["reference_response"])["compound"] for r in rows]
+    assert [r["reference_gold_score"] for r in rows] == pytest.approx(ref_gold, abs=1e-6)
+    assert metrics["reference_gold_score"] == pytest.approx(sum(ref_gold) / 5, abs=1e-6)
+    expected_keys = {"reward", "reference_reward", "gold_score", "reference_gold_score", "kl"}
+    expected_keys |= {"response_length"}
     expected_keys |= {"ended_frac", "distinct_1", "distinct_2", "win_rate", "num_prompts"}
-    means = {"reward", "reference_reward", "gold_score", "kl", "response_length", "ended_frac"}
+    means = {"reward", "reference_reward", "gold_score", "reference_gold_score", "kl"}
+    means |= {"response_length", "ended_frac"}
     expected_keys |= {f"{key}_std_error" for key in (*means, "win_rate")}
     expected_keys |= {"win_rate_ci_low", "win_rate_ci_high"}
     assert set(metrics) == expected_keys
