@@ -446,3 +446,11 @@ def test_estimators_validate_their_settings_by_field():
     for valid in (lambda: GAE(lam=0.0), lambda: GAE(lam=1.0, gamma=0.0), lambda: GAE(gamma=1.0)):
         valid()
     GroupNormalized(eps=0.0)
+
+
+def test_token_rewards_name_the_tensor_of_the_wrong_shape():
+    logprobs, mask = torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match=r"^ref_logprobs has shape \(2, 4\), expected \(2, 3\)$"):
+        token_rewards(torch.zeros(2), logprobs, torch.zeros(2, 4), mask, 0.1)
+    with pytest.raises(ValueError, match=r"^scores has shape \(3,\), expected \(2,\)$"):
+        token_rewards(torch.zeros(3), logprobs, torch.zeros(2, 3), mask, 0.1)

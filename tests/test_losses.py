@@ -398,3 +398,54 @@ def test_truncated_and_masked_importance_weights_hand_values():
     weights, cut = MaskedIS(low=0.5, high=2.0)(old, sampler, MASK)
     assert weights[0].tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
     assert cut[0].tolist() == [True, False, False, True, False]
+
+
+def _tokens_at_ratios(ratios: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(old, sampler, mask) of one row whose tokens have ``pi_old / pi_sampler`` = ``ratios``
+    exactly (powers of 2: their logs are exact in float32)."""
+    sampler = torch.full((1, len(ratios)), -1.0)
+    old = sampler + torch.tensor([[math.log(r) for r in ratios]])
+    return old, sampler, torch.ones(1, len(ratios), dtype=torch.bool)
+
+
+def test_importance_weights_at_their_bounds():
+    """A ratio equal to the cap is capped but not counted as truncated; ratios equal to
+    MaskedIS's bounds are kept."""
+    from rlhf_lightning.losses import MaskedIS, TruncatedIS
+
+    old, sampler, mask = _tokens_at_ratios([0.5, 1.0, 2.0])
+    weights, cut = TruncatedIS(cap=2.0)(old, sampler, mask)
+    assert weights[0].tolist() == pytest.approx([0.5, 1.0, 2.0])
+    assert cut[0].tolist() == [False, False, False]
+    weights, cut = MaskedIS(low=0.5, high=2.0)(old, sampler, mask)
+    assert weights[0].tolist() == [1.0, 1.0, 1.0]
+    assert cut[0].tolist() == [False, False, False]
+    weights, cut = MaskedIS(low=0.0, high=1.5)(old, sampler, mask)
+    assert cut[0].tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("make", "field", "reason"),
+    [
+        (lambda c: c["TruncatedIS"](cap=0.0), "cap", "must be > 0, got 0.0"),
+        (lambda c: c["TruncatedIS"](cap=-1.0), "cap", "must be > 0, got -1.0"),
+        (lambda c: c["MaskedIS"](low=-0.1), "low", "must be in [0, 1), got -0.1"),
+        (lambda c: c["MaskedIS"](low=1.0), "low", "must be in [0, 1), got 1.0"),
+        (lambda c: c["MaskedIS"](high=1.0), "high", "must be > 1, got 1.0"),
+        (lambda c: c["ClippedSurrogate"](clip_high=0.0), "clip_high", "must be > 0, got 0.0"),
+    ],
+)
+def test_sampler_corrections_refuse_impossible_bounds_naming_the_field(make, field, reason):
+    from rlhf_lightning import losses
+    from rlhf_lightning.errors import FieldError
+
+    with pytest.raises(FieldError) as caught:
+        make(vars(losses))
+    assert (caught.value.field, caught.value.reason) == (field, reason)
+
+
+def test_sampler_corrections_accept_their_boundary_values():
+    from rlhf_lightning.losses import MaskedIS, TruncatedIS
+
+    assert TruncatedIS(cap=1e-6).cap == 1e-6
+    assert MaskedIS(low=0.0, high=1.0001).low == 0.0
