@@ -275,7 +275,8 @@ def test_last_true_index_for_right_left_and_unpadded_rows():
 
 
 def test_last_true_index_rejects_an_empty_row():
-    with pytest.raises(ValueError, match="no true position"):
+    message = r"^last_true_index: a row of the mask has no true position$"
+    with pytest.raises(ValueError, match=message):
         last_true_index(torch.tensor([[True, False], [False, False]]))
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         last_true_index(torch.ones(3, dtype=torch.bool))
