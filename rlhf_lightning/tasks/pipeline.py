@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +24,10 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from rlhf_lightning.config import ConfigError, rm_config_from
-from rlhf_lightning.models._util import honour_umask, umask
+from rlhf_lightning.models._util import honour_umask
 from rlhf_lightning.models.loading import check_cache_writable
 from rlhf_lightning.tasks.checkpoints import refuse_changed_settings, run_settings
-from rlhf_lightning.tasks.common import checkpoint_dir, run_dir
+from rlhf_lightning.tasks.common import checkpoint_dir, run_dir, write_atomically
 from rlhf_lightning.tasks.ppo import train_ppo, validate_ppo_setup
 from rlhf_lightning.tasks.reward_model import train_reward_model
 
@@ -114,18 +112,7 @@ def run_stage(cfg: DictConfig, stage: str, train: Callable[..., dict], resuming:
 
 def write_json_atomically(path: Path, data: dict) -> None:
     """``path`` holds all of ``data`` as JSON, or (after a crash) its previous content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~umask())
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, "w", lambda f: json.dump(data, f, indent=2))
 
 
 def _fmt(value) -> str:
