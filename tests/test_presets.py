@@ -16,6 +16,18 @@ PRESETS = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_the_ladder_experiment_sweeps_every_preset_once():
+    """``experiment=ladder`` (and the ladder scripts, which read its list) covers every preset."""
+    sys.path.insert(0, str(REPO / "experiments" / "ladder"))
+    try:
+        from presets import ladder_presets
+    finally:
+        sys.path.pop(0)
+    ladder = ladder_presets()
+    assert len(set(ladder)) == len(ladder), ladder
+    assert sorted(ladder) == PRESETS
+
+
 @pytest.mark.slow
 def test_every_preset_runs_through_rlhf_train_and_raises_a_toy_reward(tmp_path):
     """One sweep over the presets (``rlhf-train -m algorithm=...``): each job learns to write

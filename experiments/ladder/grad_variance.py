@@ -33,21 +33,12 @@ import time
 from pathlib import Path
 
 import torch
+from presets import ladder_presets
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
-PRESETS = (
-    "reinforce",
-    "reinforce_rtg",
-    "reinforce_baseline",
-    "a2c",
-    "ppo",
-    "rloo",
-    "grpo",
-    "dr_grpo",
-    "reinforce_pp",
-)
+PRESETS = ladder_presets()
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -3,10 +3,10 @@ run, its wall time, and (with ``--variance``) the variance of its policy-gradien
 
 Reads every run under the given sweep directories (``rlhf-train experiment=ladder``), labels
 each by its ``algorithm.name``, and writes ``ladder.png`` (held-out score vs iteration, KL vs
-iteration, score vs KL) into ``--out`` (default ``plots/`` inside the first directory); prints a
-markdown table: final held-out score and KL, the score at each evaluation, the mean training
-score of the last 5 iterations, training wall time (the sum of ``time/iteration``) and seconds
-per iteration by phase.
+iteration, score vs KL) and ``ladder.json`` (every number of the table) into ``--out``
+(default ``plots/`` inside the first directory); prints a markdown table: final held-out score
+and KL, the score at each evaluation, the mean training score of the last 5 iterations,
+training wall time (the sum of ``time/iteration``) and seconds per iteration by phase.
 
     python experiments/ladder/plot.py outputs/ladder/sweep \
         --variance outputs/ladder/grad_variance.json
@@ -19,20 +19,11 @@ import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from presets import ladder_presets
 
 from rlhf_lightning.tracking import eval_rows, read_scalars
 
-ORDER = (
-    "reinforce",
-    "reinforce_rtg",
-    "reinforce_baseline",
-    "a2c",
-    "ppo",
-    "rloo",
-    "grpo",
-    "dr_grpo",
-    "reinforce_pp",
-)
+ORDER = ladder_presets()
 
 
 def runs_under(paths: list[Path]) -> dict[str, Path]:
@@ -125,6 +116,7 @@ def main(argv=None) -> dict:
     out = args.out or args.paths[0] / "plots"
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "ladder.png", dpi=110)
+    (out / "ladder.json").write_text(json.dumps(runs, indent=1) + "\n")
     return {"runs": runs, "variance": variance}
 
 
