@@ -177,7 +177,6 @@ def global_masked_whiten(
     return torch.where(m, out, torch.zeros_like(out)).to(x.dtype)
 
 
-@torch.no_grad()
 def experience_forwards(
     policy,
     ref_lm,
@@ -194,30 +193,32 @@ def experience_forwards(
     ``rows_per_forward`` rows of similar length, each cut to its own longest prompt and
     response; results are 0 beyond a row's chunk length.
     """
-    B, R = exp_rows.response_ids.shape
-    device = exp_rows.response_ids.device
-    want_values = policy.value_head is not None and not values_known
-    old_logprobs = torch.zeros(B, R, device=device) if policy_logprobs else None
-    values = torch.zeros(B, R, device=device) if want_values else None
-    ref_logprobs = torch.zeros(B, R, device=device)
-    all_rows = torch.arange(B, device=device)
-    for index in by_length(exp_rows.response_mask, all_rows, rows_per_forward):
-        part = exp_rows.select(index)
-        r = part.response_ids.shape[1]
-        ids, am, P = part.input_ids, part.attention_mask, part.prompt_len
-        if policy_logprobs:
-            logits, part_values = policy(ids, am, response_start=P)
-            old_logprobs[index, :r] = logprobs_from_logits(logits, part.response_ids, temperature)
-            del logits
-        elif want_values:
-            part_values = policy.values(ids, am, response_start=P)
-        if want_values:
-            values[index, :r] = part_values.float()
-        ref_logprobs[index, :r] = reference_logprobs(ref_lm, ids, am, P, temperature)
-    return old_logprobs, values, ref_logprobs
+    with torch.no_grad():
+        B, R = exp_rows.response_ids.shape
+        device = exp_rows.response_ids.device
+        want_values = policy.value_head is not None and not values_known
+        old_logprobs = torch.zeros(B, R, device=device) if policy_logprobs else None
+        values = torch.zeros(B, R, device=device) if want_values else None
+        ref_logprobs = torch.zeros(B, R, device=device)
+        all_rows = torch.arange(B, device=device)
+        for index in by_length(exp_rows.response_mask, all_rows, rows_per_forward):
+            part = exp_rows.select(index)
+            r = part.response_ids.shape[1]
+            ids, am, P = part.input_ids, part.attention_mask, part.prompt_len
+            if policy_logprobs:
+                logits, part_values = policy(ids, am, response_start=P)
+                old_logprobs[index, :r] = logprobs_from_logits(
+                    logits, part.response_ids, temperature
+                )
+                del logits
+            elif want_values:
+                part_values = policy.values(ids, am, response_start=P)
+            if want_values:
+                values[index, :r] = part_values.float()
+            ref_logprobs[index, :r] = reference_logprobs(ref_lm, ids, am, P, temperature)
+        return old_logprobs, values, ref_logprobs
 
 
-@torch.no_grad()
 def make_experience(
     policy,
     ref_lm,
@@ -237,63 +238,64 @@ def make_experience(
         cfg: the run's ``RLConfig``.
         kl_coef: beta of this iteration (enters the rewards only when the KL is placed there).
     """
-    alg = cfg.algorithm
-    mask = rollout.response_mask
-    empty = torch.zeros_like(mask, dtype=torch.float32)
-    exp = Experience(
-        query_ids=rollout.query_ids,
-        query_mask=rollout.query_mask,
-        response_ids=rollout.response_ids,
-        response_mask=mask,
-        old_logprobs=empty,
-        ref_logprobs=empty,
-        old_values=empty,
-        scores=scores,
-        kl=empty,
-        rewards=empty,
-        advantages=empty,
-        returns=empty,
-        ended=rollout.ended,
-        prompts=rollout.prompts,
-        responses=rollout.responses,
-        sampler_logprobs=rollout.sampler_logprobs,
-    )
-    T = cfg.generation.temperature
-    from_sampler = alg.old_logprobs == "sampler"
-    values_from_hidden = from_sampler and rollout.last_hidden is not None
-    old_logprobs, values, ref_logprobs = experience_forwards(
-        policy,
-        ref_lm,
-        exp,
-        cfg.budget.experience_rows,
-        T,
-        policy_logprobs=not from_sampler,
-        values_known=values_from_hidden,
-    )
-    if from_sampler:
-        old_logprobs = rollout.sampler_logprobs.to(ref_logprobs.device)
-    if values_from_hidden:
-        values = policy.values_from_hidden(rollout.last_hidden.to(ref_logprobs.device))
-    shaped = shape_scores(
-        scores.to(old_logprobs.device), rollout.ended, alg.missing_eos_penalty, alg.score_clip
-    )
-    rewards, kl = token_rewards(
-        shaped, old_logprobs, ref_logprobs, mask, alg.kl.reward_coef(kl_coef), alg.kl.estimator
-    )
-    if alg.whiten_rewards:
-        rewards = global_masked_whiten(rewards, mask, shift_mean=False)
-    inputs = AdvantageInputs(rewards, values, mask, group_size=alg.samples_per_prompt)
-    advantages, returns = alg.advantage(inputs)
-    if alg.whiten_advantages:
-        advantages = global_masked_whiten(advantages, mask)
-    zero = torch.zeros_like(old_logprobs)
-    exp.old_logprobs = torch.where(mask, old_logprobs, zero)
-    exp.ref_logprobs = torch.where(mask, ref_logprobs, zero)
-    exp.old_values = zero if values is None else torch.where(mask, values, zero)
-    exp.scores, exp.kl, exp.rewards = shaped, kl, rewards
-    exp.advantages = advantages
-    exp.returns = zero if returns is None else returns
-    return exp
+    with torch.no_grad():
+        alg = cfg.algorithm
+        mask = rollout.response_mask
+        empty = torch.zeros_like(mask, dtype=torch.float32)
+        exp = Experience(
+            query_ids=rollout.query_ids,
+            query_mask=rollout.query_mask,
+            response_ids=rollout.response_ids,
+            response_mask=mask,
+            old_logprobs=empty,
+            ref_logprobs=empty,
+            old_values=empty,
+            scores=scores,
+            kl=empty,
+            rewards=empty,
+            advantages=empty,
+            returns=empty,
+            ended=rollout.ended,
+            prompts=rollout.prompts,
+            responses=rollout.responses,
+            sampler_logprobs=rollout.sampler_logprobs,
+        )
+        T = cfg.generation.temperature
+        from_sampler = alg.old_logprobs == "sampler"
+        values_from_hidden = from_sampler and rollout.last_hidden is not None
+        old_logprobs, values, ref_logprobs = experience_forwards(
+            policy,
+            ref_lm,
+            exp,
+            cfg.budget.experience_rows,
+            T,
+            policy_logprobs=not from_sampler,
+            values_known=values_from_hidden,
+        )
+        if from_sampler:
+            old_logprobs = rollout.sampler_logprobs.to(ref_logprobs.device)
+        if values_from_hidden:
+            values = policy.values_from_hidden(rollout.last_hidden.to(ref_logprobs.device))
+        shaped = shape_scores(
+            scores.to(old_logprobs.device), rollout.ended, alg.missing_eos_penalty, alg.score_clip
+        )
+        rewards, kl = token_rewards(
+            shaped, old_logprobs, ref_logprobs, mask, alg.kl.reward_coef(kl_coef), alg.kl.estimator
+        )
+        if alg.whiten_rewards:
+            rewards = global_masked_whiten(rewards, mask, shift_mean=False)
+        inputs = AdvantageInputs(rewards, values, mask, group_size=alg.samples_per_prompt)
+        advantages, returns = alg.advantage(inputs)
+        if alg.whiten_advantages:
+            advantages = global_masked_whiten(advantages, mask)
+        zero = torch.zeros_like(old_logprobs)
+        exp.old_logprobs = torch.where(mask, old_logprobs, zero)
+        exp.ref_logprobs = torch.where(mask, ref_logprobs, zero)
+        exp.old_values = zero if values is None else torch.where(mask, values, zero)
+        exp.scores, exp.kl, exp.rewards = shaped, kl, rewards
+        exp.advantages = advantages
+        exp.returns = zero if returns is None else returns
+        return exp
 
 
 def sequence_kl(exp: Experience) -> torch.Tensor:
