@@ -566,3 +566,42 @@ def test_micro_batches_group_rows_by_length_and_trim_padding_without_changing_th
         1 - real / padded.input_ids.numel()
     )
     assert reduced["perf/padding_frac"] < reduced["perf/padding_frac_untrimmed"]
+
+
+def test_select_keeps_every_field_of_the_chosen_rows_and_cuts_only_all_padding_columns():
+    """Rows 2 and 0 of a hand-made experience: lists, 1-D and 2-D fields follow the rows, a
+    missing field stays None, and only the columns padded in both rows are dropped."""
+    from rlhf_lightning.rollout.experience import Experience, first_real_column, last_real_column
+
+    B, P, R = 3, 4, 5
+    query_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+    response_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    per_token = {
+        name: torch.arange(B * R, dtype=torch.float32).reshape(B, R) + k
+        for k, name in enumerate(("old_logprobs", "ref_logprobs", "old_values", "kl", "rewards",
+                                  "advantages", "returns"))
+    }  # fmt: skip
+    exp = Experience(
+        query_ids=torch.arange(B * P).reshape(B, P),
+        query_mask=query_mask,
+        response_ids=torch.arange(B * R).reshape(B, R) + 100,
+        response_mask=response_mask,
+        scores=torch.tensor([0.1, 0.2, 0.3]),
+        ended=torch.tensor([True, False, True]),
+        prompts=["p0", "p1", "p2"],
+        responses=["r0", "r1", "r2"],
+        **per_token,
+    )
+    part = exp.select(torch.tensor([2, 0]))
+    assert part.prompts == ["p2", "p0"] and part.responses == ["r2", "r0"]
+    assert part.scores.tolist() == pytest.approx([0.3, 0.1])
+    assert part.ended.tolist() == [True, True]
+    assert part.sampler_logprobs is None
+    assert part.prompt_len == 3  # column 0 is padding in rows 2 and 0
+    torch.testing.assert_close(part.query_ids, exp.query_ids[[2, 0], 1:])
+    torch.testing.assert_close(part.response_ids, exp.response_ids[[2, 0], :3])
+    torch.testing.assert_close(part.response_mask, response_mask[[2, 0], :3])
+    for name, value in per_token.items():
+        torch.testing.assert_close(getattr(part, name), value[[2, 0], :3])
+    empty = torch.zeros(2, 3, dtype=torch.bool)  # no real token: nothing to cut, column 0
+    assert first_real_column(empty) == 0 and last_real_column(empty) == 0
