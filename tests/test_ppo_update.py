@@ -327,6 +327,44 @@ def test_a_step_on_the_entropy_bonus_alone_raises_the_entropy(temperature):
     assert _mean_entropy(module, exp) > before + 0.01
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_left_padded_prompts_get_the_logprobs_of_their_row_alone(temperature):
+    """Prompts of different lengths are left-padded into one batch; every row's old and
+    reference logprobs equal those of a forward of that row alone, without padding (the
+    attention mask and the position ids reach both forwards)."""
+    cfg = tiny_config(generation__stop_token="a", generation__temperature=temperature)
+    module = tiny_ppo_module(cfg)
+    perturb_reference(module)
+    prompts = ["p0:", "p1: a longer prompt with many more tokens in it:", "p2: medium length:"]
+    enc = module.tokenizer(prompts, return_tensors="pt", padding=True)
+    assert (enc["attention_mask"] == 0).any()  # some rows are left-padded
+    torch.manual_seed(0)
+    rollout = sample_responses(
+        module.policy.lm,
+        module.tokenizer,
+        enc["input_ids"],
+        enc["attention_mask"],
+        prompts,
+        module.cfg.generation,
+        module.stop_token_ids,
+    )
+    scores = torch.zeros(len(prompts))
+    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, 0.1)
+    for row in range(len(prompts)):
+        alone = exp.select(torch.tensor([row]))  # its own columns only: no padding
+        assert bool(alone.query_mask.all())
+        real = alone.response_mask[0]
+        r = real.shape[0]
+        for lm, logprobs in (
+            (module.policy.lm, exp.old_logprobs),
+            (module.ref_lm, exp.ref_logprobs),
+        ):
+            expected = naive_logprobs(lm, alone, temperature)[0]
+            torch.testing.assert_close(
+                logprobs[row, :r][real], expected[real], rtol=1e-4, atol=1e-5
+            )
+
+
 def test_sequence_kl_sums_each_rows_token_kl():
     from rlhf_lightning.rollout.experience import sequence_kl
 
