@@ -440,7 +440,7 @@ def test_reward_gets_each_rollouts_prompt_columns_and_its_errors_name_the_iterat
 
 
 # ------------------------------------------------------------ old logprobs from the sampler
-def _params_after_one_iteration(preset: str, old_logprobs: str, **overrides):
+def _params_after_one_iteration(preset: str, old_logprobs: str, critic=False, **overrides):
     L.seed_everything(3)
     cfg = tiny_config(
         preset,
@@ -451,6 +451,8 @@ def _params_after_one_iteration(preset: str, old_logprobs: str, **overrides):
         **overrides,
     )
     module = tiny_ppo_module(cfg)
+    if critic:  # values from the critic's own forward, not from generation's hidden states
+        _with_critic(module)
     with torch.no_grad():  # a reference that differs, so the KL enters the rewards
         for p in module.ref_lm.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -460,14 +462,14 @@ def _params_after_one_iteration(preset: str, old_logprobs: str, **overrides):
     return {n: p.detach().clone() for n, p in module.policy.named_parameters()}, history, calls
 
 
-@pytest.mark.parametrize("preset", ["ppo", "rloo"])
-def test_sampler_logprobs_give_the_same_update_as_recomputing_them(preset):
+@pytest.mark.parametrize("preset, critic", [("ppo", False), ("ppo", True), ("rloo", False)])
+def test_sampler_logprobs_give_the_same_update_as_recomputing_them(preset, critic):
     """Float32 sampling from the trained weights, no top-k/top-p: the logprobs generate recorded
     (and, for a shared value head, the values read from generate's hidden states) equal the
     recomputed ones, so the update is the same within fp32 tolerance -- without the policy
     forward of experience making."""
-    recomputed, history_r, calls_r = _params_after_one_iteration(preset, "recompute")
-    sampled, history_s, calls_s = _params_after_one_iteration(preset, "sampler")
+    recomputed, history_r, calls_r = _params_after_one_iteration(preset, "recompute", critic)
+    sampled, history_s, calls_s = _params_after_one_iteration(preset, "sampler", critic)
     assert "experience" in calls_r and "experience" not in calls_s
     for name, value in recomputed.items():
         torch.testing.assert_close(sampled[name], value, rtol=1e-4, atol=1e-6, msg=name)
