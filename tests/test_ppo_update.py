@@ -32,9 +32,13 @@ def perturb_reference(module, scale: float = 0.05, seed: int = 1) -> None:
             p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
-def rollout_and_experience(module, n: int = 16, seed: int = 0, kl_coef: float = 0.0):
+def rollout_and_experience(module, n: int = 16, seed: int = 0, kl_coef: float = 0.0, prompts=None):
+    """Sample from ``prompts`` (default: ``n`` prompts of one length) and make the experience."""
     torch.manual_seed(seed)
-    batch = prompt_batch(module.tokenizer, n)
+    if prompts is None:
+        batch = prompt_batch(module.tokenizer, n)
+    else:
+        batch = {**module.tokenizer(prompts, return_tensors="pt", padding=True), "prompts": prompts}
     rollout = sample_responses(
         module.policy.lm,
         module.tokenizer,
@@ -336,20 +340,8 @@ def test_left_padded_prompts_get_the_logprobs_of_their_row_alone(temperature):
     module = tiny_ppo_module(cfg)
     perturb_reference(module)
     prompts = ["p0:", "p1: a longer prompt with many more tokens in it:", "p2: medium length:"]
-    enc = module.tokenizer(prompts, return_tensors="pt", padding=True)
-    assert (enc["attention_mask"] == 0).any()  # some rows are left-padded
-    torch.manual_seed(0)
-    rollout = sample_responses(
-        module.policy.lm,
-        module.tokenizer,
-        enc["input_ids"],
-        enc["attention_mask"],
-        prompts,
-        module.cfg.generation,
-        module.stop_token_ids,
-    )
-    scores = torch.zeros(len(prompts))
-    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, 0.1)
+    _, exp = rollout_and_experience(module, kl_coef=0.1, prompts=prompts)
+    assert (exp.query_mask == 0).any()  # some rows are left-padded
     for row in range(len(prompts)):
         alone = exp.select(torch.tensor([row]))  # its own columns only: no padding
         assert bool(alone.query_mask.all())
