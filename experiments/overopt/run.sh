@@ -17,7 +17,7 @@ proxy() {  # name, max_train_rows (null: all), epochs
   echo "== proxy $1: $(date -u +%H:%M:%S)"
   rlhf-train task=reward_model hydra.run.dir="$OUT/$1" data.preferences.max_train_rows="$2" \
     rm.max_epochs="$3" trainer.enable_progress_bar=false >"$OUT/$1.log" 2>&1
-  grep -o "best val accuracy.*\|val/accuracy [0-9.]*" "$OUT/$1.log" | tail -1 || true
+  grep -o "val/accuracy = [0-9.]*" "$OUT/$1.log" | tail -1 || true
 }
 proxy rm_100 100 10
 proxy rm_400 400 4
