@@ -408,6 +408,15 @@ def test_a_nonfinite_later_micro_batch_fails_the_whole_minibatch(which):
     assert module.nonfinite_skips == 1 and not _terms(out)  # nothing logged for it
 
 
+def test_a_nonfinite_loss_in_training_names_its_iteration():
+    from rlhf_lightning.modules.ppo import NonFiniteError
+
+    module = tiny_ppo_module(tiny_config(budget__num_iterations=2))
+    module.loss = _NaNInMicroBatch(module, which=5)  # 4 micro-batches per iteration
+    with pytest.raises(NonFiniteError, match="^non-finite loss at iteration 1 "):
+        fit(module, max_epochs=2)
+
+
 # ------------------------------------------------------------------------- optimizer step
 def _optimizer(module):
     (optimizer,), _ = module.configure_optimizers()
@@ -499,6 +508,7 @@ def test_a_warmup_iteration_keeps_the_policy_and_runs_every_epoch():
         algorithm__epochs=2,
         algorithm__target_kl=1e-9,
         algorithm__value_model__warmup_iterations=1,
+        algorithm__optimizer__weight_decay=0.1,  # would shrink a policy AdamW stepped in warm-up
     )
     module = tiny_ppo_module(cfg, reward=distinct_characters)
     start = [p.detach().clone() for p in module.policy.lm.parameters()]
@@ -506,6 +516,7 @@ def test_a_warmup_iteration_keeps_the_policy_and_runs_every_epoch():
     trainer, history = fit(module, max_epochs=2, callbacks=[snapshots])
     assert all(torch.equal(a, b) for a, b in zip(snapshots.lm[0], start))
     assert [row["value/warmup"] for row in history] == [1.0, 0.0]
+    assert "policy/approx_kl" not in history[0]  # the warm-up loss has no policy terms
     assert [row["policy/epochs"] for row in history] == [2.0, 1.0]
     assert history[1]["policy/approx_kl"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(snapshots.lm[1], start))
