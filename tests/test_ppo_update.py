@@ -9,6 +9,7 @@ The tests without a Trainer are fast; the mutation run (tests/MUTATION.md) uses 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
@@ -445,6 +446,36 @@ def test_warmup_step_trains_the_value_head_alone_and_leaves_the_policy_state_emp
     assert module.minibatch_backward(exp, torch.arange(8, 16), False, out, iteration=1)
     module.optimizer_step(optimizer, out, warmup=False)
     assert any(not torch.equal(a, b) for a, b in zip(module.policy.lm.parameters(), lm_before))
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_value_loss_reaches_the_shared_trunk_only_outside_warmup(warmup):
+    """Through the module's loss (shared value head): outside warm-up the value loss's gradient
+    reaches the policy LM, so the LM's gradient changes with ``value_model.coef``; in warm-up the
+    LM gets no gradient at all (the policy terms weigh 0 and the trunk is detached)."""
+    module = tiny_ppo_module(tiny_config())
+    torch.nn.init.normal_(module.policy.value_head.weight)  # values, and their loss, non-trivial
+    _, exp = rollout_and_experience(module, n=8)
+
+    def lm_grads(coef: float) -> list[torch.Tensor]:
+        alg = module.cfg.algorithm
+        value_model = dataclasses.replace(alg.value_model, coef=coef)
+        module.cfg = dataclasses.replace(
+            module.cfg, algorithm=dataclasses.replace(alg, value_model=value_model)
+        )
+        module.policy.zero_grad(set_to_none=True)
+        assert module.minibatch_backward(exp, torch.arange(8), warmup, Stats(), iteration=0)
+        return [
+            torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            for p in module.policy.lm.parameters()
+        ]
+
+    with_value = lm_grads(1.0)
+    if warmup:
+        assert all(not g.any() for g in with_value)
+    else:
+        without = lm_grads(0.0)
+        assert any(not torch.allclose(a, b) for a, b in zip(without, with_value))
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
