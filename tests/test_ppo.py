@@ -523,6 +523,15 @@ def test_truncated_importance_sampling_reweights_the_policy_loss_where_sampling_
     stats = module.rollout_stats(exp, exp, exp.scores, 0.0).reduce()
     assert stats["rollout/is_weight_mean"] == pytest.approx(float(ratio.mean()), rel=1e-5)
     assert stats["rollout/is_cut_frac"] == 0.0 and stats["rollout/sampler_kl"] > 0
+    # At the first minibatch (ratio 1, no clipping) weighting token t's loss by w_t is the same
+    # as weighting its advantage: the corrected gradient is the plain one on A * w.
+    weights, _ = TruncatedIS(cap=1.5)(exp.old_logprobs, exp.sampler_logprobs, exp.response_mask)
+    module.policy.zero_grad(set_to_none=True)
+    _replace(module, "algorithm", sampler_correction=None)
+    reweighted = dataclasses.replace(exp, advantages=exp.advantages * weights)
+    module.minibatch_backward(reweighted, rows, False, Stats(), iteration=0)
+    for name, grad in _grads(module).items():
+        torch.testing.assert_close(corrected[name], grad, rtol=1e-4, atol=1e-7)
 
 
 def test_micro_batches_group_rows_by_length_and_trim_padding_without_changing_the_loss():
