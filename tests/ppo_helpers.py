@@ -7,6 +7,7 @@ the tiny model, so the tests exercise what ``rlhf-train algorithm=<preset>`` run
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import lightning as L
 from hydra import compose, initialize_config_dir
@@ -88,6 +89,12 @@ class MetricHistory(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def replace_cfg(module: PPOModule, group: str, **fields) -> None:
+    """Replace fields of one part (budget, generation, algorithm) of the module's config."""
+    part = dataclasses.replace(getattr(module.cfg, group), **fields)
+    module.cfg = dataclasses.replace(module.cfg, **{group: part})
 
 
 def fit(

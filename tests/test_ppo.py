@@ -13,13 +13,7 @@ from rlhf_lightning.kl import AdaptiveKLController
 from rlhf_lightning.rollout.experience import make_experience
 from rlhf_lightning.rollout.generation import Rollout, sample_responses
 from rlhf_lightning.stats import Stats
-from tests.ppo_helpers import fit, prompt_batch, tiny_config, tiny_ppo_module
-
-
-def _replace(module, group: str, **fields):
-    """Replace fields of one part (budget, generation, algorithm) of the module's config."""
-    part = dataclasses.replace(getattr(module.cfg, group), **fields)
-    module.cfg = dataclasses.replace(module.cfg, **{group: part})
+from tests.ppo_helpers import fit, prompt_batch, replace_cfg, tiny_config, tiny_ppo_module
 
 
 def _experience(module, n=16, seed=0, kl_coef=0.0):
@@ -111,7 +105,7 @@ def test_gradient_accumulation_matches_one_batch(preset, aggregation):
     module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
     whole = _grads(module)
     module.policy.zero_grad(set_to_none=True)
-    _replace(module, "budget", micro_batch_size=2)
+    replace_cfg(module, "budget", micro_batch_size=2)
     module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
     accumulated = _grads(module)
     assert whole.keys() == accumulated.keys() and whole
@@ -133,7 +127,7 @@ def test_experience_batch_size_only_chunks_the_forwards():
         with_kwargs=True,
     )
     for rows in (1, 3, 16):
-        _replace(module, "budget", experience_batch_size=rows)
+        replace_cfg(module, "budget", experience_batch_size=rows)
         chunk_sizes.clear()
         chunked = _experience(module, kl_coef=0.1)  # same seed: the same rollouts
         assert chunk_sizes == [min(rows, 16 - start) for start in range(0, 16, rows)]
@@ -150,17 +144,17 @@ def test_sampling_copy_follows_the_policy_and_stays_out_of_the_state():
     module = tiny_ppo_module(tiny_config())
     keys = set(module.state_dict())
     exact = _sample(module)
-    _replace(module, "generation", sampling_dtype="float32")
+    replace_cfg(module, "generation", sampling_dtype="float32")
     assert torch.equal(_sample(module), exact)  # a same-dtype copy samples exactly alike
     sampler = module.sampling_lm()
     assert sampler is not module.policy.lm and set(module.state_dict()) == keys
     with torch.no_grad():  # an "update": the copy must pick it up at the next rollout
         for p in module.policy.lm.parameters():
             p.add_(0.5 * torch.randn_like(p))
-    _replace(module, "generation", sampling_dtype=None)
+    replace_cfg(module, "generation", sampling_dtype=None)
     updated = _sample(module)
     assert not torch.equal(updated, exact)
-    _replace(module, "generation", sampling_dtype="float32")
+    replace_cfg(module, "generation", sampling_dtype="float32")
     assert torch.equal(_sample(module), updated)
     assert module.sampling_lm() is sampler  # refreshed in place, not copied again
 
@@ -513,7 +507,7 @@ def test_truncated_importance_sampling_reweights_the_policy_loss_where_sampling_
     module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
     plain = _grads(module)
     module.policy.zero_grad(set_to_none=True)
-    _replace(module, "algorithm", sampler_correction=TruncatedIS(cap=1.5))
+    replace_cfg(module, "algorithm", sampler_correction=TruncatedIS(cap=1.5))
     module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
     corrected = _grads(module)
     assert any(not torch.allclose(corrected[n], plain[n]) for n in plain)
@@ -527,7 +521,7 @@ def test_truncated_importance_sampling_reweights_the_policy_loss_where_sampling_
     # as weighting its advantage: the corrected gradient is the plain one on A * w.
     weights, _ = TruncatedIS(cap=1.5)(exp.old_logprobs, exp.sampler_logprobs, exp.response_mask)
     module.policy.zero_grad(set_to_none=True)
-    _replace(module, "algorithm", sampler_correction=None)
+    replace_cfg(module, "algorithm", sampler_correction=None)
     reweighted = dataclasses.replace(exp, advantages=exp.advantages * weights)
     module.minibatch_backward(reweighted, rows, False, Stats(), iteration=0)
     for name, grad in _grads(module).items():

@@ -4,7 +4,7 @@ reward whitening and clipping, the loss terms of a minibatch, the entropy bonus,
 loss, the critic warm-up step, gradient clipping, the target-KL early stop, the adaptive KL
 controller, the two learning-rate groups and the warm-up schedule.
 
-The tests without a Trainer are fast; the mutation run (tests/MUTATION.md) uses this file.
+The tests without a Trainer are fast; the mutation run (README, Development) uses this file.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rlhf_lightning.models.masking import position_ids_from_mask
 from rlhf_lightning.rollout.experience import make_experience
 from rlhf_lightning.rollout.generation import Rollout, sample_responses
 from rlhf_lightning.stats import Stats
-from tests.ppo_helpers import fit, prompt_batch, tiny_config, tiny_ppo_module
+from tests.ppo_helpers import fit, prompt_batch, replace_cfg, tiny_config, tiny_ppo_module
 
 
 def perturb_reference(module, scale: float = 0.05, seed: int = 1) -> None:
@@ -458,11 +458,8 @@ def test_the_value_loss_reaches_the_shared_trunk_only_outside_warmup(warmup):
     _, exp = rollout_and_experience(module, n=8)
 
     def lm_grads(coef: float) -> list[torch.Tensor]:
-        alg = module.cfg.algorithm
-        value_model = dataclasses.replace(alg.value_model, coef=coef)
-        module.cfg = dataclasses.replace(
-            module.cfg, algorithm=dataclasses.replace(alg, value_model=value_model)
-        )
+        value_model = dataclasses.replace(module.cfg.algorithm.value_model, coef=coef)
+        replace_cfg(module, "algorithm", value_model=value_model)
         module.policy.zero_grad(set_to_none=True)
         assert module.minibatch_backward(exp, torch.arange(8), warmup, Stats(), iteration=0)
         return [
