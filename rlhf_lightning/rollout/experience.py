@@ -193,6 +193,7 @@ def experience_forwards(
     ``rows_per_forward`` rows of similar length, each cut to its own longest prompt and
     response; results are 0 beyond a row's chunk length.
     """
+    # a block rather than @torch.no_grad(): mutmut skips decorated functions
     with torch.no_grad():
         B, R = exp_rows.response_ids.shape
         device = exp_rows.response_ids.device
@@ -238,6 +239,7 @@ def make_experience(
         cfg: the run's ``RLConfig``.
         kl_coef: beta of this iteration (enters the rewards only when the KL is placed there).
     """
+    # a block rather than @torch.no_grad(): mutmut skips decorated functions
     with torch.no_grad():
         alg = cfg.algorithm
         mask = rollout.response_mask
