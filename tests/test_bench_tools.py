@@ -177,6 +177,9 @@ def test_time_to_quality_is_the_first_snapshot_over_the_target_within_the_kl_bou
     assert runs["trl"]["seconds_to_target"] == 40.0
     assert runs["ours_ppo"]["seconds_to_target"] == 20.0
     assert runs["ours_ppo"]["ratio_to_trl"] == pytest.approx(0.5)
+    # crossed after the last snapshot that missed (the KL-breaking one counts as a miss)
+    assert runs["trl"]["seconds_last_miss"] == 20.0
+    assert runs["ours_ppo"]["seconds_last_miss"] == 10.0
     assert runs["ours_rloo"]["reached"] is None and runs["ours_rloo"]["ratio_to_trl"] is None
     assert (tmp_path / "gold_vs_time.png").is_file()
     saved = json.loads((tmp_path / "time_to_quality.json").read_text())

@@ -3,8 +3,9 @@
 # the base policy (at a KL to it of at most 8 nats), TRL 1.12's PPO against ours.
 #
 # Every run trains SmolLM2-135M against VADER on the shipped sentiment prompts with the same
-# rollout batch (16), response length (48 tokens, stop at eos), temperature (0.7), epochs (2)
-# and one optimizer step per epoch, and saves its policy every SAVE_EVERY iterations together
+# rollout batch (16), response length (48 tokens, stop at eos), temperature (0.7), epochs (4)
+# and one optimizer step per epoch (one minibatch of 16: both frameworks step 4 times per
+# iteration), and saves its policy every SAVE_EVERY iterations together
 # with the training wall time so far (model loading and saving excluded). Every saved policy,
 # and the base, is then evaluated by the same rlhf-eval on the same NUM_EVAL_PROMPTS held-out
 # prompts with the same sampling seed; ttq_table.py reads the first snapshot that reaches the
@@ -17,7 +18,7 @@
 # are skipped. One job at a time, nothing else on the machine: the numbers are wall times.
 set -euo pipefail
 OUT=${1:?usage: run_time_to_quality.sh OUT [ITERATIONS] [SAVE_EVERY]}
-ITERATIONS=${2:-24}
+ITERATIONS=${2:-16}
 SAVE_EVERY=${3:-4}
 TRL_PYTHON=${TRL_PYTHON:-/tmp/trl-venv/bin/python}
 LR=${LR:-3e-5}
@@ -30,7 +31,7 @@ mkdir -p "$OUT"
 MODEL_DIR=$(python -c 'from rlhf_lightning.models import resolve_model_source as r; print(r("builtin:smollm2")[0])')
 PRECISION=$(python -c 'from rlhf_lightning.hardware import resolve_precision as r; print(r("auto", "cpu"))')
 
-W="--batch 16 --minibatch 16 --micro 8 --epochs 2 --new-tokens 48 --stop-token eos
+W="--batch 16 --minibatch 16 --micro 8 --epochs 4 --new-tokens 48 --stop-token eos
    --temperature 0.7 --precision $PRECISION --device cpu --threads 2 --warmup 0
    --iterations $ITERATIONS --save-every $SAVE_EVERY --reward vader --seed ${SEED:-0}"
 
@@ -61,7 +62,7 @@ evaluate() {  # policy dir, output json
   echo "== eval $1: $(date -u +%H:%M:%S)"
   rlhf-eval "$1" --reference "$MODEL_DIR" --reward vader \
     --prompts "$REPO/experiments/sentiment/data/prompts_eval.jsonl" --num-prompts "$NUM_EVAL_PROMPTS" \
-    --max-new-tokens 48 --stop-token eos --temperature 0.7 --batch-size 32 --seed 0 \
+    --max-new-tokens 48 --stop-token eos --temperature 0.7 --batch-size 50 --seed 0 \
     --dtype float32 --device cpu --output "$2" >"$2.log" 2>&1 || { echo "eval failed: $2.log"; exit 1; }
 }
 evaluate "$MODEL_DIR" "$OUT/base_eval.json"

@@ -6,8 +6,9 @@ Reads, under OUT: ``base_eval.json`` (the untouched policy) and, for each run NA
 (rlhf-eval of the policy saved after NNN iterations). A snapshot reaches the target when its
 held-out score is at least ``--gain`` above the base's and its KL to the base is at most
 ``--max-kl``; its wall time is the sum of the run's iteration times up to it (loading and saving
-excluded). Writes ``OUT/time_to_quality.json`` and ``OUT/gold_vs_time.png`` (or ``--out``) and
-prints a markdown table.
+excluded). Writes ``OUT/time_to_quality.json`` and ``OUT/gold_vs_time.png`` (or ``--png``) and
+prints a markdown table. Snapshots come every few iterations, so the target was crossed between
+the last snapshot below it and the first one over it: the table gives both wall times.
 
     python experiments/benchmarks/ttq_table.py OUT [--runs "trl ours_ppo"] [--gain 0.3]
 """
@@ -55,16 +56,25 @@ def time_to_quality(rows: list[dict], target: float, max_kl: float) -> dict | No
 def collect(out: Path, runs: list[str], gain: float, max_kl: float) -> dict:
     base = json.loads((out / "base_eval.json").read_text())["metrics"]
     target = base["reward"] + gain
-    result = {"base_gold": base["reward"], "target": target, "max_kl": max_kl, "runs": {}}
+    result = {
+        "base_gold": base["reward"],
+        "base_gold_se": base.get("reward_std_error"),
+        "target": target,
+        "max_kl": max_kl,
+        "runs": {},
+    }
     for name in runs:
         if not (out / f"{name}.json").is_file():
             continue
         rows = snapshots(out, name)
         reached = time_to_quality(rows, target, max_kl)
+        # The target was crossed after the last snapshot that missed it (or after the start).
+        before = [r["wall_s"] for r in rows if reached and r["iteration"] < reached["iteration"]]
         result["runs"][name] = {
             "snapshots": rows,
             "reached": reached,
             "seconds_to_target": None if reached is None else reached["wall_s"],
+            "seconds_last_miss": None if reached is None else max(before, default=0.0),
         }
     trl = result["runs"].get("trl", {}).get("seconds_to_target")
     for run in result["runs"].values():
@@ -78,18 +88,20 @@ def markdown(result: dict) -> str:
         f"base gold {result['base_gold']:.3f}, target {result['target']:.3f} "
         f"(KL <= {result['max_kl']:g})",
         "",
-        "| run | time to target | iteration | gold there | KL there | time / TRL's | last gold |",
-        "|---|---|---|---|---|---|---|",
+        "| run | time to target | last snapshot below it | iteration | gold there | KL there "
+        "| time / TRL's | last gold |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, run in result["runs"].items():
         hit, last = run["reached"], run["snapshots"][-1] if run["snapshots"] else None
         ratio = "-" if run["ratio_to_trl"] is None else f"{run['ratio_to_trl']:.2f}"
         if hit is None:
             span = f"not reached in {last['wall_s'] / 60:.1f} min" if last else "no snapshots"
-            cells = [span, "-", "-", "-"]
+            cells = [span, "-", "-", "-", "-"]
         else:
             cells = [
                 f"{hit['wall_s'] / 60:.1f} min",
+                f"{run['seconds_last_miss'] / 60:.1f} min",
                 str(hit["iteration"]),
                 f"{hit['gold']:.3f}",
                 f"{hit['kl']:.1f}",
@@ -112,7 +124,8 @@ def plot(result: dict, path: Path) -> None:
         rows = run["snapshots"]
         xs = [0.0] + [r["wall_s"] / 60 for r in rows]
         ys = [result["base_gold"]] + [r["gold"] for r in rows]
-        ax.plot(xs, ys, marker="o", label=LABELS.get(name, name))
+        errors = [result.get("base_gold_se") or 0.0] + [r["gold_se"] or 0.0 for r in rows]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=2, label=LABELS.get(name, name))
     ax.axhline(result["target"], color="grey", linestyle="--", label="base + gain")
     ax.set_xlabel("training wall time (min)")
     ax.set_ylabel("held-out VADER (gold)")
