@@ -153,7 +153,13 @@ def _assert_same_update(run: dict, single: dict) -> None:
         single["metrics"]["optim/grad_norm"], rel=1e-4
     )
     assert run["metrics"]["optim/clipped_frac"] == 1.0
-    for name in ("loss/total", "kl/sequence", "objective/score", "rollout/advantage_std"):
+    for name in (
+        "loss/total",
+        "kl/sequence",
+        "objective/score",
+        "rollout/advantage_std",
+        "policy/epochs",  # a per-rank count: its all-rank reduction must give the count again
+    ):
         assert run["metrics"][name] == pytest.approx(single["metrics"][name], rel=1e-4), name
     assert run["state"].keys() == single["state"].keys()
     for name, value in single["state"].items():

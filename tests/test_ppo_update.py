@@ -204,6 +204,23 @@ def _terms(stats: Stats) -> dict[str, float]:
     return {k.removeprefix("loss/"): v for k, v in stats.reduce().items() if k.startswith("loss/")}
 
 
+def test_a_minibatch_of_one_sequence_under_a_sequence_mean_is_that_sequence_s_loss():
+    """One row, sequence-mean aggregation: one unit in the denominator, so at ratio 1 the
+    policy loss is minus the row's token-mean advantage (nothing divides it further)."""
+    cfg = tiny_config(
+        generation__stop_token="a",
+        algorithm__loss_aggregation={"_target_": "rlhf_lightning.losses.SequenceMeanTokenMean"},
+    )
+    module = tiny_ppo_module(cfg)
+    _, exp = rollout_and_experience(module)
+    rows = torch.tensor([3])
+    out = Stats()
+    assert module.minibatch_backward(exp, rows, False, out, iteration=0)
+    advantages = exp.advantages[3][exp.response_mask[3]]
+    assert abs(float(advantages.mean())) > 1e-3
+    assert _terms(out)["policy"] == pytest.approx(-float(advantages.mean()), abs=1e-6)
+
+
 def test_first_minibatch_loss_terms_match_hand_computations():
     """At the rollout's own parameters (ratio 1, V = V_old): policy = -mean A, value =
     0.5 * mean (V - R)^2, total = policy + coef * value, over the minibatch's real tokens, for
