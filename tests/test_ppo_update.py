@@ -415,7 +415,8 @@ def test_a_nonfinite_later_micro_batch_fails_the_whole_minibatch(which):
     module = tiny_ppo_module(cfg)
     _, exp = rollout_and_experience(module, n=8)
     module.loss = _NaNInMicroBatch(module, which)
-    with pytest.raises(NonFiniteError, match="^non-finite loss at iteration 3 "):
+    message = r"^non-finite loss at iteration 3 \(on at least one rank: this one\); the last good"
+    with pytest.raises(NonFiniteError, match=message):
         module.minibatch_backward(exp, torch.arange(8), False, Stats(), iteration=3)
     module = tiny_ppo_module(
         tiny_config(budget__micro_batch_size=4, algorithm__on_nonfinite="skip")
