@@ -213,10 +213,10 @@ def test_a_minibatch_of_one_sequence_under_a_sequence_mean_is_that_sequence_s_lo
     )
     module = tiny_ppo_module(cfg)
     _, exp = rollout_and_experience(module)
-    rows = torch.tensor([3])
+    row = 3
     out = Stats()
-    assert module.minibatch_backward(exp, rows, False, out, iteration=0)
-    advantages = exp.advantages[3][exp.response_mask[3]]
+    assert module.minibatch_backward(exp, torch.tensor([row]), False, out, iteration=0)
+    advantages = exp.advantages[row][exp.response_mask[row]]
     assert abs(float(advantages.mean())) > 1e-3
     assert _terms(out)["policy"] == pytest.approx(-float(advantages.mean()), abs=1e-6)
 
