@@ -1,7 +1,8 @@
 """PPO under DDP with 2 gloo CPU processes, through the command line (`strategy=ddp` re-launches
 the command as rank 1, so under pytest DDP runs only in a subprocess): critic warm-up, and
 decisions every rank must take together (a NaN reward on one rank, a non-finite loss on one
-rank), each checked on every rank. The subprocess timeout is the hang detector."""
+rank, skipped or stopping the run), each checked on every rank. The subprocess timeout is the
+hang detector."""
 
 from __future__ import annotations
 
@@ -116,3 +117,27 @@ def test_a_nonfinite_loss_on_rank_one_is_skipped_on_every_rank(tmp_path):
     assert same(
         load_dump(tmp_path, 0, "iter1")["params"], load_dump(tmp_path, 1, "iter1")["params"]
     )
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_rank_one_stops_every_rank_saying_where_it_was(tmp_path):
+    """With on_nonfinite=error rank 1's inf loss of iteration 1 stops both ranks: one line from
+    each, rank 1's saying it saw the non-finite loss ("this one"), rank 0's "another"."""
+    proc = run_ddp(
+        tmp_path,
+        "reward=vader",
+        "reward._target_=tests.ddp_helpers.huge_on_rank_one_at_second_call",
+        "+reward._partial_=true",
+        "algorithm.on_nonfinite=error",
+        "budget.num_iterations=2",
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output
+    errors = sorted(line for line in output.splitlines() if line.startswith("error: "))
+    where = ("another", "this one")  # rank 0 did not see it, rank 1 did
+    assert errors == [
+        f"error: non-finite loss at iteration 1 (on at least one rank: {w}); "
+        "the last good checkpoint is kept"
+        for w in where
+    ], output[-3000:]

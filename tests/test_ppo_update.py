@@ -421,10 +421,13 @@ def test_a_nonfinite_later_micro_batch_fails_the_whole_minibatch(which):
     module = tiny_ppo_module(
         tiny_config(budget__micro_batch_size=4, algorithm__on_nonfinite="skip")
     )
-    module.loss = _NaNInMicroBatch(module, which)
-    out = Stats()
-    assert not module.minibatch_backward(exp, torch.arange(8), False, out, iteration=3)
-    assert module.nonfinite_skips == 1 and not _terms(out)  # nothing logged for it
+    loss = module.loss
+    for skips in (1, 2):  # each skipped minibatch is counted
+        module.loss = _NaNInMicroBatch(module, which)
+        out = Stats()
+        assert not module.minibatch_backward(exp, torch.arange(8), False, out, iteration=3)
+        assert module.nonfinite_skips == skips and not _terms(out)  # nothing logged for it
+        module.loss = loss
 
 
 def test_a_nonfinite_loss_in_training_names_its_iteration():
