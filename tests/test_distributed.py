@@ -28,6 +28,7 @@ def _whiten_on_rank(rank: int, world: int, port: int, x: torch.Tensor, mask: tor
     try:
         rows = slice(rank * 3, rank * 3 + 3)
         out[rank] = global_masked_whiten(x[rows], mask[rows])
+        out[rank + world] = global_masked_whiten(x[rows], mask[rows], shift_mean=False)
     finally:
         dist.destroy_process_group()
 
@@ -45,11 +46,15 @@ def test_whitening_uses_the_statistics_of_all_ranks():
         out = manager.dict()
         mp.spawn(_whiten_on_rank, args=(2, _free_port(), x, mask, out), nprocs=2, join=True)
         gathered = torch.cat([out[0], out[1]])
+        scaled = torch.cat([out[2], out[3]])
     real = x[mask].tolist()  # every rank's real values: the statistics of the whole batch
     mean, std = statistics.mean(real), statistics.stdev(real)
     expected = torch.tensor([(v - mean) / (std**2 + 1e-8) ** 0.5 for v in real])
     torch.testing.assert_close(gathered[mask], expected, rtol=1e-5, atol=1e-5)
     assert torch.all(gathered[~mask] == 0)
+    # shift_mean=False scales only: the mean of all ranks is kept
+    torch.testing.assert_close(scaled[mask], expected + mean, rtol=1e-5, atol=1e-5)
+    assert torch.all(scaled[~mask] == 0)
     per_rank = masked_whiten(x[:3], mask[:3])
     assert not torch.allclose(gathered[:3][mask[:3]], per_rank[mask[:3]], atol=0.1)
 
