@@ -29,6 +29,8 @@ def _whiten_on_rank(rank: int, world: int, port: int, x: torch.Tensor, mask: tor
         rows = slice(rank * 3, rank * 3 + 3)
         out[rank] = global_masked_whiten(x[rows], mask[rows])
         out[rank + world] = global_masked_whiten(x[rows], mask[rows], shift_mean=False)
+        constant = torch.full_like(x[rows], 3.0)  # variance 0 (e.g. one score for every row)
+        out[rank + 2 * world] = global_masked_whiten(constant, mask[rows])
     finally:
         dist.destroy_process_group()
 
@@ -47,6 +49,7 @@ def test_whitening_uses_the_statistics_of_all_ranks():
         mp.spawn(_whiten_on_rank, args=(2, _free_port(), x, mask, out), nprocs=2, join=True)
         gathered = torch.cat([out[0], out[1]])
         scaled = torch.cat([out[2], out[3]])
+        of_constant = torch.cat([out[4], out[5]])
     real = x[mask].tolist()  # every rank's real values: the statistics of the whole batch
     mean, std = statistics.mean(real), statistics.stdev(real)
     expected = torch.tensor([(v - mean) / (std**2 + 1e-8) ** 0.5 for v in real])
@@ -55,6 +58,7 @@ def test_whitening_uses_the_statistics_of_all_ranks():
     # shift_mean=False scales only: the mean of all ranks is kept
     torch.testing.assert_close(scaled[mask], expected + mean, rtol=1e-5, atol=1e-5)
     assert torch.all(scaled[~mask] == 0)
+    assert torch.equal(of_constant, torch.zeros_like(x))  # 0, not NaN: eps keeps it finite
     per_rank = masked_whiten(x[:3], mask[:3])
     assert not torch.allclose(gathered[:3][mask[:3]], per_rank[mask[:3]], atol=0.1)
 

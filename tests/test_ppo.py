@@ -450,8 +450,9 @@ def _params_after_one_iteration(preset: str, old_logprobs: str, critic=False, **
     with torch.no_grad():  # a reference that differs, so the KL enters the rewards
         for p in module.ref_lm.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    calls = []
-    module.policy.lm.lm_head.register_forward_hook(lambda *_: calls.append(module.phase))
+    calls = []  # the phases in which the policy's trunk ran (its embedding is the trunk's entry)
+    embedding = module.policy.lm.get_input_embeddings()
+    embedding.register_forward_hook(lambda *_: calls.append(module.phase))
     _, history = fit(module, max_epochs=1)
     return {n: p.detach().clone() for n, p in module.policy.named_parameters()}, history, calls
 
@@ -460,8 +461,8 @@ def _params_after_one_iteration(preset: str, old_logprobs: str, critic=False, **
 def test_sampler_logprobs_give_the_same_update_as_recomputing_them(preset, critic):
     """Float32 sampling from the trained weights, no top-k/top-p: the logprobs generate recorded
     (and, for a shared value head, the values read from generate's hidden states) equal the
-    recomputed ones, so the update is the same within fp32 tolerance -- without the policy
-    forward of experience making."""
+    recomputed ones, so the update is the same within fp32 tolerance -- without any forward of
+    the policy's trunk in experience making (a separate critic runs its own)."""
     recomputed, history_r, calls_r = _params_after_one_iteration(preset, "recompute", critic)
     sampled, history_s, calls_s = _params_after_one_iteration(preset, "sampler", critic)
     assert "experience" in calls_r and "experience" not in calls_s
