@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from rlhf_lightning.advantages import AdvantageInputs, token_rewards
 from rlhf_lightning.models.masking import position_ids_from_mask
-from rlhf_lightning.ops import logprobs_from_logits, masked_mean, masked_whiten
+from rlhf_lightning.ops import logprobs_from_logits, masked_whiten
 from rlhf_lightning.rollout.generation import Rollout
 
 
@@ -303,8 +303,3 @@ def make_experience(
 def sequence_kl(exp: Experience) -> torch.Tensor:
     """(B,) KL estimate per sequence: the per-token KL summed over the response."""
     return torch.where(exp.response_mask, exp.kl, torch.zeros_like(exp.kl)).sum(dim=1)
-
-
-def mean_token_kl(exp: Experience) -> torch.Tensor:
-    """0-dim mean per-token KL over real response tokens."""
-    return masked_mean(exp.kl, exp.response_mask)
