@@ -45,6 +45,11 @@ def run_ddp(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
 
 
+def reward_fn(name: str) -> tuple[str, ...]:
+    """The overrides that make ``tests.ddp_helpers.<name>(prompts, responses)`` the reward."""
+    return ("reward=vader", f"reward._target_=tests.ddp_helpers.{name}", "+reward._partial_=true")
+
+
 def policy_lm(params: dict) -> dict:
     return {name: value for name, value in params.items() if name.startswith("lm.")}
 
@@ -78,9 +83,7 @@ def test_critic_warmup_runs_under_ddp_and_every_rank_holds_the_same_weights(tmp_
 def test_a_nan_reward_on_rank_one_stops_every_rank_with_one_message(tmp_path):
     proc = run_ddp(
         tmp_path,
-        "reward=vader",
-        "reward._target_=tests.ddp_helpers.nan_on_rank_one",
-        "+reward._partial_=true",
+        *reward_fn("nan_on_rank_one"),
         "budget.num_iterations=2",
     )
     output = proc.stdout + proc.stderr
@@ -101,9 +104,7 @@ def test_a_nonfinite_loss_on_rank_one_is_skipped_on_every_rank(tmp_path):
     weights of iteration 0, identical on both."""
     proc = run_ddp(
         tmp_path,
-        "reward=vader",
-        "reward._target_=tests.ddp_helpers.huge_on_rank_one_at_second_call",
-        "+reward._partial_=true",
+        *reward_fn("huge_on_rank_one_at_second_call"),
         "algorithm.on_nonfinite=skip",
         "budget.num_iterations=2",
     )
@@ -125,9 +126,7 @@ def test_a_nonfinite_loss_on_rank_one_stops_every_rank_saying_where_it_was(tmp_p
     each, rank 1's saying it saw the non-finite loss ("this one"), rank 0's "another"."""
     proc = run_ddp(
         tmp_path,
-        "reward=vader",
-        "reward._target_=tests.ddp_helpers.huge_on_rank_one_at_second_call",
-        "+reward._partial_=true",
+        *reward_fn("huge_on_rank_one_at_second_call"),
         "algorithm.on_nonfinite=error",
         "budget.num_iterations=2",
     )
