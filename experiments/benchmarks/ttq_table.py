@@ -68,14 +68,14 @@ def collect(out: Path, runs: list[str], gain: float, max_kl: float) -> dict:
             continue
         rows = snapshots(out, name)
         reached = time_to_quality(rows, target, max_kl)
-        # The target was crossed after the last snapshot that missed it (or after the start).
-        before = [r["wall_s"] for r in rows if reached and r["iteration"] < reached["iteration"]]
-        result["runs"][name] = {
-            "snapshots": rows,
-            "reached": reached,
-            "seconds_to_target": None if reached is None else reached["wall_s"],
-            "seconds_last_miss": None if reached is None else max(before, default=0.0),
-        }
+        run = {"snapshots": rows, "reached": reached}
+        run["seconds_to_target"] = run["seconds_last_miss"] = None
+        if reached is not None:
+            run["seconds_to_target"] = reached["wall_s"]
+            # The target was crossed after the last snapshot that missed it (or after the start).
+            misses = [r["wall_s"] for r in rows if r["iteration"] < reached["iteration"]]
+            run["seconds_last_miss"] = max(misses, default=0.0)
+        result["runs"][name] = run
     trl = result["runs"].get("trl", {}).get("seconds_to_target")
     for run in result["runs"].values():
         mine = run["seconds_to_target"]
