@@ -5,8 +5,15 @@ Policy losses are per token (``(B, T)``, 0 on padding) so that the aggregation, 
 can weight them; each comes with per-token diagnostics (``ratio``, ``log_ratio``, ``clipped``:
 1 where the gradient is cut). With ``ratio = exp(logp - logp_old)``:
 
-- :class:`VanillaPolicyGradient`: ``-A_t * logp_t``, the score-function (REINFORCE) estimator;
-  its gradient at ``logp = logp_old`` equals that of ``-A_t * ratio_t``.
+- :class:`VanillaPolicyGradient`: ``-A_t * ratio_t``, no clipping. At ``logp = logp_old`` its
+  gradient is the score-function (REINFORCE) estimator ``-A_t * grad logp_t``; once the policy
+  has moved (the second minibatch or epoch of a rollout batch) the ratio reweights each token for
+  its changed probability, which is exact for a one-token horizon. Over longer responses the
+  per-token ratio leaves out the change in the distribution of the states (the prefixes);
+- :class:`SequenceRatioPolicyGradient`: ``-A_t * grad logp_t`` weighted by the whole sequence's
+  importance ratio ``prod_t ratio_t`` (a constant of the gradient), which corrects the states too:
+  the expected update on stale samples is the on-policy one, at the price of a variance that
+  grows with the response length.
 - :class:`ClippedSurrogate` (Schulman et al. 2017, "Proximal Policy Optimization Algorithms"):
   ``max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip_low, 1 + clip_high))``; asymmetric bounds as
   in DAPO (Yu et al. 2025, "clip-higher"); with ``dual_clip = c > 1`` the loss of a negative
@@ -73,16 +80,40 @@ def _diagnostics(log_ratio: Tensor, clipped: Tensor, keep: Tensor) -> dict[str, 
 def vanilla_policy_gradient_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token ``-A_t * logp_t``: (B, T) each -> ((B, T) loss, diagnostics), 0 on padding.
+    """Per-token ``-A_t * exp(logp_t - logp_old_t)``: (B, T) each -> ((B, T) loss, diagnostics),
+    0 on padding.
 
-    logprobs: current policy, with grad; old_logprobs: at rollout time (diagnostics only);
-    advantages: (B, T), no grad; mask: (B, T) bool or 0/1.
+    logprobs: current policy, with grad; old_logprobs: at rollout time (no grad); advantages:
+    (B, T), no grad; mask: (B, T) bool or 0/1. The gradient is ``-A_t * ratio_t * grad logp_t``:
+    the plain ``-A_t * grad logp_t`` while the policy has not moved.
     """
     keep, logprobs, old_logprobs, advantages = _masked_inputs(
-        mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages
+        mask, logprobs=logprobs, old_logprobs=old_logprobs.detach(), advantages=advantages
     )
-    loss = zero_masked(-advantages * logprobs, keep)
-    return loss, _diagnostics(logprobs - old_logprobs, torch.zeros_like(keep), keep)
+    log_ratio = zero_masked(logprobs - old_logprobs, keep)
+    loss = zero_masked(-advantages * torch.exp(log_ratio), keep)
+    return loss, _diagnostics(log_ratio, torch.zeros_like(keep), keep)
+
+
+def sequence_ratio_policy_gradient_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token ``-A_t * rho * exp(logp_t - sg(logp_t))`` with the sequence's importance ratio
+    ``rho = exp(sum_t (logp_t - logp_old_t))`` held constant: (B, T) each -> ((B, T) loss,
+    diagnostics), 0 on padding.
+
+    The value is ``-A_t * rho`` and the gradient ``-A_t * rho * grad logp_t``: for samples of
+    ``pi_old``, ``E[rho * f(y)] = E_pi[f(y)]``, so the expected update equals the on-policy one
+    at the current policy, for any horizon. ``ratio`` in the diagnostics is the per-token one.
+    """
+    keep, logprobs, old_logprobs, advantages = _masked_inputs(
+        mask, logprobs=logprobs, old_logprobs=old_logprobs.detach(), advantages=advantages
+    )
+    log_ratio = zero_masked(logprobs - old_logprobs, keep)
+    rho = torch.exp(log_ratio.sum(dim=1, keepdim=True)).detach()  # (B, 1)
+    score = torch.exp(logprobs - logprobs.detach())  # 1, with the gradient of logp
+    loss = zero_masked(-advantages * rho * score, keep)
+    return loss, _diagnostics(log_ratio, torch.zeros_like(keep), keep)
 
 
 def clipped_policy_loss(
@@ -155,10 +186,20 @@ class PolicyLoss:
 
 @dataclass(frozen=True)
 class VanillaPolicyGradient(PolicyLoss):
-    """``-A_t * logp_t`` (no ratio, no clipping): the plain policy gradient."""
+    """``-A_t * ratio_t`` (no clipping): the plain policy gradient, importance-weighted per token
+    once the policy has moved."""
 
     def __call__(self, logprobs, old_logprobs, advantages, mask):
         return vanilla_policy_gradient_loss(logprobs, old_logprobs, advantages, mask)
+
+
+@dataclass(frozen=True)
+class SequenceRatioPolicyGradient(PolicyLoss):
+    """The plain policy gradient weighted by each sequence's importance ratio ``prod_t
+    ratio_t`` (no clipping, no truncation): unbiased on stale samples at any horizon."""
+
+    def __call__(self, logprobs, old_logprobs, advantages, mask):
+        return sequence_ratio_policy_gradient_loss(logprobs, old_logprobs, advantages, mask)
 
 
 @dataclass(frozen=True)

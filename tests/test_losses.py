@@ -91,17 +91,36 @@ def test_policy_gradient_is_zero_where_clipped_and_finite_on_padding():
     torch.testing.assert_close(logprobs.grad, expected)
 
 
-def test_vanilla_policy_gradient_is_minus_advantage_times_logprob():
+def test_vanilla_policy_gradient_is_minus_advantage_times_the_ratio():
+    """-A * ratio, unclipped: the gradient -A * ratio * grad logp is the plain -A * grad logp at
+    ratio 1, and reweights each token for its changed probability once the policy moved."""
     logprobs = new_logprobs()
     per_token, diag = vanilla_policy_gradient_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK)
-    assert diag["ratio"][0, :4].tolist() == pytest.approx(RATIOS)  # a diagnostic only
-    expected = [-a * lp for a, lp in zip([2.0, -1.0, 1.0, 2.0], logprobs[0, :4].tolist())]
-    assert per_token[0, :4].tolist() == pytest.approx(expected) and per_token[0, 4] == 0
+    assert diag["ratio"][0, :4].tolist() == pytest.approx(RATIOS)
+    assert per_token[0, :4].tolist() == pytest.approx([-3.0, 0.5, -1.1, -1.0])
+    assert per_token[0, 4] == 0
     token_mean(per_token).backward()
-    torch.testing.assert_close(
-        logprobs.grad, torch.tensor([[-2.0, 1.0, -1.0, -2.0, 0.0]]) / 4
-    )  # no ratio: the gradient is -A / N whatever logp is
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-3.0, 0.5, -1.1, -1.0, 0.0]]) / 4)
     assert diag["clipped"].sum() == 0
+
+
+def test_sequence_ratio_policy_gradient_weights_every_token_by_the_sequence_ratio():
+    """Two rows: token ratios (1.5, 0.5) and (1.1, 0.5): rho = 0.75 and 0.55; the value is
+    -A * rho and the gradient -A * rho * grad logp."""
+    from rlhf_lightning.losses import sequence_ratio_policy_gradient_loss
+
+    old = torch.tensor([[-1.0, -2.0, math.nan], [-0.5, -3.0, -1.0]])
+    ratios = torch.tensor([[1.5, 0.5, 1.0], [1.1, 0.5, 1.0]])
+    logprobs = (old.nan_to_num() + ratios.log()).requires_grad_()
+    advantages = torch.tensor([[2.0, -1.0, math.inf], [1.0, 2.0, 3.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    per_token, diag = sequence_ratio_policy_gradient_loss(logprobs, old, advantages, mask)
+    rho = torch.tensor([[0.75], [0.55]])
+    expected = torch.where(mask, -advantages.nan_to_num(posinf=0.0) * rho, 0.0)
+    torch.testing.assert_close(per_token, expected)
+    per_token.sum().backward()
+    torch.testing.assert_close(logprobs.grad, expected)  # d/dlogp of -A * rho * exp(0) = value
+    torch.testing.assert_close(diag["ratio"], torch.where(mask, ratios, 0.0))
 
 
 def test_dual_clip_caps_only_negative_advantages_at_minus_c_times_a():
@@ -144,8 +163,7 @@ def test_policy_loss_components_apply_their_settings():
     per_token, _ = ClippedSurrogate()(logprobs, OLD_LOGPROBS, advantages, MASK)  # 0.2, 0.2
     assert per_token[0, :4].tolist() == pytest.approx([-2.4, 3.0, -1.1, -1.0])
     per_token, diag = VanillaPolicyGradient()(logprobs, OLD_LOGPROBS, advantages, MASK)
-    expected = [-a * lp for a, lp in zip([2.0, -1.0, 1.0, 2.0], logprobs[0, :4].tolist())]
-    assert per_token[0, :4].tolist() == pytest.approx(expected)
+    assert per_token[0, :4].tolist() == pytest.approx([-3.0, 3.0, -1.1, -1.0])
     assert diag["ratio"][0, :4].tolist() == pytest.approx([1.5, 3.0, 1.1, 0.5])
 
 
