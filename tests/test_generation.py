@@ -184,25 +184,37 @@ def test_sampled_first_tokens_follow_softmax_of_logits_over_temperature():
     assert expected.topk(50).values.sum() < 0.85  # the tail a top-50 filter drops is > 0.15
 
 
-@pytest.mark.parametrize("top_k", [0, 5])
-def test_sampler_logprobs_are_those_of_the_distribution_sampled_from(top_k):
+@pytest.mark.parametrize(
+    "reshape",
+    [{}, {"top_k": 5}, {"top_p": 0.9}, {"min_new_tokens": 3}],
+    ids=["full", "top_k", "top_p", "min_new_tokens"],
+)
+def test_sampler_logprobs_are_those_of_the_distribution_sampled_from(reshape):
+    """``sampler_logprobs``: the distribution drawn from (renormalised by top-k / top-p, the stop
+    token masked before min_new_tokens); ``model_logprobs``: the full softmax(logits / T) that
+    the losses recompute, whatever reshapes the draw."""
     from rlhf_lightning.rollout.experience import reference_logprobs
 
     tok = load_tokenizer("builtin:tiny", padding_side="left")
     lm = load_causal_lm("builtin:tiny")
     stops = resolve_stop_token_ids(tok, "e")
-    gen = GenerationConfig(temperature=0.7, top_k=top_k, max_new_tokens=8)
+    gen = GenerationConfig(temperature=0.7, max_new_tokens=8, **reshape)
     rollout = _tiny_rollout(lm, tok, gen, stops, n=64)  # some rows stop early (padding)
     ids = torch.cat([rollout.query_ids, rollout.response_ids], 1)
     mask = torch.cat([rollout.query_mask, rollout.response_mask.long()], 1)
     with torch.no_grad():
         full = reference_logprobs(lm, ids, mask, rollout.query_ids.shape[1], 0.7)
-    got, m = rollout.sampler_logprobs, rollout.response_mask
-    assert got.shape == full.shape and (got[~m] == 0).all() and (~m).any()
-    if top_k == 0:  # the full softmax(logits / T): the learner's own logprobs
+    got, model, m = rollout.sampler_logprobs, rollout.model_logprobs, rollout.response_mask
+    assert got.shape == full.shape and (got[~m] == 0).all() and (model[~m] == 0).all()
+    assert (~m).any()
+    torch.testing.assert_close(model[m], full[m], atol=1e-4, rtol=0)
+    if not reshape:  # the draw is the full softmax(logits / T) itself
         torch.testing.assert_close(got[m], full[m], atol=1e-4, rtol=0)
-    else:  # renormalised over the top 5: every sampled token is more likely than in full
-        assert (got[m] >= full[m] - 1e-5).all() and (got[m] - full[m]).mean() > 0.05
+    else:  # renormalised: every sampled token is at least as likely as in the full softmax
+        assert (got[m] >= full[m] - 1e-5).all() and (got[m] - full[m]).mean() > 0.005
+    if "min_new_tokens" in reshape:
+        lengths = m.sum(dim=1)
+        assert (lengths >= 3).all() and (lengths < 8).any()  # stops only from the 3rd token
 
 
 def test_sample_tokens_draws_from_the_given_distribution():
@@ -248,7 +260,8 @@ def test_token_sampler_returns_the_first_draws_when_generate_drops_a_step():
         out = sampler(torch.zeros(2, 1, dtype=torch.long), scores.clone())
         assert (out.argmax(-1) == torch.tensor([1, 2])).all()
         assert torch.isinf(out).sum() == 4  # -inf everywhere but at the drawn token
-    tokens, logprobs = sampler.drawn(2)
+    tokens, logprobs, model_logprobs = sampler.drawn(2)
     assert tokens.tolist() == [[1, 1], [2, 2]] and (logprobs == 0).all()
+    assert (model_logprobs == 0).all()
     with pytest.raises(RuntimeError, match="drew 3"):
         sampler.drawn(4)

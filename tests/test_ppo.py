@@ -472,6 +472,40 @@ def test_sampler_logprobs_give_the_same_update_as_recomputing_them(preset, criti
         assert history_s[0][key] == pytest.approx(history_r[0][key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize(
+    "reshape",
+    [{"generation__top_p": 0.9}, {"generation__top_k": 3}, {"generation__min_new_tokens": 3}],
+    ids=["top_p", "top_k", "min_new_tokens"],
+)
+def test_sampler_old_logprobs_are_the_full_tempered_softmax_when_sampling_is_reshaped(reshape):
+    """With top-p, top-k or min_new_tokens the draw comes from a reshaped distribution, but the
+    losses recompute the full softmax(logits / T): ``old_logprobs=sampler`` must record the
+    latter, so that its old logprobs, KL and rewards are those of ``recompute`` (ratio 1 at the
+    first minibatch) -- not the truncated logprobs of the draw."""
+    cfg = tiny_config(
+        "ppo",
+        algorithm__old_logprobs="sampler",
+        generation__temperature=0.7,
+        generation__stop_token="e",
+        **reshape,
+    )
+    module = tiny_ppo_module(cfg)
+    with torch.no_grad():  # a reference that differs, so the KL is not 0
+        for p in module.ref_lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sampled = _experience(module, kl_coef=0.05)
+    replace_cfg(module, "algorithm", old_logprobs="recompute")
+    recomputed = _experience(module, kl_coef=0.05)
+    mask = recomputed.response_mask
+    assert torch.equal(sampled.response_ids, recomputed.response_ids)
+    for name in ("old_logprobs", "kl", "rewards"):
+        torch.testing.assert_close(
+            getattr(sampled, name)[mask], getattr(recomputed, name)[mask], atol=1e-4, rtol=0
+        )
+    drawn = (sampled.sampler_logprobs - recomputed.old_logprobs)[mask]
+    assert drawn.mean() > 1e-3  # what was drawn from differs from the full softmax
+
+
 def test_generation_hidden_states_give_the_forward_values():
     module = tiny_ppo_module(tiny_config(generation__stop_token="a"))
     torch.nn.init.normal_(module.policy.value_head.weight)

@@ -4,8 +4,10 @@ For a batch of B sampled responses (P prompt tokens, R response tokens):
 
 1. the old logprobs and the values: one forward of the policy (no grad; logits / T) with
    ``algorithm.old_logprobs=recompute``; with ``sampler`` the old logprobs are the ones the
-   sampler recorded (no policy forward), and the values come from a value-model forward, or,
-   for a value head on the shared trunk, from the hidden states generation produced;
+   sampler recorded under the model's full tempered softmax (no policy forward; top-k, top-p
+   and ``min_new_tokens`` shape only what is drawn, as with ``recompute``), and the values come
+   from a value-model forward, or, for a value head on the shared trunk, from the hidden states
+   generation produced;
 2. one forward of the frozen reference gives the reference logprobs;
 3. the reward source's scores are shaped (missing-EOS penalty, clipping);
 4. per-token rewards: ``r_t = -beta * KL_t`` at every response token when the KL is in the reward,
@@ -274,15 +276,21 @@ def make_experience(
             policy_logprobs=not from_sampler,
             values_known=values_from_hidden,
         )
-        if from_sampler:
-            old_logprobs = rollout.sampler_logprobs.to(ref_logprobs.device)
+        if from_sampler:  # the full tempered softmax, not the truncated one drawn from
+            old_logprobs = rollout.model_logprobs.to(ref_logprobs.device)
         if values_from_hidden:
             values = policy.values_from_hidden(rollout.last_hidden.to(ref_logprobs.device))
         shaped = shape_scores(
             scores.to(old_logprobs.device), rollout.ended, alg.missing_eos_penalty, alg.score_clip
         )
         rewards, kl = token_rewards(
-            shaped, old_logprobs, ref_logprobs, mask, alg.kl.reward_coef(kl_coef), alg.kl.estimator
+            shaped,
+            old_logprobs,
+            ref_logprobs,
+            mask,
+            alg.kl.reward_coef(kl_coef),
+            alg.kl.estimator,
+            alg.kl.clamp,
         )
         if alg.whiten_rewards:
             rewards = global_masked_whiten(rewards, mask, shift_mean=False)

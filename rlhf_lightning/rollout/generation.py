@@ -17,7 +17,6 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
-    TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -37,8 +36,12 @@ class Rollout:
     prompts: list[str]
     responses: list[str]
     # (B, R) fp32: log-probability of each response token under the distribution it was drawn
-    # from (after temperature, top-k, top-p and generate's own processors); 0 on padding.
+    # from (after temperature, top-k, top-p and min_new_tokens); 0 on padding.
     sampler_logprobs: torch.Tensor | None = None
+    # (B, R) fp32: log-probability of each response token under the sampling LM's full tempered
+    # softmax(logits / T), before top-k, top-p and min_new_tokens reshape it: what the losses
+    # compute from the trained policy (``algorithm.old_logprobs=sampler`` reads it); 0 on padding.
+    model_logprobs: torch.Tensor | None = None
     # (B, R, d) fp32 or None: the sampling LM's last hidden state at the position that predicts
     # each response token (what a value head on the shared trunk reads), kept on request.
     last_hidden: torch.Tensor | None = None
@@ -105,10 +108,11 @@ def hf_generation_config(
 ) -> HFGenerationConfig:
     """The transformers GenerationConfig of :func:`sample_responses`: lengths and stop tokens.
 
-    Temperature, top-k, top-p and the draw itself belong to :class:`TokenSampler`, the last
-    logits processor, which returns scores that are finite at the drawn token only; ``generate``
-    runs greedy (``do_sample=False``: no warpers of its own, an argmax instead of
-    ``torch.multinomial``) and so appends exactly that token.
+    Temperature, top-k, top-p, ``min_new_tokens`` and the draw itself belong to
+    :class:`TokenSampler`, the only logits processor, which returns scores that are finite at
+    the drawn token only; ``generate`` runs greedy (``do_sample=False``: no warpers of its own,
+    an argmax instead of ``torch.multinomial``) and so appends exactly that token. So the scores
+    the sampler sees are the model's own logits.
 
     Every field that shapes decoding is set explicitly, never None: ``generate`` fills None
     fields from the model's ``generation_config`` (unless :func:`checkpoint_generation_defaults_off`
@@ -117,7 +121,7 @@ def hf_generation_config(
     return HFGenerationConfig(
         do_sample=False,
         max_new_tokens=gen.max_new_tokens,
-        min_new_tokens=gen.min_new_tokens if stop_token_ids else 0,
+        min_new_tokens=0,  # TokenSampler masks the stop tokens itself
         eos_token_id=list(stop_token_ids) or None,
         pad_token_id=pad_token_id,
         use_cache=True,
@@ -183,40 +187,55 @@ def sample_tokens(logprobs: torch.Tensor) -> torch.Tensor:
 
 
 class TokenSampler(LogitsProcessor):
-    """The last logits processor of a rollout, and its sampler.
+    """The logits processor of a rollout, and its sampler.
 
-    Applies the temperature (and top-k / top-p), draws each row's next token with
-    :func:`sample_tokens`, records the token and its log-probability under the distribution it
-    was drawn from, and returns scores that are 0 at the drawn token and -inf elsewhere, so that
-    ``generate`` in greedy mode (:func:`hf_generation_config`) appends it. ``generate`` runs
-    custom processors after its own (e.g. the one that masks stop tokens before
-    ``min_new_tokens``), so those are part of the distribution drawn from.
+    Divides the model's logits by the temperature, masks the stop tokens for the first
+    ``min_new_tokens`` steps, applies top-k / top-p, draws each row's next token with
+    :func:`sample_tokens`, and records the token with two log-probabilities: under the
+    distribution it was drawn from (``sampler_logprobs``) and under the full tempered softmax,
+    before the masking and truncation (``model_logprobs``: the policy's own, which the losses
+    compute). It returns scores that are 0 at the drawn token and -inf elsewhere, so that
+    ``generate`` in greedy mode (:func:`hf_generation_config`) appends it.
     """
 
-    def __init__(self, gen: GenerationConfig) -> None:
-        warpers = [TemperatureLogitsWarper(gen.temperature)]
+    def __init__(self, gen: GenerationConfig, stop_token_ids: list[int] | tuple = ()) -> None:
+        self.temperature = gen.temperature
+        self.stop_token_ids = list(stop_token_ids)
+        self.min_new_tokens = gen.min_new_tokens if self.stop_token_ids else 0
+        warpers = []
         if gen.top_k > 0:
             warpers.append(TopKLogitsWarper(gen.top_k))
         if gen.top_p < 1.0:
             warpers.append(TopPLogitsWarper(gen.top_p))
         self.warpers = LogitsProcessorList(warpers)
         self._tokens: list[torch.Tensor] = []  # (B, 1) long per step
-        self._logprobs: list[torch.Tensor] = []  # (B, 1) fp32 per step
+        self._logprobs: list[torch.Tensor] = []  # (B, 1) fp32 per step, as drawn
+        self._model_logprobs: list[torch.Tensor] = []  # (B, 1) fp32 per step, full softmax
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logprobs = torch.log_softmax(self.warpers(input_ids, scores).float(), dim=-1)
+        tempered = scores.float() / self.temperature  # (B, V)
+        shaped = tempered
+        if len(self._tokens) < self.min_new_tokens:
+            shaped = tempered.clone()
+            shaped[:, self.stop_token_ids] = float("-inf")
+        logprobs = torch.log_softmax(self.warpers(input_ids, shaped), dim=-1)
         token = sample_tokens(logprobs)
         self._tokens.append(token)
         self._logprobs.append(logprobs.gather(1, token))
+        self._model_logprobs.append(torch.log_softmax(tempered, dim=-1).gather(1, token))
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
-    def drawn(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def drawn(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The first ``steps`` draws: tokens (B, steps) long and their log-probabilities (B,
-        steps) fp32. ``generate`` may run one step more and drop it (its deferred stop check on
-        GPU), hence "first"."""
+        steps) fp32 as drawn and under the full tempered softmax. ``generate`` may run one step
+        more and drop it (its deferred stop check on GPU), hence "first"."""
         if len(self._tokens) < steps:
             raise RuntimeError(f"generate() made {steps} tokens but drew {len(self._tokens)}")
-        return torch.cat(self._tokens[:steps], 1), torch.cat(self._logprobs[:steps], 1)
+        return (
+            torch.cat(self._tokens[:steps], 1),
+            torch.cat(self._logprobs[:steps], 1),
+            torch.cat(self._model_logprobs[:steps], 1),
+        )
 
 
 @contextlib.contextmanager
@@ -279,7 +298,7 @@ def sample_responses(
             (``Rollout.last_hidden``), read from generate's own decoding steps.
     """
     config = hf_generation_config(gen, stop_token_ids, tokenizer.pad_token_id, keep_hidden)
-    sampler = TokenSampler(gen)
+    sampler = TokenSampler(gen, stop_token_ids)
     hidden = None
     with torch.inference_mode(), checkpoint_generation_defaults_off(lm):
         output = lm.generate(
@@ -295,7 +314,7 @@ def sample_responses(
             hidden = torch.stack([step[-1][:, -1] for step in steps], dim=1).float()
         if generated.shape[1] == 0:  # pragma: no cover - generate always makes >= 1 token
             raise RuntimeError("generate() returned no new tokens")
-        drawn_ids, drawn_logprobs = sampler.drawn(generated.shape[1])
+        drawn_ids, drawn_logprobs, model_logprobs = sampler.drawn(generated.shape[1])
     # Leave inference mode: these tensors feed forward passes that need autograd later.
     generated = generated.clone()
     response_ids, response_mask, ended = truncate_after_stop(
@@ -307,6 +326,7 @@ def sample_responses(
             "warper ran after it?): the rollout would not follow the configured sampling"
         )
     sampler_logprobs = torch.where(response_mask, drawn_logprobs, 0.0)
+    model_logprobs = torch.where(response_mask, model_logprobs, 0.0)
     if hidden is not None:
         hidden = torch.where(response_mask[..., None], hidden.clone(), 0.0)
     responses = decode_responses(tokenizer, response_ids, response_mask, stop_token_ids)
@@ -319,6 +339,7 @@ def sample_responses(
         prompts=list(prompts),
         responses=responses,
         sampler_logprobs=sampler_logprobs,
+        model_logprobs=model_logprobs,
         last_hidden=hidden,
     )
 
