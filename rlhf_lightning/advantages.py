@@ -118,12 +118,14 @@ def token_rewards(
     mask: Tensor,
     kl_coef: float | Tensor,
     kind: str = "k1",
+    clamp: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token rewards: a KL penalty on every response token plus the score at the last one.
 
     scores: (B,) sequence scores; logprobs, ref_logprobs: (B, T) log-probabilities of the sampled
     tokens under the policy and the reference; mask: (B, T) bool or 0/1, each row with at least
-    one real token; kl_coef: float or 0-dim tensor; kind: a KL estimator (see ``kl.py``).
+    one real token; kl_coef: float or 0-dim tensor; kind: a KL estimator and clamp its clamp
+    (see ``kl.py``).
     -> (rewards, kl), each (B, T) and 0 at masked positions: ``kl`` is the per-token estimate and
     ``rewards = -kl_coef * kl`` plus ``scores[b]`` at row b's last real token.
     """
@@ -132,7 +134,7 @@ def token_rewards(
         raise ValueError(f"scores has shape {tuple(scores.shape)}, expected ({logprobs.shape[0]},)")
     keep = as_bool_mask(mask, logprobs.shape)
     # Zero the padding before any arithmetic, so NaN there reaches neither output nor gradient.
-    kl = kl_penalty(zero_masked(logprobs, keep), zero_masked(ref_logprobs, keep), kind)
+    kl = kl_penalty(zero_masked(logprobs, keep), zero_masked(ref_logprobs, keep), kind, clamp)
     last = last_true_index(keep)  # (B,)
     score_at_last = torch.zeros_like(kl).scatter(1, last[:, None], scores[:, None].to(kl.dtype))
     rewards = zero_masked(score_at_last - kl_coef * kl, keep)

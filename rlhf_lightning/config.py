@@ -21,13 +21,13 @@ import functools
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_lightning.errors import FieldError, UserError
-from rlhf_lightning.kl import KL_ESTIMATORS, KL_LOSS_ESTIMATORS
+from rlhf_lightning.kl import KL_ESTIMATORS
 
 
 class ConfigError(UserError, ValueError):
@@ -96,7 +96,12 @@ def _to_dataclass(cls, node, prefix: str):
 
 
 def _build(cls, data: Mapping, prefix: str):
-    """``cls(**data)`` with a component's ``FieldError`` named by its full key."""
+    """``cls(**data)`` with a component's ``FieldError`` named by its full key; a required field
+    (no default) that ``data`` lacks is named too."""
+    if is_dataclass(cls):
+        for f in fields(cls):
+            required = f.init and f.default is MISSING and f.default_factory is MISSING
+            _check(not required or f.name in data, f"{prefix}.{f.name}", "required, not set")
     try:
         return cls(**data)
     except FieldError as error:
@@ -251,25 +256,37 @@ class Budget:
 
 @dataclass(frozen=True)
 class KLConfig:
-    """The KL penalty against the frozen reference (``algorithm.kl``).
+    """The KL penalty against the frozen reference (``algorithm.kl``; defaults in
+    ``conf/algorithm/common/defaults.yaml``).
 
     ``placement`` is the one place that decides where the KL goes: :meth:`reward_coef` and
-    :meth:`loss_coef` give the coefficient of each site (0 at the other one).
+    :meth:`loss_coef` give the coefficient of each site (0 at the other one). An (estimator,
+    placement) pair whose expected gradient is not that of the KL it stands for runs only with
+    ``allow_biased_gradient`` (:func:`rlhf_lightning.kl.biased_kl_gradient`).
     """
 
-    coef: float = 0.05
+    coef: float
     """beta: the fixed coefficient, or the adaptive controller's initial one."""
-    estimator: str = "k1"
-    """Per-token estimator (see :mod:`rlhf_lightning.kl`). As a loss only k2 or k3_plus."""
-    placement: str = "reward"
+    estimator: str
+    """Per-token estimator (see :mod:`rlhf_lightning.kl`): k1 in the reward, k2 or k3_plus as a
+    loss; the others only with ``allow_biased_gradient``."""
+    placement: str
     """``reward``: ``-beta * KL_t`` in each token's reward (classic RLHF); ``loss``: ``beta * KL``
     added to the loss (GRPO)."""
+    allow_biased_gradient: bool
+    """Run an (estimator, placement) pair whose expected gradient is biased (e.g. k3 as a loss,
+    as DeepSeekMath's GRPO; k3 in the reward); said at start and logged with the hparams."""
+    clamp: float | None
+    """Clamp each token's KL estimate to ``[-clamp, clamp]`` (verl clamps k3 at 10) so that an
+    extreme log-ratio cannot make it inf; null: no clamp. Where it binds, the gradient is 0."""
     controller: dict = field(
         default_factory=lambda: {"_target_": "rlhf_lightning.kl.FixedKLController"}
     )
     """A ``_target_`` node of a KL controller (``conf/kl/``), given ``coef`` when built."""
 
     def __post_init__(self) -> None:
+        from rlhf_lightning.kl import biased_kl_gradient
+
         p = "algorithm.kl"
         _check(self.coef >= 0, f"{p}.coef", f"must be >= 0, got {self.coef}")
         _check(
@@ -282,14 +299,24 @@ class KLConfig:
             f"{p}.placement",
             f"must be 'reward' or 'loss', got {self.placement!r}",
         )
+        if self.clamp is not None:
+            _check(self.clamp > 0, f"{p}.clamp", f"must be > 0 (or null), got {self.clamp}")
+        bias = biased_kl_gradient(self.estimator, self.placement)
         _check(
-            self.placement == "reward" or self.estimator in KL_LOSS_ESTIMATORS,
+            bias is None or self.allow_biased_gradient,
             f"{p}.estimator",
-            f"{self.estimator} as a loss term (algorithm.kl.placement=loss) has a biased gradient: "
-            "its expected gradient is not that of KL(pi || pi_ref) (k1: zero; k3: the reverse "
-            "KL's; abs: neither). Use k2 or k3_plus as a loss, or placement=reward",
+            f"{self.estimator} with algorithm.kl.placement={self.placement}: {bias}. Use k1 in "
+            "the reward, or k2 or k3_plus as a loss; or set algorithm.kl.allow_biased_gradient="
+            "true to run it anyway",
         )
         self.build_controller()  # checks the controller's own settings now
+
+    @property
+    def biased_gradient(self) -> str | None:
+        """Why this pair's expected gradient is biased, or None where it is not."""
+        from rlhf_lightning.kl import biased_kl_gradient
+
+        return biased_kl_gradient(self.estimator, self.placement)
 
     def build_controller(self):
         """A fresh controller (FixedKLController, AdaptiveKLController, ...) at ``coef``."""
@@ -329,6 +356,9 @@ class Cadence:
 class AlgorithmConfig:
     """The estimator and its coefficients (``algorithm``, ``conf/algorithm/<preset>.yaml``).
 
+    Every field is required: the defaults live in ``conf/algorithm/common/defaults.yaml`` only,
+    and each preset overrides what makes it that preset.
+
     The components are built objects, chosen by ``_target_`` in the preset (see
     :mod:`rlhf_lightning.advantages`, :mod:`rlhf_lightning.losses`,
     :mod:`rlhf_lightning.models.value_head`).
@@ -347,35 +377,36 @@ class AlgorithmConfig:
     optimizer: Callable
     """``optimizer(param_groups)`` (a ``_partial_`` node); its ``lr`` is the policy's."""
     kl: KLConfig
-    samples_per_prompt: int = 1
+    samples_per_prompt: int
     """k responses per prompt, kept together as a group (RLOO/GRPO baselines need k >= 2)."""
-    epochs: int = 4
+    epochs: int
     """Passes over each rollout batch, reshuffled each time."""
-    ent_coef: float = 0.0
+    ent_coef: float
     """Entropy bonus coefficient."""
-    whiten_advantages: bool = True
+    whiten_advantages: bool
     """Normalise advantages to mean 0, std 1 over the rollout batch of all ranks."""
-    whiten_rewards: bool = False
+    whiten_rewards: bool
     """Scale per-token rewards to std 1 over the batch (the mean is kept)."""
-    score_clip: float | None = None
+    score_clip: float | None
     """Clip sequence scores to [-c, c]; null disables."""
-    missing_eos_penalty: float | None = None
+    missing_eos_penalty: float | None
     """Score given to responses that never emit the stop token; null disables."""
-    target_kl: float | None = None
+    target_kl: float | None
     """Stop the epoch loop early when the mean approx KL of an epoch exceeds this."""
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None
     """Clip the global gradient norm; null: measure only."""
-    warmup_ratio: float = 0.0
+    warmup_ratio: float
     """Linear learning-rate warm-up over this fraction of the optimizer steps."""
-    lr_decay: str = "linear"
+    lr_decay: str
     """``linear`` (to 0 at the last step, as in N+) or ``constant``."""
-    on_nonfinite: str = "error"
+    on_nonfinite: str
     """``error``: a NaN/inf loss stops the run (all ranks); ``skip``: the minibatch is skipped."""
-    old_logprobs: str = "recompute"
+    old_logprobs: str
     """``recompute``: a forward of the trained policy gives the old logprobs; ``sampler``: take
-    those the sampler recorded during generation (no policy forward; values of a shared value
-    head then come from generation's hidden states)."""
-    sampler_correction: Any = None
+    those the sampler recorded during generation under the model's full tempered softmax (no
+    policy forward; values of a shared value head then come from generation's hidden
+    states)."""
+    sampler_correction: Any
     """``SamplerCorrection`` or None: reweight the policy loss by ``pi_old / pi_sampler``
     (truncated, or masked outside bounds) where sampling differs from the trained policy
     (top-k/top-p, a bf16 sampling copy, other kernels); needs ``old_logprobs=recompute``."""
@@ -508,14 +539,15 @@ def algorithm_config_from(node) -> AlgorithmConfig:
     }
     built["optimizer"] = build_component(data.pop("optimizer"), "algorithm.optimizer")
     correction = data.pop("sampler_correction", None)
-    if correction is not None:
-        built["sampler_correction"] = build_component(
-            correction, "algorithm.sampler_correction", SamplerCorrection
-        )
+    built["sampler_correction"] = (
+        None
+        if correction is None
+        else build_component(correction, "algorithm.sampler_correction", SamplerCorrection)
+    )
     _, kl = _to_dataclass(KLConfig, data.pop("kl", {}), "algorithm.kl")
     built["kl"] = _build(KLConfig, kl, "algorithm.kl")
     check_fields(AlgorithmConfig, data, "algorithm")
-    return AlgorithmConfig(**data, **built)
+    return _build(AlgorithmConfig, {**data, **built}, "algorithm")
 
 
 def rl_config_from(cfg: DictConfig) -> RLConfig:

@@ -48,6 +48,7 @@ PPO_HPARAMS = (
     "algorithm.kl.controller.target",
     "algorithm.kl.estimator",
     "algorithm.kl.placement",
+    "algorithm.kl.allow_biased_gradient",
     "algorithm.advantage._target_",
     "algorithm.policy_loss._target_",
     "algorithm.policy_loss.clip_low",

@@ -59,10 +59,17 @@ BAD_RL = [
     (["algorithm.kl.coef=-0.1"], "algorithm.kl.coef"),
     (["kl=adaptive", "algorithm.kl.controller.target=0.0"], "algorithm.kl.controller.target"),
     (["kl=adaptive", "algorithm.kl.controller.horizon=0"], "algorithm.kl.controller.horizon"),
-    # KL as a loss: only estimators whose expected gradient is grad KL(pi || pi_ref)
+    # Biased KL gradients without algorithm.kl.allow_biased_gradient: as a loss only k2 and
+    # k3_plus, in the reward only k1.
     (["algorithm.kl.placement=loss", "algorithm.kl.estimator=k1"], "algorithm.kl.estimator"),
     (["algorithm.kl.placement=loss", "algorithm.kl.estimator=k3"], "algorithm.kl.estimator"),
     (["algorithm.kl.placement=loss", "algorithm.kl.estimator=abs"], "algorithm.kl.estimator"),
+    (["algorithm.kl.estimator=k2"], "algorithm.kl.estimator"),
+    (["algorithm.kl.estimator=k3"], "algorithm.kl.estimator"),
+    (["algorithm.kl.estimator=k3_plus"], "algorithm.kl.estimator"),
+    (["algorithm.kl.estimator=abs"], "algorithm.kl.estimator"),
+    (["algorithm.kl.allow_biased_gradient=maybe"], "algorithm.kl.allow_biased_gradient"),
+    (["algorithm.kl.clamp=0.0"], "algorithm.kl.clamp"),
     (["algorithm=grpo", "algorithm.samples_per_prompt=1"], "algorithm.samples_per_prompt"),
     (["algorithm=rloo", "algorithm.samples_per_prompt=3"], "algorithm.samples_per_prompt"),
     (["algorithm/value_model=none"], "algorithm.value_model"),  # GAE needs values
@@ -96,6 +103,65 @@ def test_every_preset_composes_and_validates(preset):
     cfg = rl_config_from(_compose(f"algorithm={preset}"))
     assert cfg.algorithm.name == preset
     assert cfg.budget.rollout_batch_size % cfg.algorithm.samples_per_prompt == 0
+
+
+BIASED_KL = [
+    ("reward", "k2"),
+    ("reward", "k3"),
+    ("reward", "k3_plus"),
+    ("reward", "abs"),
+    ("loss", "k1"),
+    ("loss", "k3"),
+    ("loss", "abs"),
+]
+
+
+@pytest.mark.parametrize(("placement", "estimator"), BIASED_KL)
+def test_a_biased_kl_gradient_is_refused_by_default_and_runs_when_allowed(placement, estimator):
+    """The refusal names the opt-in key; with it the pair is accepted and says why it is
+    biased; the unbiased pairs need no opt-in and say nothing."""
+    keys = [f"algorithm.kl.placement={placement}", f"algorithm.kl.estimator={estimator}"]
+    with pytest.raises(ConfigError, match="algorithm.kl.allow_biased_gradient=true"):
+        rl_config_from(_compose(*keys))
+    kl = rl_config_from(_compose(*keys, "algorithm.kl.allow_biased_gradient=true")).algorithm.kl
+    assert kl.biased_gradient and kl.allow_biased_gradient
+
+
+@pytest.mark.parametrize(("placement", "estimator"), [("reward", "k1"), ("loss", "k2")])
+def test_an_unbiased_kl_gradient_needs_no_opt_in(placement, estimator):
+    kl = rl_config_from(
+        _compose(f"algorithm.kl.placement={placement}", f"algorithm.kl.estimator={estimator}")
+    ).algorithm.kl
+    assert kl.biased_gradient is None
+
+
+def test_algorithm_defaults_have_one_home():
+    """No field of the algorithm's config has a default in code: the YAML
+    (conf/algorithm/common/defaults.yaml) is the only place a default can be read from."""
+    from dataclasses import MISSING, fields
+
+    from rlhf_lightning.config import AlgorithmConfig, KLConfig
+
+    for cls in (AlgorithmConfig, KLConfig):
+        for f in fields(cls):
+            if f.name != "controller":  # the fixed controller, set by conf/kl/ anyway
+                assert f.default is MISSING and f.default_factory is MISSING, (cls, f.name)
+
+
+@pytest.mark.parametrize("key", ["epochs", "kl.clamp"])
+def test_a_required_algorithm_key_left_out_is_named(key):
+    from omegaconf import OmegaConf
+
+    from rlhf_lightning.config import algorithm_config_from
+
+    node = OmegaConf.to_container(_compose().algorithm, resolve=True)
+    *parents, leaf = key.split(".")
+    owner = node
+    for name in parents:
+        owner = owner[name]
+    del owner[leaf]
+    with pytest.raises(ConfigError, match=f"invalid config: algorithm.{key}: required, not set"):
+        algorithm_config_from(node)
 
 
 def test_derived_sizes_are_right():

@@ -209,3 +209,38 @@ def test_adaptive_controller_rejects_bad_updates():
     with pytest.raises(ValueError, match="non-positive"):
         controller.update(0.0, n_steps=500)  # factor 1 - 0.2 * 5 = 0
     assert controller.value == 0.1
+
+
+def test_the_clamp_bounds_an_extreme_estimate_and_stops_its_gradient():
+    """d = log pi - log pi_ref = -100: k3 = exp(100) - 101 overflows float32 to inf; clamped at
+    10 it is 10 with gradient 0, and estimates inside the bound are unchanged."""
+    d = torch.tensor([-100.0, 0.5, -0.5], requires_grad=True)
+    assert torch.isinf(kl_penalty(d, torch.zeros(3), "k3")[0])
+    clamped = kl_penalty(d, torch.zeros(3), "k3", clamp=10.0)
+    assert clamped[0] == 10.0
+    torch.testing.assert_close(clamped[1:], kl_penalty(d, torch.zeros(3), "k3")[1:])
+    clamped.sum().backward()
+    assert d.grad[0] == 0 and d.grad[1] != 0
+    assert kl_penalty(torch.tensor([30.0]), torch.zeros(1), "k1", clamp=10.0) == 10.0
+    assert kl_penalty(torch.tensor([-30.0]), torch.zeros(1), "k1", clamp=10.0) == -10.0
+
+
+@pytest.mark.parametrize("kind", KL_ESTIMATORS)
+@pytest.mark.parametrize("placement", ["reward", "loss"])
+def test_biased_pairs_are_those_outside_k1_in_the_reward_and_k2_k3_plus_as_a_loss(kind, placement):
+    from rlhf_lightning.kl import biased_kl_gradient
+
+    unbiased = (placement == "reward" and kind == "k1") or (
+        placement == "loss" and kind in ("k2", "k3_plus")
+    )
+    assert (biased_kl_gradient(kind, placement) is None) == unbiased
+
+
+@pytest.mark.parametrize("kind", KL_ESTIMATORS)
+@pytest.mark.parametrize("clamp", [0.5, 10.0, 30.0])
+def test_the_clamped_estimate_is_the_estimate_clamped(kind, clamp):
+    """Bounding the log-ratio first changes no value: past the bound every estimator is past
+    the clamp too (float64, so that k3 stays finite up to |d| = 60)."""
+    d = torch.linspace(-60, 60, 2401, dtype=torch.float64)
+    expected = kl_penalty(d, torch.zeros_like(d), kind).clamp(-clamp, clamp)
+    torch.testing.assert_close(kl_penalty(d, torch.zeros_like(d), kind, clamp=clamp), expected)

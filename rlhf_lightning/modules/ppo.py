@@ -407,7 +407,9 @@ class PPOModule(L.LightningModule):
         }
         kl_coef = alg.kl.loss_coef(float(self.kl_ctl.value))
         if kl_coef:
-            kl = kl_penalty(zero_masked(logprobs, mask), part.ref_logprobs, alg.kl.estimator)
+            kl = kl_penalty(
+                zero_masked(logprobs, mask), part.ref_logprobs, alg.kl.estimator, alg.kl.clamp
+            )
             terms["kl"] = aggregate(zero_masked(kl, mask), weights, denominator)
         policy_weight = 0.0 if warmup else 1.0
         loss = policy_weight * (

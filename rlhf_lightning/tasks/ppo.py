@@ -196,6 +196,15 @@ def unsharded_lm(lm, full_state: dict, lora: dict | None):
 def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     """Run PPO; returns the final metrics, the baseline eval metrics and the export path."""
     ppo_cfg = validate_ppo_setup(cfg)
+    kl = ppo_cfg.algorithm.kl
+    if kl.biased_gradient is not None:  # runs only with allow_biased_gradient
+        log.warning(
+            "algorithm.kl.estimator=%s with placement=%s (algorithm.kl.allow_biased_gradient="
+            "true): %s",
+            kl.estimator,
+            kl.placement,
+            kl.biased_gradient,
+        )
     ckpt_path = resume_checkpoint(cfg, "ppo", stage_dir)  # checked before any model loads
     L.seed_everything(cfg.seed, workers=True)
 
