@@ -2,8 +2,9 @@
 loss and explained variance.
 
 Policy losses are per token (``(B, T)``, 0 on padding) so that the aggregation, a separate choice,
-can weight them; each comes with per-token diagnostics (``ratio``, ``log_ratio``, ``clipped``:
-1 where the gradient is cut). With ``ratio = exp(logp - logp_old)``:
+can weight them; each returns a :class:`PolicyLossOutput`: the loss with its per-token
+diagnostics (``log_ratio``, ``ratio``, ``clipped``: 1 where the gradient is cut). With
+``ratio = exp(logp - logp_old)``:
 
 - :class:`VanillaPolicyGradient`: ``-A_t * ratio_t``, no clipping. At ``logp = logp_old`` its
   gradient is the score-function (REINFORCE) estimator ``-A_t * grad logp_t``; once the policy
@@ -66,22 +67,30 @@ def _masked_inputs(mask: Tensor, **tensors: Tensor) -> tuple[Tensor, ...]:
     return keep, *(zero_masked(tensor, keep) for tensor in tensors.values())
 
 
-def _diagnostics(log_ratio: Tensor, clipped: Tensor, keep: Tensor) -> dict[str, Tensor]:
-    """Detached per-token diagnostics of a policy loss, 0 on padding."""
+@dataclass(frozen=True)
+class PolicyLossOutput:
+    """A policy loss per token and its diagnostics: B rollouts, T response tokens; every field
+    is (B, T) and 0 on padding, the diagnostics detached."""
+
+    loss: Tensor  # the per-token loss, with grad
+    log_ratio: Tensor  # log pi - log pi_old
+    ratio: Tensor  # pi / pi_old
+    clipped: Tensor  # float, 1 on the tokens whose gradient the loss cuts
+
+
+def _output(loss: Tensor, log_ratio: Tensor, clipped: Tensor, keep: Tensor) -> PolicyLossOutput:
+    """The loss (zeroed on padding) with its detached diagnostics."""
     with torch.no_grad():
         log_ratio = zero_masked(log_ratio.detach(), keep)
-        return {
-            "log_ratio": log_ratio,
-            "ratio": zero_masked(torch.exp(log_ratio), keep),
-            "clipped": zero_masked(clipped.float(), keep),
-        }
+        ratio = zero_masked(torch.exp(log_ratio), keep)
+        clipped = zero_masked(clipped.float(), keep)
+    return PolicyLossOutput(zero_masked(loss, keep), log_ratio, ratio, clipped)
 
 
 def vanilla_policy_gradient_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token ``-A_t * exp(logp_t - logp_old_t)``: (B, T) each -> ((B, T) loss, diagnostics),
-    0 on padding.
+) -> PolicyLossOutput:
+    """Per-token ``-A_t * exp(logp_t - logp_old_t)``: (B, T) each -> PolicyLossOutput.
 
     logprobs: current policy, with grad; old_logprobs: at rollout time (no grad); advantages:
     (B, T), no grad; mask: (B, T) bool or 0/1. The gradient is ``-A_t * ratio_t * grad logp_t``:
@@ -91,16 +100,14 @@ def vanilla_policy_gradient_loss(
         mask, logprobs=logprobs, old_logprobs=old_logprobs.detach(), advantages=advantages
     )
     log_ratio = zero_masked(logprobs - old_logprobs, keep)
-    loss = zero_masked(-advantages * torch.exp(log_ratio), keep)
-    return loss, _diagnostics(log_ratio, torch.zeros_like(keep), keep)
+    return _output(-advantages * torch.exp(log_ratio), log_ratio, torch.zeros_like(keep), keep)
 
 
 def sequence_ratio_policy_gradient_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> PolicyLossOutput:
     """Per-token ``-A_t * rho * exp(logp_t - sg(logp_t))`` with the sequence's importance ratio
-    ``rho = exp(sum_t (logp_t - logp_old_t))`` held constant: (B, T) each -> ((B, T) loss,
-    diagnostics), 0 on padding.
+    ``rho = exp(sum_t (logp_t - logp_old_t))`` held constant: (B, T) each -> PolicyLossOutput.
 
     The value is ``-A_t * rho`` and the gradient ``-A_t * rho * grad logp_t``: for samples of
     ``pi_old``, ``E[rho * f(y)] = E_pi[f(y)]``, so the expected update equals the on-policy one
@@ -112,8 +119,7 @@ def sequence_ratio_policy_gradient_loss(
     log_ratio = zero_masked(logprobs - old_logprobs, keep)
     rho = torch.exp(log_ratio.sum(dim=1, keepdim=True)).detach()  # (B, 1)
     score = torch.exp(logprobs - logprobs.detach())  # 1, with the gradient of logp
-    loss = zero_masked(-advantages * rho * score, keep)
-    return loss, _diagnostics(log_ratio, torch.zeros_like(keep), keep)
+    return _output(-advantages * rho * score, log_ratio, torch.zeros_like(keep), keep)
 
 
 def clipped_policy_loss(
@@ -124,8 +130,8 @@ def clipped_policy_loss(
     clip_low: float,
     clip_high: float,
     dual_clip: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token PPO clipped surrogate: (B, T) each -> ((B, T) loss, diagnostics), 0 on padding.
+) -> PolicyLossOutput:
+    """Per-token PPO clipped surrogate: (B, T) each -> PolicyLossOutput.
 
     ``clipped`` marks the tokens whose gradient is cut: the clipped term is the larger one, or
     the dual clip caps a negative advantage's loss.
@@ -148,7 +154,7 @@ def clipped_policy_loss(
         capped = (advantages < 0) & (loss > cap)
         loss = torch.where(capped, cap, loss)
         cut = cut | capped
-    return zero_masked(loss, keep), _diagnostics(log_ratio, cut, keep)
+    return _output(loss, log_ratio, cut, keep)
 
 
 def value_loss(
@@ -178,9 +184,10 @@ def value_loss(
 # ---------------------------------------------------------------------------------- components
 class PolicyLoss:
     """Base of the policy losses: ``loss(logprobs, old_logprobs, advantages, mask)`` ->
-    ``((B, T) loss, diagnostics)``."""
+    :class:`PolicyLossOutput` (logprobs with grad; the others (B, T) without; mask bool or
+    0/1)."""
 
-    def __call__(self, logprobs, old_logprobs, advantages, mask):
+    def __call__(self, logprobs, old_logprobs, advantages, mask) -> PolicyLossOutput:
         raise NotImplementedError
 
 

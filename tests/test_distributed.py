@@ -115,9 +115,8 @@ def _module_and_experience(aggregation: str):
 
 def _grads(module, exp) -> dict[str, torch.Tensor]:
     """The gradient of one minibatch made of all of ``exp``'s rows."""
-    from rlhf_lightning.stats import Stats
 
-    module.minibatch_backward(exp, torch.arange(len(exp)), False, Stats(), iteration=0)
+    module.minibatch_backward(exp, torch.arange(len(exp)), False, iteration=0)
     policy = getattr(module.policy, "module", module.policy)  # unwrap DDP
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 

@@ -16,6 +16,7 @@ from rlhf_lightning.losses import (
     bradley_terry_loss,
     clipped_policy_loss,
     explained_variance,
+    sequence_ratio_policy_gradient_loss,
     value_loss,
     vanilla_policy_gradient_loss,
 )
@@ -48,21 +49,23 @@ def test_policy_loss_on_policy_is_minus_the_mean_advantage():
     advantages = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     logprobs = -torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
-    per_token, diag = clipped_policy_loss(logprobs, logprobs.clone(), advantages, mask, 0.2, 0.2)
+    result = clipped_policy_loss(logprobs, logprobs.clone(), advantages, mask, 0.2, 0.2)
+    per_token, diag = result.loss, result
     real = advantages[mask.bool()].tolist()
     assert float(token_mean(per_token, mask)) == pytest.approx(-sum(real) / len(real), abs=1e-6)
-    assert diag["clipped"].sum() == 0 and diag["log_ratio"].abs().sum() == 0
-    assert (diag["ratio"][mask.bool()] == 1).all() and (diag["ratio"][~mask.bool()] == 0).all()
+    assert diag.clipped.sum() == 0 and diag.log_ratio.abs().sum() == 0
+    assert (diag.ratio[mask.bool()] == 1).all() and (diag.ratio[~mask.bool()] == 0).all()
 
 
 def test_policy_loss_hand_computed_clipping():
     logprobs = new_logprobs()
-    per_token, diag = clipped_policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, 0.2, 0.2)
+    result = clipped_policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, 0.2, 0.2)
+    per_token, diag = result.loss, result
     assert per_token[0].tolist() == pytest.approx([-2.4, 0.8, -1.1, -1.0, 0.0])
     assert token_mean(per_token).item() == pytest.approx((-2.4 + 0.8 - 1.1 - 1.0) / 4)
-    assert diag["clipped"][0].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
-    assert diag["ratio"][0, :4].tolist() == pytest.approx(RATIOS)
-    assert all(not value.requires_grad for value in diag.values())
+    assert diag.clipped[0].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert diag.ratio[0, :4].tolist() == pytest.approx(RATIOS)
+    assert not any(t.requires_grad for t in (diag.log_ratio, diag.ratio, diag.clipped))
 
 
 def test_asymmetric_clip_and_dual_clip_hand_values():
@@ -70,21 +73,22 @@ def test_asymmetric_clip_and_dual_clip_hand_values():
     a negative advantage's loss at -c * A."""
     logprobs = new_logprobs([1.5, 3.0, 1.1, 0.5])
     advantages = torch.tensor([[2.0, -1.0, 1.0, 2.0, math.inf]])
-    per_token, diag = clipped_policy_loss(logprobs, OLD_LOGPROBS, advantages, MASK, 0.2, 0.6)
+    result = clipped_policy_loss(logprobs, OLD_LOGPROBS, advantages, MASK, 0.2, 0.6)
+    per_token, diag = result.loss, result
     # token 1: A = -1, ratio 3.0 -> max(3.0, 1.6) = 3.0 (no cap without dual clip)
     assert per_token[0, :4].tolist() == pytest.approx([-3.0, 3.0, -1.1, -1.0])
-    per_token, diag = clipped_policy_loss(
-        logprobs, OLD_LOGPROBS, advantages, MASK, 0.2, 0.6, dual_clip=1.5
-    )
+    result = clipped_policy_loss(logprobs, OLD_LOGPROBS, advantages, MASK, 0.2, 0.6, dual_clip=1.5)
+    per_token, diag = result.loss, result
     assert per_token[0, :4].tolist() == pytest.approx([-3.0, 1.5, -1.1, -1.0])
-    assert diag["clipped"][0, :4].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert diag.clipped[0, :4].tolist() == [0.0, 1.0, 0.0, 0.0]
     per_token.sum().backward()
     assert logprobs.grad[0, 1] == 0  # the capped token gets no gradient
 
 
 def test_policy_gradient_is_zero_where_clipped_and_finite_on_padding():
     logprobs = new_logprobs()
-    per_token, _ = clipped_policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, 0.2, 0.2)
+    result = clipped_policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, 0.2, 0.2)
+    per_token, _ = result.loss, result
     token_mean(per_token).backward()
     # d/dlogp of -A * ratio / N is -A * ratio / N on unclipped tokens.
     expected = torch.tensor([[0.0, 0.0, -1.0 * 1.1 / 4, -2.0 * 0.5 / 4, 0.0]])
@@ -95,13 +99,14 @@ def test_vanilla_policy_gradient_is_minus_advantage_times_the_ratio():
     """-A * ratio, unclipped: the gradient -A * ratio * grad logp is the plain -A * grad logp at
     ratio 1, and reweights each token for its changed probability once the policy moved."""
     logprobs = new_logprobs()
-    per_token, diag = vanilla_policy_gradient_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK)
-    assert diag["ratio"][0, :4].tolist() == pytest.approx(RATIOS)
+    result = vanilla_policy_gradient_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK)
+    per_token, diag = result.loss, result
+    assert diag.ratio[0, :4].tolist() == pytest.approx(RATIOS)
     assert per_token[0, :4].tolist() == pytest.approx([-3.0, 0.5, -1.1, -1.0])
     assert per_token[0, 4] == 0
     token_mean(per_token).backward()
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-3.0, 0.5, -1.1, -1.0, 0.0]]) / 4)
-    assert diag["clipped"].sum() == 0
+    assert diag.clipped.sum() == 0
 
 
 def test_sequence_ratio_policy_gradient_weights_every_token_by_the_sequence_ratio():
@@ -114,13 +119,14 @@ def test_sequence_ratio_policy_gradient_weights_every_token_by_the_sequence_rati
     logprobs = (old.nan_to_num() + ratios.log()).requires_grad_()
     advantages = torch.tensor([[2.0, -1.0, math.inf], [1.0, 2.0, 3.0]])
     mask = torch.tensor([[True, True, False], [True, True, False]])
-    per_token, diag = sequence_ratio_policy_gradient_loss(logprobs, old, advantages, mask)
+    result = sequence_ratio_policy_gradient_loss(logprobs, old, advantages, mask)
+    per_token, diag = result.loss, result
     rho = torch.tensor([[0.75], [0.55]])
     expected = torch.where(mask, -advantages.nan_to_num(posinf=0.0) * rho, 0.0)
     torch.testing.assert_close(per_token, expected)
     per_token.sum().backward()
     torch.testing.assert_close(logprobs.grad, expected)  # d/dlogp of -A * rho * exp(0) = value
-    torch.testing.assert_close(diag["ratio"], torch.where(mask, ratios, 0.0))
+    torch.testing.assert_close(diag.ratio, torch.where(mask, ratios, 0.0))
 
 
 def test_dual_clip_caps_only_negative_advantages_at_minus_c_times_a():
@@ -128,11 +134,10 @@ def test_dual_clip_caps_only_negative_advantages_at_minus_c_times_a():
     the loss max(-0.25, -0.4) = -0.25 is above -c * A = -0.75 but A > 0, so no cap."""
     logprobs = new_logprobs([3.0, 0.5, 1.0, 1.0])
     advantages = torch.tensor([[-2.0, 0.5, 0.0, 1.0, math.inf]])
-    per_token, diag = clipped_policy_loss(
-        logprobs, OLD_LOGPROBS, advantages, MASK, 0.2, 0.2, dual_clip=1.5
-    )
+    result = clipped_policy_loss(logprobs, OLD_LOGPROBS, advantages, MASK, 0.2, 0.2, dual_clip=1.5)
+    per_token, diag = result.loss, result
     assert per_token[0, :4].tolist() == pytest.approx([3.0, -0.25, 0.0, -1.0])
-    assert diag["clipped"][0, :4].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert diag.clipped[0, :4].tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_policy_loss_rejects_bad_inputs():
@@ -155,16 +160,19 @@ def test_policy_loss_components_apply_their_settings():
 
     logprobs = new_logprobs([1.5, 3.0, 1.1, 0.5])
     advantages = torch.tensor([[2.0, -1.0, 1.0, 2.0, math.inf]])
-    per_token, diag = ClippedSurrogate(clip_low=0.2, clip_high=0.6, dual_clip=1.5)(
+    result = ClippedSurrogate(clip_low=0.2, clip_high=0.6, dual_clip=1.5)(
         logprobs, OLD_LOGPROBS, advantages, MASK
     )
+    per_token, diag = result.loss, result
     assert per_token[0, :4].tolist() == pytest.approx([-3.0, 1.5, -1.1, -1.0])
-    assert diag["clipped"][0, :4].tolist() == [0.0, 1.0, 0.0, 0.0]
-    per_token, _ = ClippedSurrogate()(logprobs, OLD_LOGPROBS, advantages, MASK)  # 0.2, 0.2
+    assert diag.clipped[0, :4].tolist() == [0.0, 1.0, 0.0, 0.0]
+    result = ClippedSurrogate()(logprobs, OLD_LOGPROBS, advantages, MASK)
+    per_token, _ = result.loss, result  # 0.2, 0.2
     assert per_token[0, :4].tolist() == pytest.approx([-2.4, 3.0, -1.1, -1.0])
-    per_token, diag = VanillaPolicyGradient()(logprobs, OLD_LOGPROBS, advantages, MASK)
+    result = VanillaPolicyGradient()(logprobs, OLD_LOGPROBS, advantages, MASK)
+    per_token, diag = result.loss, result
     assert per_token[0, :4].tolist() == pytest.approx([-3.0, 3.0, -1.1, -1.0])
-    assert diag["ratio"][0, :4].tolist() == pytest.approx([1.5, 3.0, 1.1, 0.5])
+    assert diag.ratio[0, :4].tolist() == pytest.approx([1.5, 3.0, 1.1, 0.5])
 
 
 @pytest.mark.parametrize(
@@ -375,6 +383,13 @@ def test_losses_ignore_nan_and_inf_padding():
     """Replacing the padded column by finite numbers changes neither losses, stats nor grads."""
     finite_padding = torch.tensor([[0.0, 0.0, 0.0, 0.0, -1.0]])
 
+    def policy(loss_fn):
+        def per_token_and_diagnostics(logprobs, old, advantages, mask):
+            out = loss_fn(logprobs, old, advantages, mask)
+            return out.loss, {"log_ratio": out.log_ratio, "ratio": out.ratio, "cut": out.clipped}
+
+        return per_token_and_diagnostics
+
     def clipped(logprobs, old, advantages, mask):
         return clipped_policy_loss(logprobs, old, advantages, mask, 0.2, 0.2, dual_clip=2.0)
 
@@ -382,8 +397,9 @@ def test_losses_ignore_nan_and_inf_padding():
         return value_loss(values, old, returns, mask, 0.2)
 
     cases = [
-        (clipped, new_logprobs, [OLD_LOGPROBS, ADVANTAGES]),
-        (vanilla_policy_gradient_loss, new_logprobs, [OLD_LOGPROBS, ADVANTAGES]),
+        (policy(clipped), new_logprobs, [OLD_LOGPROBS, ADVANTAGES]),
+        (policy(vanilla_policy_gradient_loss), new_logprobs, [OLD_LOGPROBS, ADVANTAGES]),
+        (policy(sequence_ratio_policy_gradient_loss), new_logprobs, [OLD_LOGPROBS, ADVANTAGES]),
         (clipped_value, new_values, [OLD_VALUES, RETURNS]),
     ]
     for loss_fn, make_input, others in cases:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf_lightning.kl import AdaptiveKLController
+from rlhf_lightning.modules.ppo import padding_stats
 from rlhf_lightning.rollout.experience import make_experience
 from rlhf_lightning.rollout.generation import Rollout, sample_responses
 from rlhf_lightning.stats import Stats
@@ -60,8 +61,8 @@ def test_first_minibatch_has_ratio_one_and_no_clipping():
     module = tiny_ppo_module(tiny_config(budget__micro_batch_size=4))
     exp = _experience(module)
     rows = torch.randperm(16)[:8]
-    out = Stats()
-    assert module.minibatch_backward(exp, rows, False, out, iteration=0)
+    out = module.minibatch_backward(exp, rows, False, iteration=0)
+    assert out is not None
     stats = out.reduce()
     assert stats["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert stats["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
@@ -102,11 +103,11 @@ def test_gradient_accumulation_matches_one_batch(preset, aggregation):
     # Make the response lengths differ, so token weighting matters.
     exp.response_mask[::3, 4:] = False
     rows = torch.arange(8)
-    module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
+    module.minibatch_backward(exp, rows, False, iteration=0)
     whole = _grads(module)
     module.policy.zero_grad(set_to_none=True)
     replace_cfg(module, "budget", micro_batch_size=2)
-    module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
+    module.minibatch_backward(exp, rows, False, iteration=0)
     accumulated = _grads(module)
     assert whole.keys() == accumulated.keys() and whole
     for name in whole:
@@ -539,11 +540,11 @@ def test_truncated_importance_sampling_reweights_the_policy_loss_where_sampling_
     module = tiny_ppo_module(cfg, reward=_distinct_characters)  # non-zero advantages
     exp = _experience(module)
     rows = torch.arange(8)
-    module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
+    module.minibatch_backward(exp, rows, False, iteration=0)
     plain = _grads(module)
     module.policy.zero_grad(set_to_none=True)
     replace_cfg(module, "algorithm", sampler_correction=TruncatedIS(cap=1.5))
-    module.minibatch_backward(exp, rows, False, Stats(), iteration=0)
+    module.minibatch_backward(exp, rows, False, iteration=0)
     corrected = _grads(module)
     assert any(not torch.allclose(corrected[n], plain[n]) for n in plain)
     # Top-k renormalises: pi_sampler > pi_old on every kept token, so every ratio is < 1.
@@ -558,7 +559,7 @@ def test_truncated_importance_sampling_reweights_the_policy_loss_where_sampling_
     module.policy.zero_grad(set_to_none=True)
     replace_cfg(module, "algorithm", sampler_correction=None)
     reweighted = dataclasses.replace(exp, advantages=exp.advantages * weights)
-    module.minibatch_backward(reweighted, rows, False, Stats(), iteration=0)
+    module.minibatch_backward(reweighted, rows, False, iteration=0)
     for name, grad in _grads(module).items():
         torch.testing.assert_close(corrected[name], grad, rtol=1e-4, atol=1e-7)
 
@@ -594,12 +595,19 @@ def test_micro_batches_group_rows_by_length_and_trim_padding_without_changing_th
     assert max(lengths[1]) <= 2 < min(lengths[0])  # long rows together, short rows together
     assert parts[1].response_ids.shape[1] == 2 and parts[0].prompt_len <= P
     denominator = padded.response_mask.sum().float()
-    trimmed = sum(module.loss(part, denominator, False, Stats())[0] for part in parts)
-    whole = module.loss(padded, denominator, False, Stats())[0]
+
+    def micro_batch_loss(part):
+        logits, values = module.policy(
+            part.input_ids, part.attention_mask, response_start=part.prompt_len
+        )
+        return module.objective(logits, values, part, denominator, 0.0, False)[0]
+
+    trimmed = sum(micro_batch_loss(part) for part in parts)
+    whole = micro_batch_loss(padded)
     torch.testing.assert_close(trimmed, whole, rtol=1e-5, atol=1e-7)
     stats = Stats()
     for part in parts:
-        module.count_padding(part, padded, stats)
+        stats.merge(padding_stats(part, padded))
     reduced = stats.reduce()
     real = float(padded.attention_mask.sum())
     assert reduced["perf/padding_frac_untrimmed"] == pytest.approx(

@@ -96,7 +96,11 @@ def test_kl_penalty_in_the_rewards_matches_a_naive_computation(estimator):
     """r_t = -beta * KL_t on every response token plus the score at the last one, with KL_t
     from a full forward of the policy and of a reference that differs from it."""
     beta = 0.3
-    cfg = tiny_config(algorithm__kl__estimator=estimator, generation__stop_token="a")
+    cfg = tiny_config(
+        algorithm__kl__estimator=estimator,
+        algorithm__kl__allow_biased_gradient=True,  # k3 in the reward: a value, biased gradient
+        generation__stop_token="a",
+    )
     module = tiny_ppo_module(cfg)
     perturb_reference(module)
     _, exp = rollout_and_experience(module, n=8, kl_coef=beta)
@@ -136,8 +140,8 @@ def test_every_logprob_uses_the_sampling_temperature(temperature):
     assert (naive_logprobs(module.policy.lm, exp, 1.0) - old)[mask].abs().max() > 0.05
 
     rows = torch.arange(8)
-    out = Stats()
-    assert module.minibatch_backward(exp, rows, False, out, iteration=0)
+    out = module.minibatch_backward(exp, rows, False, iteration=0)
+    assert out is not None
     stats = out.reduce()
     assert stats["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert stats["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
@@ -214,8 +218,8 @@ def test_a_minibatch_of_one_sequence_under_a_sequence_mean_is_that_sequence_s_lo
     module = tiny_ppo_module(cfg)
     _, exp = rollout_and_experience(module)
     row = 3
-    out = Stats()
-    assert module.minibatch_backward(exp, torch.tensor([row]), False, out, iteration=0)
+    out = module.minibatch_backward(exp, torch.tensor([row]), False, iteration=0)
+    assert out is not None
     advantages = exp.advantages[row][exp.response_mask[row]]
     assert abs(float(advantages.mean())) > 1e-3
     assert _terms(out)["policy"] == pytest.approx(-float(advantages.mean()), abs=1e-6)
@@ -230,8 +234,8 @@ def test_first_minibatch_loss_terms_match_hand_computations():
     torch.nn.init.normal_(module.policy.value_head.weight, std=0.5)  # values that are not 0
     _, exp = rollout_and_experience(module)
     rows = torch.tensor([0, 3, 4, 7, 9, 10, 12, 15])
-    out = Stats()
-    assert module.minibatch_backward(exp, rows, False, out, iteration=0)
+    out = module.minibatch_backward(exp, rows, False, iteration=0)
+    assert out is not None
     mask = exp.response_mask[rows]
     advantages = exp.advantages[rows][mask]
     errors = (exp.old_values - exp.returns)[rows][mask]
@@ -260,11 +264,11 @@ def test_loss_terms_and_diagnostics_after_a_step_match_hand_computations():
     _, exp = rollout_and_experience(module)
     rows = torch.tensor([1, 2, 5, 6, 8, 11, 13, 14])
     optimizer = _optimizer(module)
-    assert module.minibatch_backward(exp, torch.arange(8), False, Stats(), iteration=0)
-    module.optimizer_step(optimizer, Stats(), warmup=False)
+    assert module.minibatch_backward(exp, torch.arange(8), False, iteration=0) is not None
+    module.optimizer_step(optimizer, warmup=False)
     module.policy.zero_grad(set_to_none=True)
-    out = Stats()
-    assert module.minibatch_backward(exp, rows, False, out, iteration=0)
+    out = module.minibatch_backward(exp, rows, False, iteration=0)
+    assert out is not None
     stats, terms = out.reduce(), _terms(out)
 
     mask = exp.response_mask[rows]
@@ -310,8 +314,8 @@ def test_kl_as_a_loss_term_matches_a_naive_k2():
     raw_scores = torch.as_tensor(module.reward(exp.prompts, exp.responses))
     torch.testing.assert_close(exp.rewards, score_at_last_token(raw_scores, mask))
     rows = torch.arange(8)
-    out = Stats()
-    assert module.minibatch_backward(exp, rows, False, out, iteration=0)
+    out = module.minibatch_backward(exp, rows, False, iteration=0)
+    assert out is not None
     d = naive_logprobs(module.policy.lm, exp, 1.0) - naive_logprobs(module.ref_lm, exp, 1.0)
     k2 = 0.5 * d[rows] ** 2  # GRPO aggregates per sequence: mean over tokens, then sequences
     per_sequence = [float(k2[i][mask[rows][i]].mean()) for i in range(len(rows))]
@@ -336,9 +340,9 @@ def test_a_step_on_the_entropy_bonus_alone_raises_the_entropy(temperature):
     _, exp = rollout_and_experience(module)
     exp.advantages = torch.zeros_like(exp.advantages)
     before = _mean_entropy(module, exp)
-    out = Stats()
     rows = torch.arange(len(exp))
-    assert module.minibatch_backward(exp, rows, False, out, iteration=0)
+    out = module.minibatch_backward(exp, rows, False, iteration=0)
+    assert out is not None
     terms = _terms(out)
     assert terms["entropy"] == pytest.approx(before, rel=1e-4)
     assert terms["total"] == pytest.approx(-terms["entropy"], rel=1e-5)
@@ -389,17 +393,17 @@ def test_a_one_sequence_minibatch_is_its_own_mean():
     """A minibatch of one row (seq-mean aggregation: 1 unit) is divided by 1."""
     module = tiny_ppo_module(tiny_config("rloo", algorithm__samples_per_prompt=2))
     _, exp = rollout_and_experience(module, n=4)
-    out = Stats()
-    assert module.minibatch_backward(exp, torch.tensor([2]), False, out, iteration=0)
+    out = module.minibatch_backward(exp, torch.tensor([2]), False, iteration=0)
+    assert out is not None
     row = exp.advantages[2][exp.response_mask[2]]
     assert _terms(out)["policy"] == pytest.approx(-float(row.mean()), rel=1e-5)
 
 
 class _NaNInMicroBatch:
-    """Wraps the module's loss: the ``which``-th micro-batch's loss is NaN."""
+    """Wraps the module's objective: the ``which``-th micro-batch's loss is NaN."""
 
     def __init__(self, module, which: int) -> None:
-        self.inner, self.which, self.calls = module.loss, which, 0
+        self.inner, self.which, self.calls = module.objective, which, 0
 
     def __call__(self, *args, **kwargs):
         loss, terms = self.inner(*args, **kwargs)
@@ -414,27 +418,26 @@ def test_a_nonfinite_later_micro_batch_fails_the_whole_minibatch(which):
     cfg = tiny_config(budget__micro_batch_size=4)
     module = tiny_ppo_module(cfg)
     _, exp = rollout_and_experience(module, n=8)
-    module.loss = _NaNInMicroBatch(module, which)
+    module.objective = _NaNInMicroBatch(module, which)
     message = r"^non-finite loss at iteration 3 \(on at least one rank: this one\); the last good"
     with pytest.raises(NonFiniteError, match=message):
-        module.minibatch_backward(exp, torch.arange(8), False, Stats(), iteration=3)
+        module.minibatch_backward(exp, torch.arange(8), False, iteration=3)
     module = tiny_ppo_module(
         tiny_config(budget__micro_batch_size=4, algorithm__on_nonfinite="skip")
     )
-    loss = module.loss
-    for skips in (1, 2):  # each skipped minibatch is counted
-        module.loss = _NaNInMicroBatch(module, which)
-        out = Stats()
-        assert not module.minibatch_backward(exp, torch.arange(8), False, out, iteration=3)
-        assert module.nonfinite_skips == skips and not _terms(out)  # nothing logged for it
-        module.loss = loss
+    objective = module.objective
+    for skips in (1, 2):  # each skipped minibatch is counted, and gives no metrics
+        module.objective = _NaNInMicroBatch(module, which)
+        assert module.minibatch_backward(exp, torch.arange(8), False, iteration=3) is None
+        assert module.nonfinite_skips == skips
+        module.objective = objective
 
 
 def test_a_nonfinite_loss_in_training_names_its_iteration():
     from rlhf_lightning.modules.ppo import NonFiniteError
 
     module = tiny_ppo_module(tiny_config(budget__num_iterations=2))
-    module.loss = _NaNInMicroBatch(module, which=5)  # 4 micro-batches per iteration
+    module.objective = _NaNInMicroBatch(module, which=5)  # 4 micro-batches per iteration
     with pytest.raises(NonFiniteError, match="^non-finite loss at iteration 1 "):
         fit(module, max_epochs=2)
 
@@ -452,20 +455,20 @@ def test_warmup_step_trains_the_value_head_alone_and_leaves_the_policy_state_emp
     optimizer = _optimizer(module)
     lm_before = [p.detach().clone() for p in module.policy.lm.parameters()]
     head_before = module.policy.value_head.weight.detach().clone()
-    out = Stats()
-    assert module.minibatch_backward(exp, torch.arange(8), True, out, iteration=0)
+    out = module.minibatch_backward(exp, torch.arange(8), True, iteration=0)
+    assert out is not None
     terms = _terms(out)
     coef = cfg.algorithm.value_model.coef
     assert terms["value"] > 0 and terms["total"] == pytest.approx(coef * terms["value"])
     assert "policy/ratio_mean" not in out.reduce()  # no policy statistics in warm-up
-    module.optimizer_step(optimizer, out, warmup=True)
+    module.optimizer_step(optimizer, warmup=True)
     assert all(torch.equal(a, b) for a, b in zip(module.policy.lm.parameters(), lm_before))
     assert not torch.equal(module.policy.value_head.weight, head_before)
     assert all(p not in optimizer.state for p in module.policy.lm.parameters())
     # A normal step moves the policy.
     optimizer.zero_grad()
-    assert module.minibatch_backward(exp, torch.arange(8, 16), False, out, iteration=1)
-    module.optimizer_step(optimizer, out, warmup=False)
+    assert module.minibatch_backward(exp, torch.arange(8, 16), False, iteration=1) is not None
+    module.optimizer_step(optimizer, warmup=False)
     assert any(not torch.equal(a, b) for a, b in zip(module.policy.lm.parameters(), lm_before))
 
 
@@ -482,7 +485,7 @@ def test_the_value_loss_reaches_the_shared_trunk_only_outside_warmup(warmup):
         value_model = dataclasses.replace(module.cfg.algorithm.value_model, coef=coef)
         replace_cfg(module, "algorithm", value_model=value_model)
         module.policy.zero_grad(set_to_none=True)
-        assert module.minibatch_backward(exp, torch.arange(8), warmup, Stats(), iteration=0)
+        assert module.minibatch_backward(exp, torch.arange(8), warmup, iteration=0) is not None
         return [
             torch.zeros_like(p) if p.grad is None else p.grad.clone()
             for p in module.policy.lm.parameters()
@@ -502,8 +505,8 @@ def test_gradient_norm_is_logged_before_clipping_and_clipped_to_the_maximum(max_
     module = tiny_ppo_module(cfg)
     _, exp = rollout_and_experience(module, n=8)
     optimizer = _optimizer(module)
-    stats = Stats()
-    assert module.minibatch_backward(exp, torch.arange(8), False, stats, iteration=0)
+    stats = module.minibatch_backward(exp, torch.arange(8), False, iteration=0)
+    assert stats is not None
     grads = [p.grad.clone() for p in module.policy.parameters() if p.grad is not None]
     norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
     assert norm > 1e-2
@@ -513,7 +516,7 @@ def test_gradient_norm_is_logged_before_clipping_and_clipped_to_the_maximum(max_
             [p.grad.clone() for p in module.policy.parameters() if p.grad is not None]
         )
     )
-    module.optimizer_step(optimizer, stats, warmup=False)
+    stats.merge(module.optimizer_step(optimizer, warmup=False))
     reduced = stats.reduce()
     assert reduced["optim/grad_norm"] == pytest.approx(norm, rel=1e-5)
     (stepped,) = captured

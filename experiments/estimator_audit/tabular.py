@@ -320,7 +320,6 @@ def expected_update(
     the experience is made with the policy at ``problem.logits`` (theta_old); the loss is
     taken at each theta (default: theta_old only, on-policy). Exact: every batch is enumerated.
     """
-    from rlhf_lightning.stats import Stats
 
     cfg_b = cfg.budget
     b = cfg_b.rollout_batch_size
@@ -348,7 +347,7 @@ def expected_update(
         for j, theta in enumerate(thetas):
             lm.set_logits(theta)
             module.policy.zero_grad(set_to_none=True)
-            module.minibatch_backward(exp, rows, False, Stats(), 0)
+            module.minibatch_backward(exp, rows, False, 0)
             g = -lm.lm_head.weight.grad.T.double()
             means[j] += prob * g
             seconds[j] += prob * float((g**2).sum())

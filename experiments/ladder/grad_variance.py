@@ -125,7 +125,6 @@ def experience(module, batch, seed: int):
 
 def fit_values(module, data, args) -> None:
     """Value-only updates at the fixed policy (the warm-up loss: policy terms weighted 0)."""
-    from rlhf_lightning.stats import Stats
 
     params = [p for n, p in module.policy.named_parameters() if not n.startswith("lm.")]
     optimizer = torch.optim.AdamW(params, lr=module.cfg.algorithm.value_model.lr)
@@ -133,7 +132,7 @@ def fit_values(module, data, args) -> None:
         exp = experience(module, batch, seed=10_000 + i)
         for _ in range(2):
             module.policy.zero_grad(set_to_none=True)
-            module.minibatch_backward(exp, torch.arange(len(exp)), True, Stats(), iteration=0)
+            module.minibatch_backward(exp, torch.arange(len(exp)), True, iteration=0)
             optimizer.step()
     module.policy.zero_grad(set_to_none=True)
 
@@ -149,7 +148,6 @@ def policy_objective_only(module) -> None:
 
 
 def measure(preset: str, args) -> dict:
-    from rlhf_lightning.stats import Stats
 
     start = time.perf_counter()
     module, data = build(preset, args)
@@ -164,7 +162,7 @@ def measure(preset: str, args) -> dict:
     for i, batch in enumerate(batches(data, args.minibatches, args.seed + 2)):
         exp = experience(module, batch, seed=20_000 + i)
         module.policy.zero_grad(set_to_none=True)
-        module.minibatch_backward(exp, torch.arange(len(exp)), False, Stats(), iteration=0)
+        module.minibatch_backward(exp, torch.arange(len(exp)), False, iteration=0)
         flat = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
         ).double()

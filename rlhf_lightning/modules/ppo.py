@@ -10,9 +10,10 @@ prompts per epoch (``RolloutSampler``), and :meth:`training_step` on it reads to
 3. **experience** -- old logprobs and values (one policy forward), reference logprobs (one
    forward of the frozen reference), per-token rewards, advantages from the algorithm's
    estimator, whitened over the batch of all ranks if configured (:mod:`..rollout.experience`);
-4. **update** -- ``epochs`` x shuffled minibatches x micro-batches of ``loss, stats =
-   self.loss(...)`` -> one optimizer and LR-scheduler step per minibatch; the epoch loop stops
-   early when the approx KL exceeds ``target_kl``;
+4. **update** -- ``epochs`` x shuffled minibatches x micro-batches: forward, objective
+   (:class:`~rlhf_lightning.objective.Objective`: the loss terms and their metrics), backward;
+   one optimizer and LR-scheduler step per minibatch; the epoch loop stops early when the
+   approx KL exceeds ``target_kl``;
 5. **KL controller update** and **log** -- everything, namespaced (``objective/``, ``kl/``,
    ``policy/``, ``value/``, ``loss/``, ``optim/``, ``lr/``, ``rollout/``, ``time/``, ``perf/``),
    reduced exactly over all ranks (:class:`~rlhf_lightning.stats.Stats`).
@@ -49,9 +50,8 @@ from rlhf_lightning.config import RLConfig
 from rlhf_lightning.errors import CheckpointError, UserError
 from rlhf_lightning.evaluation import sequence_kl as eval_sequence_kl
 from rlhf_lightning.hardware import resolve_sampling_dtype
-from rlhf_lightning.kl import kl_penalty
-from rlhf_lightning.losses import aggregate, explained_variance, value_loss
-from rlhf_lightning.ops import entropy_from_logits, logprobs_from_logits, zero_masked
+from rlhf_lightning.losses import explained_variance
+from rlhf_lightning.objective import Objective
 from rlhf_lightning.optim import trainer_precision
 from rlhf_lightning.rewards import RewardError
 from rlhf_lightning.rollout.experience import Experience, make_experience, sequence_kl
@@ -119,7 +119,7 @@ class PPOModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.reward = reward
         self.gold_reward = gold_reward
-        self.cfg = cfg
+        self.cfg = cfg  # also builds self.objective
         self.kl_ctl = kl_controller
         self.seed = seed
         self.policy_source = policy_source
@@ -134,6 +134,16 @@ class PPOModule(L.LightningModule):
     @property
     def ref_lm(self):
         return self._frozen["ref"]
+
+    @property
+    def cfg(self) -> RLConfig:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: RLConfig) -> None:
+        """The run's config, and the objective built from it."""
+        self._cfg = cfg
+        self.objective = Objective(cfg.algorithm, cfg.generation.temperature)
 
     # ----------------------------------------------------------------------------------- setup
     def iteration_seed(self, iteration: int) -> int:
@@ -292,161 +302,92 @@ class PPOModule(L.LightningModule):
         return exp
 
     def update(self, exp: Experience, iteration: int) -> Stats:
-        """``epochs`` x shuffled minibatches x micro-batches; one optimizer step per minibatch
-        (of the value function alone in warm-up)."""
+        """``epochs`` passes over the rollout batch, each in shuffled minibatches: the gradient of
+        a minibatch (:meth:`minibatch_backward`), then one optimizer and LR-scheduler step; the
+        passes stop early once an epoch's mean approx KL exceeds ``target_kl``. In the value
+        warm-up only the value function moves."""
         alg, budget = self.cfg.algorithm, self.cfg.budget
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         warmup = iteration < alg.value_warmup_iterations
-        self.policy.train()
         stats = Stats()
+        self.policy.train()
         epochs_done = 0
         while epochs_done < alg.epochs:
             epoch_stats = Stats()
             for rows in torch.randperm(len(exp)).split(budget.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
-                if self.minibatch_backward(exp, rows, warmup, epoch_stats, iteration):
-                    self.optimizer_step(optimizer, epoch_stats, warmup)
-                    scheduler.step()
+                minibatch_stats = self.minibatch_backward(exp, rows, warmup, iteration)
+                if minibatch_stats is None:  # a non-finite loss, skipped
+                    continue
+                epoch_stats.merge(minibatch_stats)
+                epoch_stats.merge(self.optimizer_step(optimizer, warmup))
+                scheduler.step()
             stats.merge(epoch_stats)
             epochs_done += 1
-            if self.kl_early_stop(epoch_stats, warmup):
-                break
+            target = alg.target_kl
+            if (
+                target is not None
+                and not warmup
+                and epoch_stats.reduce()["policy/approx_kl"] > target
+            ):
+                break  # every rank reduced the same statistics: all stop together
         stats.add("policy/epochs", epochs_done / world_size(), 1.0 / world_size())
         self.policy.eval()
         return stats
 
-    def kl_early_stop(self, epoch_stats: Stats, warmup: bool) -> bool:
-        """Whether the epoch's mean approx KL (all ranks) exceeds ``target_kl``."""
-        target = self.cfg.algorithm.target_kl
-        if target is None or warmup:
-            return False
-        return epoch_stats.reduce()["policy/approx_kl"] > target
-
     def minibatch_backward(
-        self, exp: Experience, rows: torch.Tensor, warmup: bool, stats: Stats, iteration: int
-    ) -> bool:
-        """Accumulate the gradient of one minibatch (``rows``) in micro-batches; False when its
-        loss was non-finite on some rank and ``on_nonfinite=skip`` (``error`` raises)."""
-        agg = self.cfg.algorithm.loss_aggregation
-        denominator = all_ranks_sum(agg.units(exp.response_mask[rows])).clamp(min=1).float()
-        world = world_size()
-        losses = Stats()
-        finite = True
+        self, exp: Experience, rows: torch.Tensor, warmup: bool, iteration: int
+    ) -> Stats | None:
+        """Accumulate the gradient of the minibatch ``rows`` micro-batch by micro-batch: forward,
+        objective, backward. Returns its metrics, or None when its loss was non-finite on some
+        rank and ``on_nonfinite=skip`` (``error`` raises, on every rank)."""
+        alg, world = self.cfg.algorithm, world_size()
+        units = alg.loss_aggregation.units(exp.response_mask[rows])
+        denominator = all_ranks_sum(units).clamp(min=1).float()
+        kl_coef = alg.kl.loss_coef(float(self.kl_ctl.value))
+        stats, finite = Stats(), True
         for part in exp.micro_batches(rows, self.cfg.budget.micro_batch_size):
             with record_function("ppo/forward_and_loss"):
-                loss, terms = self.loss(part, denominator, warmup, stats)
+                logits, values = self.policy(
+                    part.input_ids,
+                    part.attention_mask,
+                    response_start=part.prompt_len,
+                    value_trains_trunk=not warmup,
+                )
+                loss, metrics = self.objective(logits, values, part, denominator, kl_coef, warmup)
             finite = finite and bool(torch.isfinite(loss))
             with record_function("ppo/backward"):
-                self.backward_(loss * world)  # DDP averages gradients over ranks
-            for name, value in terms.items():
-                losses.add(f"loss/{name}", value, 0.0)
-            self.count_padding(part, exp, stats)
+                backward(self, loss * world)  # DDP averages gradients over ranks
+            stats.merge(metrics)
+            stats.merge(padding_stats(part, exp))
         if any_rank(not finite):
-            if self.cfg.algorithm.on_nonfinite == "error":
+            if alg.on_nonfinite == "error":
                 raise NonFiniteError(
                     f"non-finite loss at iteration {iteration} (on at least one rank: "
                     f"{'this one' if not finite else 'another'}); the last good checkpoint is kept"
                 )
             self.nonfinite_skips += 1
-            return False
-        for name in losses.sums:  # each rank holds part of the minibatch's loss
-            stats.add(name, losses.sums[name], 1.0 / world)
-        return True
+            return None
+        return stats
 
-    @staticmethod
-    def count_padding(part: Experience, exp: Experience, stats: Stats) -> None:
-        """The share of padded positions a micro-batch's forward runs on (``perf/padding_frac``)
-        and what it would be without length grouping and trimming, at the rollout batch's full
-        width (``perf/padding_frac_untrimmed``)."""
-        real = float(part.attention_mask.sum())
-        rows = len(part)
-        stats.add(
-            "perf/padding_frac", rows * part.input_ids.shape[1] - real, part.input_ids.numel()
-        )
-        full = rows * exp.input_ids.shape[1]
-        stats.add("perf/padding_frac_untrimmed", full - real, full)
-
-    def backward_(self, loss: torch.Tensor) -> None:
-        """``manual_backward`` under a Trainer (precision, strategy); plain backward outside."""
-        if self._trainer is None:
-            loss.backward()
-        else:
-            self.manual_backward(loss)
-
-    def loss(
-        self, part: Experience, denominator: torch.Tensor, warmup: bool, stats: Stats
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one micro-batch: its share of the minibatch's aggregated loss.
-
-        One forward of the policy gives logprobs, entropy and values. In warm-up the policy
-        terms are weighted 0 and the value head reads a detached trunk. Adds the micro-batch's
-        token statistics to ``stats``; returns the loss and its terms (floats).
-        """
-        alg = self.cfg.algorithm
-        mask = part.response_mask
-        T = self.cfg.generation.temperature
-        logits, values = self.policy(
-            part.input_ids,
-            part.attention_mask,
-            response_start=part.prompt_len,
-            value_trains_trunk=not warmup,
-        )
-        logprobs = logprobs_from_logits(logits, part.response_ids, T)
-        weights = alg.loss_aggregation.token_weights(mask)
-        policy_tokens, diagnostics = alg.policy_loss(
-            logprobs, part.old_logprobs, part.advantages, mask
-        )
-        if alg.sampler_correction is not None:
-            is_weights, _ = alg.sampler_correction(part.old_logprobs, part.sampler_logprobs, mask)
-            policy_tokens = policy_tokens * is_weights
-        with torch.set_grad_enabled(alg.ent_coef > 0 and torch.is_grad_enabled()):
-            entropy = zero_masked(entropy_from_logits(logits, T), mask)
-        terms = {
-            "policy": aggregate(policy_tokens, weights, denominator),
-            "entropy": aggregate(entropy, weights, denominator),
-        }
-        kl_coef = alg.kl.loss_coef(float(self.kl_ctl.value))
-        if kl_coef:
-            kl = kl_penalty(
-                zero_masked(logprobs, mask), part.ref_logprobs, alg.kl.estimator, alg.kl.clamp
-            )
-            terms["kl"] = aggregate(zero_masked(kl, mask), weights, denominator)
-        policy_weight = 0.0 if warmup else 1.0
-        loss = policy_weight * (
-            terms["policy"] - alg.ent_coef * terms["entropy"] + kl_coef * terms.get("kl", 0.0)
-        )
-        if values is not None:
-            value_tokens, value_clipped = value_loss(
-                values.float(), part.old_values, part.returns, mask, alg.value_model.clip
-            )
-            terms["value"] = aggregate(value_tokens, weights, denominator)
-            loss = loss + alg.value_model.coef * terms["value"]
-            stats.add("value/clipfrac", value_clipped.sum(), mask.sum())
-        terms["total"] = loss
-        tokens = mask.sum()
-        stats.add("policy/entropy", entropy.detach().sum(), tokens)
-        if not warmup:
-            stats.add("policy/clipfrac", diagnostics["clipped"].sum(), tokens)
-            stats.add("policy/approx_kl", 0.5 * (diagnostics["log_ratio"] ** 2).sum(), tokens)
-            stats.add("policy/ratio_mean", diagnostics["ratio"].sum(), tokens)
-            stats.add_max("policy/ratio_max", diagnostics["ratio"][mask].max())
-        return loss, {name: float(value.detach()) for name, value in terms.items()}
-
-    def optimizer_step(self, optimizer, stats: Stats, warmup: bool) -> None:
-        """Clip, step; in warm-up the policy's (zero) gradients are dropped first, so AdamW
-        leaves the policy and its moments untouched."""
+    def optimizer_step(self, optimizer, warmup: bool) -> Stats:
+        """Clip the global gradient norm, step; in warm-up the policy's (zero) gradients are
+        dropped first, so AdamW leaves the policy and its moments untouched. Returns the norm
+        statistics (``optim/*``)."""
         if warmup:
             for param in self.policy.lm.parameters():
                 param.grad = None
+        max_norm = self.cfg.algorithm.max_grad_norm
         with record_function("ppo/clip_gradients"):
-            grad_norm = self.clip_gradients_(optimizer, self.cfg.algorithm.max_grad_norm)
+            grad_norm = clip_gradients(self, optimizer, max_norm)
+        stats = Stats()
         if grad_norm is not None:
-            stats.add("optim/grad_norm", grad_norm / world_size(), 1.0 / world_size())
-            clipped = self.cfg.algorithm.max_grad_norm is not None and (
-                grad_norm > self.cfg.algorithm.max_grad_norm
-            )
-            stats.add("optim/clipped_frac", float(clipped) / world_size(), 1.0 / world_size())
+            world = world_size()
+            stats.add("optim/grad_norm", grad_norm / world, 1.0 / world)
+            clipped = max_norm is not None and grad_norm > max_norm
+            stats.add("optim/clipped_frac", float(clipped) / world, 1.0 / world)
         optimizer.step()
+        return stats
 
     # -------------------------------------------------------------------------------- metrics
     def rollout_stats(self, exp: Experience, rollout: Rollout, raw_scores, kl_coef) -> Stats:
@@ -582,30 +523,6 @@ class PPOModule(L.LightningModule):
         self.nonfinite_skips = state["nonfinite_skips"]
 
     # --------------------------------------------------------------------------------- helpers
-    def clip_gradients_(self, optimizer, max_norm: float | None) -> float | None:
-        """Clip the global gradient norm of all trained parameters to ``max_norm`` (None: only
-        measure it); returns the norm before clipping (None under ``16-mixed``).
-
-        With ``16-mixed`` Lightning's precision plugin unscales the fp16 gradients first, and the
-        norm is not reported. In every other precision the gradients are already true
-        gradients, clipped here directly (Lightning's bf16-mixed plugin
-        refuses to clip for a fused optimizer, although there is nothing to unscale). Under the
-        DDP family every rank holds the full, already averaged gradients, so the local norm is
-        the global one; under FSDP2 each rank holds a shard of them and the norm is reduced over
-        the ranks (``strategies.global_grad_norm``).
-        """
-        if trainer_precision(self) == "16-mixed":
-            if max_norm is not None:
-                self.clip_gradients(
-                    optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm"
-                )
-            return None
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = global_grad_norm([p.grad for p in params if p.grad is not None])
-        if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return float(norm)
-
     def check_finite(self, name: str, values: torch.Tensor, iteration: int) -> None:
         """Raise :class:`NonFiniteError` on every rank when ``values`` is not finite on one."""
         bad = int((~torch.isfinite(values)).sum())
@@ -624,6 +541,51 @@ class PPOModule(L.LightningModule):
         rows = [dict(zip(columns, values)) for values in list(zip(*columns.values()))[:8]]
         for logger in self.loggers:
             log_samples(logger, tag, rows, self.current_epoch)
+
+
+def padding_stats(part: Experience, exp: Experience) -> Stats:
+    """The share of padded positions a micro-batch's forward runs on (``perf/padding_frac``) and
+    what it would be without length grouping and trimming, at the rollout batch's full width
+    (``perf/padding_frac_untrimmed``)."""
+    stats = Stats()
+    real = float(part.attention_mask.sum())
+    rows = len(part)
+    stats.add("perf/padding_frac", rows * part.input_ids.shape[1] - real, part.input_ids.numel())
+    full = rows * exp.input_ids.shape[1]
+    stats.add("perf/padding_frac_untrimmed", full - real, full)
+    return stats
+
+
+def backward(module: L.LightningModule, loss: torch.Tensor) -> None:
+    """``manual_backward`` under a Trainer (precision, strategy); plain backward outside."""
+    if module._trainer is None:
+        loss.backward()
+    else:
+        module.manual_backward(loss)
+
+
+def clip_gradients(module: L.LightningModule, optimizer, max_norm: float | None) -> float | None:
+    """Clip the global gradient norm of all trained parameters to ``max_norm`` (None: only
+    measure it); returns the norm before clipping (None under ``16-mixed``).
+
+    With ``16-mixed`` Lightning's precision plugin unscales the fp16 gradients first, and the
+    norm is not reported. In every other precision the gradients are already true gradients,
+    clipped here directly (Lightning's bf16-mixed plugin refuses to clip for a fused optimizer,
+    although there is nothing to unscale). Under the DDP family every rank holds the full,
+    already averaged gradients, so the local norm is the global one; under FSDP2 each rank holds
+    a shard of them and the norm is reduced over the ranks (``strategies.global_grad_norm``).
+    """
+    if trainer_precision(module) == "16-mixed":
+        if max_norm is not None:
+            module.clip_gradients(
+                optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm"
+            )
+        return None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = global_grad_norm([p.grad for p in params if p.grad is not None])
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 def columns_of(batch: dict, rollout: Rollout) -> dict[str, list]:
