@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from rlhf_lightning.errors import require
-from rlhf_lightning.kl import kl_penalty
+from rlhf_lightning.kl import KLEstimator, kl_penalty
 from rlhf_lightning.ops import as_bool_mask, last_true_index, zero_masked
 
 
@@ -117,15 +117,15 @@ def token_rewards(
     ref_logprobs: Tensor,
     mask: Tensor,
     kl_coef: float | Tensor,
-    kind: str = "k1",
+    kind: str | KLEstimator = "k1",
     clamp: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token rewards: a KL penalty on every response token plus the score at the last one.
 
     scores: (B,) sequence scores; logprobs, ref_logprobs: (B, T) log-probabilities of the sampled
     tokens under the policy and the reference; mask: (B, T) bool or 0/1, each row with at least
-    one real token; kl_coef: float or 0-dim tensor; kind: a KL estimator and clamp its clamp
-    (see ``kl.py``).
+    one real token; kl_coef: float or 0-dim tensor; kind: a KL estimator or its name, clamp its
+    clamp (see ``kl.py``).
     -> (rewards, kl), each (B, T) and 0 at masked positions: ``kl`` is the per-token estimate and
     ``rewards = -kl_coef * kl`` plus ``scores[b]`` at row b's last real token.
     """

@@ -27,7 +27,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_lightning.errors import FieldError, UserError
-from rlhf_lightning.kl import KL_ESTIMATORS
 
 
 class ConfigError(UserError, ValueError):
@@ -254,81 +253,90 @@ class Budget:
         return self.rollout_batch_size // self.minibatch_size
 
 
-@dataclass(frozen=True)
-class KLConfig:
-    """The KL penalty against the frozen reference (``algorithm.kl``; defaults in
-    ``conf/algorithm/common/defaults.yaml``).
+KL_TERM_KEYS = ("coef", "estimator", "clamp", "controller")
+FIXED_KL = {"_target_": "rlhf_lightning.kl.FixedKLController"}
 
-    ``placement`` is the one place that decides where the KL goes: :meth:`reward_coef` and
-    :meth:`loss_coef` give the coefficient of each site (0 at the other one). An (estimator,
-    placement) pair whose expected gradient is not that of the KL it stands for runs only with
-    ``allow_biased_gradient`` (:func:`rlhf_lightning.kl.biased_kl_gradient`).
-    """
 
-    coef: float
-    """beta: the fixed coefficient, or the adaptive controller's initial one."""
-    estimator: str
-    """Per-token estimator (see :mod:`rlhf_lightning.kl`): k1 in the reward, k2 or k3_plus as a
-    loss; the others only with ``allow_biased_gradient``."""
-    placement: str
-    """``reward``: ``-beta * KL_t`` in each token's reward (classic RLHF); ``loss``: ``beta * KL``
-    added to the loss (GRPO)."""
-    allow_biased_gradient: bool
-    """Run an (estimator, placement) pair whose expected gradient is biased (e.g. k3 as a loss,
-    as DeepSeekMath's GRPO; k3 in the reward); said at start and logged with the hparams."""
-    clamp: float | None
-    """Clamp each token's KL estimate to ``[-clamp, clamp]`` (verl clamps k3 at 10) so that an
-    extreme log-ratio cannot make it inf; null: no clamp. Where it binds, the gradient is 0."""
-    controller: dict = field(
-        default_factory=lambda: {"_target_": "rlhf_lightning.kl.FixedKLController"}
+def kl_term_from(node, key: str):
+    """A :class:`~rlhf_lightning.kl.KLTerm` from its node (``algorithm.kl.reward`` or
+    ``algorithm.kl.loss``): ``coef`` (beta, >= 0; the controller's start), ``estimator`` (a name
+    of ``rlhf_lightning.kl.KL_ESTIMATORS`` or a ``_target_`` node), ``clamp`` (> 0 or null) and
+    ``controller`` (a ``_target_`` node, ``conf/kl/``; default fixed). The controller is built
+    here, once."""
+    from rlhf_lightning.kl import KL_ESTIMATORS, KLEstimator, KLTerm, kl_estimator
+
+    data = _plain(node)
+    _check(isinstance(data, Mapping), key, f"must be a mapping or null, got {data!r}")
+    for name in sorted(data):
+        _check(name in KL_TERM_KEYS, f"{key}.{name}", "unknown key")
+    for name in ("coef", "estimator"):
+        _check(
+            name in data,
+            f"{key}.{name}",
+            "required, not set (kl=adaptive adapts the KL in the reward: a preset with "
+            "algorithm.kl.reward=null has none)"
+            if name == "coef" and "controller" in data
+            else "required, not set",
+        )
+    coef = data["coef"]
+    _check(_matches(coef, float) and coef >= 0, f"{key}.coef", f"must be >= 0, got {coef!r}")
+    estimator = data["estimator"]
+    if isinstance(estimator, Mapping):
+        estimator = build_component(estimator, f"{key}.estimator", KLEstimator)
+    else:
+        _check(
+            estimator in KL_ESTIMATORS,
+            f"{key}.estimator",
+            f"unknown KL estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)} "
+            "(or a _target_)",
+        )
+        estimator = kl_estimator(estimator)
+    clamp = data.get("clamp")
+    _check(
+        clamp is None or (_matches(clamp, float) and clamp > 0),
+        f"{key}.clamp",
+        f"must be > 0 (or null), got {clamp!r}",
     )
-    """A ``_target_`` node of a KL controller (``conf/kl/``), given ``coef`` when built."""
+    controller = build_component(
+        data.get("controller") or FIXED_KL, f"{key}.controller", coef=float(coef)
+    )
+    return KLTerm(estimator, controller, clamp)
 
-    def __post_init__(self) -> None:
-        from rlhf_lightning.kl import biased_kl_gradient
 
-        p = "algorithm.kl"
-        _check(self.coef >= 0, f"{p}.coef", f"must be >= 0, got {self.coef}")
+def kl_penalty_from(node):
+    """The run's :class:`~rlhf_lightning.kl.KLPenalty` from ``algorithm.kl`` (defaults in
+    ``conf/algorithm/common/defaults.yaml``): ``reward`` and ``loss`` (each a KL term or null)
+    and ``allow_biased_gradient``. A term whose estimator's expected gradient is biased at its
+    site is refused unless ``allow_biased_gradient`` is true."""
+    from rlhf_lightning.kl import KLPenalty
+
+    p = "algorithm.kl"
+    data = _plain(node)
+    _check(isinstance(data, Mapping), p, f"must be a mapping, got {data!r}")
+    for name in sorted(data):
+        _check(name in ("reward", "loss", "allow_biased_gradient"), f"{p}.{name}", "unknown key")
+    for name in ("reward", "loss", "allow_biased_gradient"):
+        _check(name in data, f"{p}.{name}", "required, not set")
+    allow = data["allow_biased_gradient"]
+    _check(
+        isinstance(allow, bool),
+        f"{p}.allow_biased_gradient",
+        f"must be true or false, got {allow!r}",
+    )
+    terms = {
+        site: None if data[site] is None else kl_term_from(data[site], f"{p}.{site}")
+        for site in ("reward", "loss")
+    }
+    penalty = KLPenalty(terms["reward"], terms["loss"], allow)
+    for site, bias in penalty.biased_gradients().items():
         _check(
-            self.estimator in KL_ESTIMATORS,
-            f"{p}.estimator",
-            f"unknown KL estimator {self.estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}",
+            allow,
+            f"{p}.{site}.estimator",
+            f"{type(penalty.terms()[site].estimator).__name__}: {bias}. Use k1 in the reward, or "
+            "k2 or k3_plus as a loss; or set algorithm.kl.allow_biased_gradient=true to run it "
+            "anyway",
         )
-        _check(
-            self.placement in ("reward", "loss"),
-            f"{p}.placement",
-            f"must be 'reward' or 'loss', got {self.placement!r}",
-        )
-        if self.clamp is not None:
-            _check(self.clamp > 0, f"{p}.clamp", f"must be > 0 (or null), got {self.clamp}")
-        bias = biased_kl_gradient(self.estimator, self.placement)
-        _check(
-            bias is None or self.allow_biased_gradient,
-            f"{p}.estimator",
-            f"{self.estimator} with algorithm.kl.placement={self.placement}: {bias}. Use k1 in "
-            "the reward, or k2 or k3_plus as a loss; or set algorithm.kl.allow_biased_gradient="
-            "true to run it anyway",
-        )
-        self.build_controller()  # checks the controller's own settings now
-
-    @property
-    def biased_gradient(self) -> str | None:
-        """Why this pair's expected gradient is biased, or None where it is not."""
-        from rlhf_lightning.kl import biased_kl_gradient
-
-        return biased_kl_gradient(self.estimator, self.placement)
-
-    def build_controller(self):
-        """A fresh controller (FixedKLController, AdaptiveKLController, ...) at ``coef``."""
-        return build_component(self.controller, "algorithm.kl.controller", coef=self.coef)
-
-    def reward_coef(self, value: float) -> float:
-        """The coefficient of the KL penalty in the per-token rewards."""
-        return value if self.placement == "reward" else 0.0
-
-    def loss_coef(self, value: float) -> float:
-        """The coefficient of the KL term in the loss."""
-        return value if self.placement == "loss" else 0.0
+    return penalty
 
 
 @dataclass(frozen=True)
@@ -376,7 +384,8 @@ class AlgorithmConfig:
     """``ValueModel``: none, a head on the shared trunk, or a separate critic."""
     optimizer: Callable
     """``optimizer(param_groups)`` (a ``_partial_`` node); its ``lr`` is the policy's."""
-    kl: KLConfig
+    kl: Any
+    """``KLPenalty``: the KL against the reference in the rewards and/or as a loss term."""
     samples_per_prompt: int
     """k responses per prompt, kept together as a group (RLOO/GRPO baselines need k >= 2)."""
     epochs: int
@@ -544,8 +553,8 @@ def algorithm_config_from(node) -> AlgorithmConfig:
         if correction is None
         else build_component(correction, "algorithm.sampler_correction", SamplerCorrection)
     )
-    _, kl = _to_dataclass(KLConfig, data.pop("kl", {}), "algorithm.kl")
-    built["kl"] = _build(KLConfig, kl, "algorithm.kl")
+    _check("kl" in data, "algorithm.kl", "required (choose an algorithm preset)")
+    built["kl"] = kl_penalty_from(data.pop("kl"))
     check_fields(AlgorithmConfig, data, "algorithm")
     return _build(AlgorithmConfig, {**data, **built}, "algorithm")
 

@@ -10,6 +10,10 @@ pi_ref(x)`` (J. Schulman, "Approximating KL Divergence", 2020 blog post):
   ``expm1(-d) + d`` for precision when ``d`` is small.
 - ``k3_plus``: the value of k3 with the gradient of k2 (verl's "k3+").
 
+Each is a component (:class:`KLEstimator`: ``K1``, ``Abs``, ``K2``, ``K3``, ``K3Plus``), named
+in the config by its name (``algorithm.kl.reward.estimator: k1``) or by a ``_target_`` of one's
+own; each says where its gradient is biased (``reward_bias``, ``loss_bias``).
+
 What each one is good for depends on where it goes (Tang & Munos 2025, "On a few pitfalls in KL
 divergence gradient estimation for RL"; "A Comedy of Estimators", 2025), and the update of a
 training step only sees the estimate's score-function gradient (in the reward) or its gradient
@@ -29,10 +33,13 @@ with the sample held fixed (as a loss):
   gradient. ``grad k1 = grad log pi`` has expectation 0, ``grad k3 = (1 - pi_ref / pi) grad log
   pi`` that of ``KL(pi_ref || pi)``, the other direction, and ``abs`` neither.
 
-:func:`biased_kl_gradient` names the pairs outside ``k1`` in the reward and ``k2`` / ``k3_plus``
-as a loss; the config runs them only with ``algorithm.kl.allow_biased_gradient=true`` (for
-published recipes such as DeepSeekMath's k3 as a loss). The exact numbers, on problems small
-enough to enumerate, are in ``experiments/estimator_audit/``.
+The penalty has two sites, each a :class:`KLTerm` (estimator, coefficient, clamp) or absent:
+``algorithm.kl.reward`` (``-beta * k_t`` in each token's reward, classic RLHF) and
+``algorithm.kl.loss`` (``beta * k_t`` added to the loss, GRPO); verl allows both at once, and so
+does :class:`KLPenalty`. A term whose estimator is biased at its site runs only with
+``algorithm.kl.allow_biased_gradient=true`` (for published recipes such as DeepSeekMath's k3 as
+a loss). The exact numbers, on problems small enough to enumerate, are in
+``experiments/estimator_audit/``.
 
 The coefficient is fixed (0.05 in Huang et al. 2024, "The N+ implementation details of RLHF with
 PPO") or adaptive (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"):
@@ -42,46 +49,116 @@ PPO") or adaptive (Ziegler et al. 2019, "Fine-Tuning Language Models from Human 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from rlhf_lightning.errors import require
 
-KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3_plus")
-# Estimators whose gradient, as a loss on the policy's own samples, is that of each state's
-# KL(pi(.|s) || pi_ref(.|s)).
-KL_LOSS_ESTIMATORS = ("k2", "k3_plus")
-# Estimators whose score-function gradient, in the reward, is that of KL(pi || pi_ref).
-KL_REWARD_ESTIMATORS = ("k1",)
+
+# ------------------------------------------------------------------------------- estimators
+class KLEstimator:
+    """Base of the per-token KL estimators: ``estimator(d)`` with ``d = log pi - log pi_ref``
+    (any shape) -> the estimate, elementwise. ``reward_bias`` / ``loss_bias``: why its expected
+    gradient is not that of the KL in the reward / as a loss, or None where it is."""
+
+    name: ClassVar[str]
+    reward_bias: ClassVar[str | None] = (
+        "in the reward its expected gradient is the score function of its value alone, without "
+        "its pathwise part, so not the gradient of KL(pi || pi_ref)"
+    )
+    loss_bias: ClassVar[str | None]
+
+    def __call__(self, log_ratio: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
-def biased_kl_gradient(kind: str, placement: str) -> str | None:
+@dataclass(frozen=True)
+class K1(KLEstimator):
+    """``d``: unbiased, high variance; exact in the reward."""
+
+    name = "k1"
+    reward_bias = None
+    loss_bias = "as a loss its gradient grad log pi has expectation 0"
+
+    def __call__(self, log_ratio):
+        return log_ratio
+
+
+@dataclass(frozen=True)
+class Abs(KLEstimator):
+    """``|d|``: never negative, biased."""
+
+    name = "abs"
+    loss_bias = "as a loss its expected gradient is that of no KL"
+
+    def __call__(self, log_ratio):
+        return log_ratio.abs()
+
+
+@dataclass(frozen=True)
+class K2(KLEstimator):
+    """``d^2 / 2``: never negative; as a loss, the gradient of each state's KL."""
+
+    name = "k2"
+    loss_bias = None
+
+    def __call__(self, log_ratio):
+        return 0.5 * log_ratio**2
+
+
+@dataclass(frozen=True)
+class K3(KLEstimator):
+    """``exp(-d) - 1 + d`` (as ``expm1(-d) + d``): unbiased, never negative, low variance."""
+
+    name = "k3"
+    loss_bias = "as a loss its expected gradient is that of the reverse KL(pi_ref || pi)"
+
+    def __call__(self, log_ratio):
+        return torch.expm1(-log_ratio) + log_ratio
+
+
+@dataclass(frozen=True)
+class K3Plus(KLEstimator):
+    """k3's value with k2's gradient (verl's "k3+")."""
+
+    name = "k3_plus"
+    loss_bias = None
+
+    def __call__(self, log_ratio):
+        k2 = 0.5 * log_ratio**2
+        k3 = torch.expm1(-log_ratio) + log_ratio
+        return k3.detach() + (k2 - k2.detach())
+
+
+KL_ESTIMATORS: dict[str, type[KLEstimator]] = {c.name: c for c in (K1, Abs, K2, K3, K3Plus)}
+
+
+def kl_estimator(spec: str | KLEstimator) -> KLEstimator:
+    """The estimator named ``spec`` (a key of ``KL_ESTIMATORS``), or ``spec`` itself."""
+    if isinstance(spec, KLEstimator):
+        return spec
+    if spec not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {spec!r}; valid kinds are {tuple(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[spec]()
+
+
+def biased_kl_gradient(kind: str | KLEstimator, placement: str) -> str | None:
     """Why estimator ``kind`` at ``placement`` (``reward`` or ``loss``) does not give the gradient
     of the KL it stands for, or None where it does (see the module docstring)."""
-    if placement == "reward" and kind not in KL_REWARD_ESTIMATORS:
-        return (
-            "in the reward its expected gradient is the score function of its value alone, "
-            "without its pathwise part, so not the gradient of KL(pi || pi_ref)"
-        )
-    if placement == "loss" and kind not in KL_LOSS_ESTIMATORS:
-        reasons = {
-            "k1": "its gradient grad log pi has expectation 0",
-            "k3": "its expected gradient is that of the reverse KL(pi_ref || pi)",
-            "abs": "its expected gradient is that of no KL",
-        }
-        return f"as a loss {reasons.get(kind, 'its expected gradient is not that of the KL')}"
-    return None
+    estimator = kl_estimator(kind)
+    return estimator.reward_bias if placement == "reward" else estimator.loss_bias
 
 
 def kl_penalty(
-    logprobs: Tensor, ref_logprobs: Tensor, kind: str, clamp: float | None = None
+    logprobs: Tensor, ref_logprobs: Tensor, kind: str | KLEstimator, clamp: float | None = None
 ) -> Tensor:
     """Per-token KL estimate, elementwise.
 
     logprobs, ref_logprobs: same shape, e.g. (B, T), log-probabilities of the sampled tokens
-    under the policy and the reference -> same shape. ``kind`` is one of ``KL_ESTIMATORS``.
+    under the policy and the reference -> same shape. ``kind``: an estimator or its name.
     ``clamp``: the estimate is clamped to ``[-clamp, clamp]`` (None: not clamped); the log-ratio
     is first bounded to ``max(20, clamp + 1)`` in magnitude, beyond which every estimator's
     value is already past the clamp, so that ``exp`` cannot overflow and the clamped estimate
@@ -92,28 +169,12 @@ def kl_penalty(
             f"logprobs {tuple(logprobs.shape)} and ref_logprobs "
             f"{tuple(ref_logprobs.shape)} must have the same shape"
         )
+    estimator = kl_estimator(kind)
     log_ratio = logprobs - ref_logprobs
     if clamp is None:
-        return _kl_estimate(log_ratio, kind)
+        return estimator(log_ratio)
     bound = max(20.0, clamp + 1.0)
-    return _kl_estimate(log_ratio.clamp(-bound, bound), kind).clamp(-clamp, clamp)
-
-
-def _kl_estimate(log_ratio: Tensor, kind: str) -> Tensor:
-    """The estimator ``kind`` of ``d = log pi - log pi_ref``, elementwise."""
-    if kind == "k1":
-        return log_ratio
-    if kind == "abs":
-        return log_ratio.abs()
-    if kind == "k2":
-        return 0.5 * log_ratio**2
-    if kind == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    if kind == "k3_plus":
-        k2 = 0.5 * log_ratio**2
-        k3 = torch.expm1(-log_ratio) + log_ratio
-        return k3.detach() + (k2 - k2.detach())
-    raise ValueError(f"unknown KL estimator {kind!r}; valid kinds are {KL_ESTIMATORS}")
+    return estimator(log_ratio.clamp(-bound, bound)).clamp(-clamp, clamp)
 
 
 class _KLController:
@@ -174,3 +235,73 @@ class AdaptiveKLController(_KLController):
                 f"{factor} would make the coefficient non-positive"
             )
         self.value *= factor
+
+
+# ---------------------------------------------------------------------------------- penalty
+@dataclass
+class KLTerm:
+    """The KL penalty at one site: its estimator, its coefficient (the controller's current
+    ``value``) and an optional clamp of each token's estimate."""
+
+    estimator: KLEstimator
+    controller: _KLController
+    clamp: float | None = None
+
+    @property
+    def coef(self) -> float:
+        """beta now."""
+        return float(self.controller.value)
+
+    def estimate(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+        """Per-token estimate: (B, T), (B, T) -> (B, T) (see :func:`kl_penalty`)."""
+        return kl_penalty(logprobs, ref_logprobs, self.estimator, self.clamp)
+
+
+@dataclass
+class KLPenalty:
+    """The KL penalty against the frozen reference at its two sites, each a :class:`KLTerm` or
+    None: ``reward`` (``-beta * k_t`` in every response token's reward) and ``loss`` (``beta *
+    k_t`` aggregated into the loss). Built once from ``algorithm.kl``; its controllers' values
+    are the run's state (checkpointed, updated after every iteration)."""
+
+    reward: KLTerm | None = None
+    loss: KLTerm | None = None
+    allow_biased_gradient: bool = False
+
+    def terms(self) -> dict[str, KLTerm]:
+        return {site: term for site, term in (("reward", self.reward), ("loss", self.loss)) if term}
+
+    def biased_gradients(self) -> dict[str, str]:
+        """``{site: why}`` for every term whose estimator is biased at its site."""
+        return {
+            site: bias
+            for site, term in self.terms().items()
+            if (bias := biased_kl_gradient(term.estimator, site)) is not None
+        }
+
+    @property
+    def reward_coef(self) -> float:
+        """beta of the KL in the rewards (0 without that term)."""
+        return self.reward.coef if self.reward else 0.0
+
+    @property
+    def loss_coef(self) -> float:
+        """beta of the KL loss term (0 without that term)."""
+        return self.loss.coef if self.loss else 0.0
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        """Every term's controller sees the measured KL (a fixed one ignores it)."""
+        for term in self.terms().values():
+            term.controller.update(current_kl, n_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {site: term.controller.state_dict() for site, term in self.terms().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        terms = self.terms()
+        if set(state) != set(terms):
+            raise KeyError(
+                f"KL penalty state has the sites {sorted(state)}, this run {sorted(terms)}"
+            )
+        for site, term in terms.items():
+            term.controller.load_state_dict(state[site])

@@ -6,13 +6,13 @@ aggregates it with the algorithm's loss aggregation over the **minibatch's** den
 on all ranks, so the terms of a minibatch's micro-batches on all ranks sum to the minibatch's
 loss), and combines them::
 
-    loss = w * (policy - ent_coef * entropy + kl_coef * kl) + value_coef * value
+    loss = w * (policy - ent_coef * entropy + beta * kl) + value_coef * value
 
 - ``policy``: the policy loss (``algorithm.policy_loss``), each token's loss times the sampler
   correction's weight where one is set;
 - ``entropy``: of ``softmax(logits / T)`` (a bonus: subtracted);
 - ``kl``: the KL estimate against the reference, when the KL penalty has a loss term
-  (``kl_coef > 0``);
+  (``algorithm.kl.loss``, with its beta);
 - ``value``: the value loss (``algorithm.value_model``), when there is a value function;
 - ``w`` is 0 in the value warm-up (the policy does not move), else 1.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_lightning.kl import kl_penalty
 from rlhf_lightning.losses import aggregate, value_loss
 from rlhf_lightning.ops import entropy_from_logits, logprobs_from_logits, zero_masked
 from rlhf_lightning.stats import Stats
@@ -47,15 +46,14 @@ class Objective:
         values: Tensor | None,
         part,
         denominator: Tensor,
-        kl_coef: float,
         warmup: bool,
     ) -> tuple[Tensor, Stats]:
         """The micro-batch's share of the minibatch's loss, and its metrics.
 
         logits: (b, R, V) at the response positions; values: (b, R) or None; part: the
         micro-batch's ``Experience`` (b rows, R response tokens); denominator: 0-dim, the
-        aggregation's units over the whole minibatch on all ranks; kl_coef: beta of the KL loss
-        term (0: none); warmup: train the value function alone.
+        aggregation's units over the whole minibatch on all ranks; warmup: train the value
+        function alone.
         """
         alg, mask = self.alg, part.response_mask
         logprobs = logprobs_from_logits(logits, part.response_ids, self.temperature)
@@ -73,12 +71,11 @@ class Objective:
 
         terms = {"policy": aggregated(policy_tokens), "entropy": aggregated(entropy)}
         loss = terms["policy"] - alg.ent_coef * terms["entropy"]
-        if kl_coef:
-            kl = kl_penalty(
-                zero_masked(logprobs, mask), part.ref_logprobs, alg.kl.estimator, alg.kl.clamp
-            )
+        kl_term = alg.kl.loss
+        if kl_term is not None:
+            kl = kl_term.estimate(zero_masked(logprobs, mask), part.ref_logprobs)
             terms["kl"] = aggregated(zero_masked(kl, mask))
-            loss = loss + kl_coef * terms["kl"]
+            loss = loss + kl_term.coef * terms["kl"]
         loss = (0.0 if warmup else 1.0) * loss
         stats = Stats()
         if values is not None:

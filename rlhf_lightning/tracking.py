@@ -7,8 +7,8 @@ logger run, under the run dir, or under the sweep dir for a sweep's jobs::
     <sweep dir>/tb/<what the sweep varies>/<stage>     rlhf-train -m ..., hparams_search=...
 
 so that ``tensorboard --logdir <sweep dir>`` names each run by its swept values
-(``tb/algorithm.kl.coef=0.1/ppo``). ``tb`` is the logger config's ``name`` (``csv`` for the CSV
-logger). A sweep job records the directories it logs to outside its run dir in
+(``tb/algorithm.kl.reward.coef=0.1/ppo``). ``tb`` is the logger config's ``name`` (``csv`` for
+the CSV logger). A sweep job records the directories it logs to outside its run dir in
 ``<run dir>/log_dirs.txt``; :func:`scalar_events` reads them with the run's own.
 
 HParams (:func:`log_final_hparams`). Each task ends by logging the hyper-parameters that matter
@@ -43,11 +43,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 PPO_HPARAMS = (
     "task",
     "algorithm",
-    "algorithm.kl.coef",
-    "algorithm.kl.controller._target_",
-    "algorithm.kl.controller.target",
-    "algorithm.kl.estimator",
-    "algorithm.kl.placement",
+    "algorithm.kl.reward.coef",
+    "algorithm.kl.reward.estimator",
+    "algorithm.kl.reward.controller._target_",
+    "algorithm.kl.reward.controller.target",
+    "algorithm.kl.loss.coef",
+    "algorithm.kl.loss.estimator",
     "algorithm.kl.allow_biased_gradient",
     "algorithm.advantage._target_",
     "algorithm.policy_loss._target_",
@@ -141,7 +142,7 @@ def swept_keys(hydra_cfg: DictConfig) -> set[str]:
     """Keys this job's sweep varies: the sweeper's ``params`` and the command line's sweeps.
 
     The command line of a basic sweep is read from ``<sweep dir>/multirun.yaml``, which Hydra's
-    basic sweeper writes before launching its jobs (``algorithm.kl.coef=0.0,0.1`` there).
+    basic sweeper writes before launching its jobs (``algorithm.kl.reward.coef=0.0,0.1`` there).
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -155,7 +156,8 @@ def swept_keys(hydra_cfg: DictConfig) -> set[str]:
 
 
 def run_name(hydra_cfg: DictConfig | None = None) -> str:
-    """This job's run name in its sweep: what the sweep varies, e.g. ``algorithm.kl.coef=0.1``.
+    """This job's run name in its sweep: what the sweep varies, e.g.
+    ``algorithm.kl.reward.coef=0.1``.
 
     Written like Hydra's ``override_dirname`` (sorted, same separators) but holding only the
     swept keys; all overrides when those are unknown; ``/`` becomes ``_`` (one directory name).

@@ -28,7 +28,6 @@ TINY = {
     "algorithm.epochs": 2,
     "algorithm.optimizer.lr": 3e-3,
     "algorithm.lr_decay": "constant",
-    "algorithm.kl.coef": 0.0,
     "generation.temperature": 1.0,
     "generation.max_new_tokens": 8,
     "generation.stop_token": None,
@@ -37,14 +36,18 @@ TINY = {
 }
 
 
-def tiny_config(preset: str = "ppo", **overrides) -> RLConfig:
-    """The ``preset``'s config sized for the tiny model; ``overrides`` by dotted key, written
-    with ``__`` for dots (``algorithm__kl__coef=0.1``)."""
+def tiny_config(preset: str = "ppo", kl_coef: float = 0.0, **overrides) -> RLConfig:
+    """The ``preset``'s config sized for the tiny model, its KL terms (in the rewards, in the
+    loss: whichever the preset has) at ``kl_coef``; ``overrides`` by dotted key, written with
+    ``__`` for dots (``algorithm__kl__reward__estimator="k3"``)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["task=ppo", f"algorithm={preset}"])
     values = dict(TINY)
     if OmegaConf.select(cfg, "algorithm.value_model.lr") is not None:
         values["algorithm.value_model.lr"] = 3e-3
+    for site in ("reward", "loss"):
+        if OmegaConf.select(cfg, f"algorithm.kl.{site}") is not None:
+            values[f"algorithm.kl.{site}.coef"] = kl_coef
     values.update({key.replace("__", "."): value for key, value in overrides.items()})
     with open_dict(cfg):
         for key, value in values.items():
@@ -62,8 +65,13 @@ def tiny_ppo_module(cfg: RLConfig, reward=None) -> PPOModule:
         tokenizer,
         build_reward(reward or TokenFractionReward("e")),
         cfg,
-        cfg.algorithm.kl.build_controller(),
     )
+
+
+def set_kl_coef(module: PPOModule, beta: float) -> None:
+    """Set the current beta of every term of the module's KL penalty (a controller's value)."""
+    for term in module.cfg.algorithm.kl.terms().values():
+        term.controller.value = beta
 
 
 def prompt_batch(tokenizer, n: int) -> dict:

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 from rlhf_lightning.cli.train import CONF_DIR, run
 from rlhf_lightning.config import ConfigError, PolicyOptions, policy_options_from
 from rlhf_lightning.evaluation import load_policy_for_inference
-from rlhf_lightning.kl import FixedKLController
 from rlhf_lightning.models import PolicyWithValueHead, load_causal_lm, load_tokenizer
 from rlhf_lightning.models.adapters import (
     AdaptersDisabled,
@@ -98,7 +97,6 @@ def test_ppo_with_lora_moves_the_policy_and_never_the_reference():
         tokenizer,
         TokenFractionReward("e"),
         cfg,
-        FixedKLController(0.0),
     )
     trainer, _ = fit(module, max_epochs=3)
     optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}

@@ -110,9 +110,9 @@ def test_hydra_composition_errors_read_as_one_line():
 
 
 def test_a_bad_config_value_is_one_line_naming_the_key(tmp_path):
-    proc = _train(*TINY_PPO, "algorithm.kl.coef=-1", f"hydra.run.dir={tmp_path}")
+    proc = _train(*TINY_PPO, "algorithm.kl.reward.coef=-1", f"hydra.run.dir={tmp_path}")
     line = _assert_one_error_line(proc)
-    assert line == "error: invalid config: algorithm.kl.coef: must be >= 0, got -1"
+    assert line == "error: invalid config: algorithm.kl.reward.coef: must be >= 0, got -1"
 
 
 def test_each_failing_sweep_job_reports_its_line(tmp_path):
@@ -138,11 +138,11 @@ def test_hydra_composition_errors_are_one_line_too():
 
 
 def test_tracebacks_on_request(tmp_path):
-    args = [*TINY_PPO, "algorithm.kl.coef=-1", f"hydra.run.dir={tmp_path}"]
+    args = [*TINY_PPO, "algorithm.kl.reward.coef=-1", f"hydra.run.dir={tmp_path}"]
     full = _train(*args, HYDRA_FULL_ERROR="1")
     assert full.returncode != 0
     assert "Traceback" in full.stderr
-    assert "ConfigError: invalid config: algorithm.kl.coef" in full.stderr
+    assert "ConfigError: invalid config: algorithm.kl.reward.coef" in full.stderr
     debug = _train(*args, "debug=true")
     assert debug.returncode == 2 and "Traceback" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1].startswith("error: invalid config: algorithm.kl")

@@ -54,22 +54,33 @@ BAD_RL = [
     (["algorithm.warmup_ratio=1.0"], "algorithm.warmup_ratio"),
     (["algorithm.lr_decay=cosine"], "algorithm.lr_decay"),
     (["algorithm.on_nonfinite=ignore"], "algorithm.on_nonfinite"),
-    (["algorithm.kl.estimator=k4"], "algorithm.kl.estimator"),
-    (["algorithm.kl.placement=both"], "algorithm.kl.placement"),
-    (["algorithm.kl.coef=-0.1"], "algorithm.kl.coef"),
-    (["kl=adaptive", "algorithm.kl.controller.target=0.0"], "algorithm.kl.controller.target"),
-    (["kl=adaptive", "algorithm.kl.controller.horizon=0"], "algorithm.kl.controller.horizon"),
-    # Biased KL gradients without algorithm.kl.allow_biased_gradient: as a loss only k2 and
-    # k3_plus, in the reward only k1.
-    (["algorithm.kl.placement=loss", "algorithm.kl.estimator=k1"], "algorithm.kl.estimator"),
-    (["algorithm.kl.placement=loss", "algorithm.kl.estimator=k3"], "algorithm.kl.estimator"),
-    (["algorithm.kl.placement=loss", "algorithm.kl.estimator=abs"], "algorithm.kl.estimator"),
-    (["algorithm.kl.estimator=k2"], "algorithm.kl.estimator"),
-    (["algorithm.kl.estimator=k3"], "algorithm.kl.estimator"),
-    (["algorithm.kl.estimator=k3_plus"], "algorithm.kl.estimator"),
-    (["algorithm.kl.estimator=abs"], "algorithm.kl.estimator"),
+    (["algorithm.kl.reward.estimator=k4"], "algorithm.kl.reward.estimator"),
+    (["algorithm.kl.reward.coef=-0.1"], "algorithm.kl.reward.coef"),
+    (["algorithm.kl.reward.coef=banana"], "algorithm.kl.reward.coef"),
+    (
+        ["kl=adaptive", "algorithm.kl.reward.controller.target=0.0"],
+        "algorithm.kl.reward.controller.target",
+    ),
+    (
+        ["kl=adaptive", "algorithm.kl.reward.controller.horizon=0"],
+        "algorithm.kl.reward.controller.horizon",
+    ),
+    (["algorithm=grpo", "kl=adaptive"], "algorithm.kl.reward.coef"),  # no KL in its rewards
+    (["algorithm=grpo", "algorithm.kl.loss.coef=-1.0"], "algorithm.kl.loss.coef"),
+    (["+algorithm.kl.placement=loss"], "algorithm.kl.placement"),  # unknown key
+    (["+algorithm.kl.reward.beta=0.1"], "algorithm.kl.reward.beta"),
+    (["algorithm.kl.reward=0.1"], "algorithm.kl.reward"),
+    # Biased KL gradients without algorithm.kl.allow_biased_gradient: in the reward only k1,
+    # as a loss only k2 and k3_plus.
+    (["algorithm.kl.reward.estimator=k2"], "algorithm.kl.reward.estimator"),
+    (["algorithm.kl.reward.estimator=k3"], "algorithm.kl.reward.estimator"),
+    (["algorithm.kl.reward.estimator=k3_plus"], "algorithm.kl.reward.estimator"),
+    (["algorithm.kl.reward.estimator=abs"], "algorithm.kl.reward.estimator"),
+    (["algorithm=grpo", "algorithm.kl.loss.estimator=k1"], "algorithm.kl.loss.estimator"),
+    (["algorithm=grpo", "algorithm.kl.loss.estimator=k3"], "algorithm.kl.loss.estimator"),
+    (["algorithm=grpo", "algorithm.kl.loss.estimator=abs"], "algorithm.kl.loss.estimator"),
     (["algorithm.kl.allow_biased_gradient=maybe"], "algorithm.kl.allow_biased_gradient"),
-    (["algorithm.kl.clamp=0.0"], "algorithm.kl.clamp"),
+    (["algorithm.kl.reward.clamp=0.0"], "algorithm.kl.reward.clamp"),
     (["algorithm=grpo", "algorithm.samples_per_prompt=1"], "algorithm.samples_per_prompt"),
     (["algorithm=rloo", "algorithm.samples_per_prompt=3"], "algorithm.samples_per_prompt"),
     (["algorithm/value_model=none"], "algorithm.value_model"),  # GAE needs values
@@ -116,23 +127,55 @@ BIASED_KL = [
 ]
 
 
-@pytest.mark.parametrize(("placement", "estimator"), BIASED_KL)
-def test_a_biased_kl_gradient_is_refused_by_default_and_runs_when_allowed(placement, estimator):
-    """The refusal names the opt-in key; with it the pair is accepted and says why it is
-    biased; the unbiased pairs need no opt-in and say nothing."""
-    keys = [f"algorithm.kl.placement={placement}", f"algorithm.kl.estimator={estimator}"]
-    with pytest.raises(ConfigError, match="algorithm.kl.allow_biased_gradient=true"):
+def _kl_at(site: str, estimator: str) -> list[str]:
+    """Overrides that put the KL at ``site`` only, with ``estimator``."""
+    other = "loss" if site == "reward" else "reward"
+    return [
+        f"algorithm.kl.{other}=null",
+        f"++algorithm.kl.{site}.coef=0.1",
+        f"++algorithm.kl.{site}.estimator={estimator}",
+    ]
+
+
+@pytest.mark.parametrize(("site", "estimator"), BIASED_KL)
+def test_a_biased_kl_gradient_is_refused_by_default_and_runs_when_allowed(site, estimator):
+    """The refusal names the key and the opt-in key; with it the term is accepted and says why
+    it is biased; the unbiased pairs need no opt-in and say nothing."""
+    keys = _kl_at(site, estimator)
+    with pytest.raises(
+        ConfigError,
+        match=f"algorithm.kl.{site}.estimator: .*algorithm.kl.allow_biased_gradient=true",
+    ):
         rl_config_from(_compose(*keys))
     kl = rl_config_from(_compose(*keys, "algorithm.kl.allow_biased_gradient=true")).algorithm.kl
-    assert kl.biased_gradient and kl.allow_biased_gradient
+    assert list(kl.biased_gradients()) == [site] and kl.allow_biased_gradient
 
 
-@pytest.mark.parametrize(("placement", "estimator"), [("reward", "k1"), ("loss", "k2")])
-def test_an_unbiased_kl_gradient_needs_no_opt_in(placement, estimator):
+@pytest.mark.parametrize(
+    ("site", "estimator"), [("reward", "k1"), ("loss", "k2"), ("loss", "k3_plus")]
+)
+def test_an_unbiased_kl_gradient_needs_no_opt_in(site, estimator):
+    kl = rl_config_from(_compose(*_kl_at(site, estimator))).algorithm.kl
+    assert kl.biased_gradients() == {}
+    assert getattr(kl, site).estimator.name == estimator and getattr(kl, site).coef == 0.1
+
+
+def test_the_kl_can_be_in_the_rewards_and_in_the_loss_with_their_own_coefficients():
     kl = rl_config_from(
-        _compose(f"algorithm.kl.placement={placement}", f"algorithm.kl.estimator={estimator}")
+        _compose("++algorithm.kl.loss.coef=0.02", "++algorithm.kl.loss.estimator=k2")
     ).algorithm.kl
-    assert kl.biased_gradient is None
+    assert (kl.reward_coef, kl.loss_coef) == (0.05, 0.02)
+    assert kl.reward.controller is not kl.loss.controller
+
+
+def test_a_kl_estimator_of_ones_own_by_target():
+    kl = rl_config_from(
+        _compose(
+            "~algorithm.kl.reward.estimator",
+            "+algorithm.kl.reward.estimator._target_=rlhf_lightning.kl.K1",
+        )
+    ).algorithm.kl
+    assert type(kl.reward.estimator).__name__ == "K1"
 
 
 def test_algorithm_defaults_have_one_home():
@@ -140,15 +183,13 @@ def test_algorithm_defaults_have_one_home():
     (conf/algorithm/common/defaults.yaml) is the only place a default can be read from."""
     from dataclasses import MISSING, fields
 
-    from rlhf_lightning.config import AlgorithmConfig, KLConfig
+    from rlhf_lightning.config import AlgorithmConfig
 
-    for cls in (AlgorithmConfig, KLConfig):
-        for f in fields(cls):
-            if f.name != "controller":  # the fixed controller, set by conf/kl/ anyway
-                assert f.default is MISSING and f.default_factory is MISSING, (cls, f.name)
+    for f in fields(AlgorithmConfig):
+        assert f.default is MISSING and f.default_factory is MISSING, f.name
 
 
-@pytest.mark.parametrize("key", ["epochs", "kl.clamp"])
+@pytest.mark.parametrize("key", ["epochs", "kl.allow_biased_gradient", "kl.reward.coef"])
 def test_a_required_algorithm_key_left_out_is_named(key):
     from omegaconf import OmegaConf
 
@@ -180,12 +221,12 @@ def test_derived_sizes_are_right():
 
 
 def test_the_kl_coefficient_has_one_source():
-    """``algorithm.kl.coef`` sets the controller's coefficient; the controller node repeats it
-    nowhere."""
+    """``algorithm.kl.reward.coef`` sets the controller's coefficient; the controller node
+    repeats it nowhere."""
     for kl in ("fixed", "adaptive"):
-        cfg = _compose(f"kl={kl}", "algorithm.kl.coef=0.123")
-        assert "coef" not in cfg.algorithm.kl.controller
-        assert rl_config_from(cfg).algorithm.kl.build_controller().value == 0.123
+        cfg = _compose(f"kl={kl}", "algorithm.kl.reward.coef=0.123")
+        assert "coef" not in cfg.algorithm.kl.reward.controller
+        assert rl_config_from(cfg).algorithm.kl.reward.coef == 0.123
 
 
 BAD_RM = [

@@ -93,7 +93,7 @@ def _aggregated_module(aggregation: str):
     node = OmegaConf.load(CONF_DIR / "algorithm" / "loss_aggregation" / f"{aggregation}.yaml")
     if "normalizer" in node:
         node.normalizer = 8
-    cfg = tiny_config(generation__stop_token="a", algorithm__kl__coef=0.1)
+    cfg = tiny_config(generation__stop_token="a", kl_coef=0.1)
     alg = dataclasses.replace(cfg.algorithm, loss_aggregation=instantiate(node))
     return tiny_ppo_module(dataclasses.replace(cfg, algorithm=alg))
 

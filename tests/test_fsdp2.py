@@ -68,7 +68,7 @@ def _worker(strategy: str, lora: bool, checkpointing: bool, out: Path) -> None:
         budget__minibatch_size=per_rank,  # one minibatch: the same rows on any number of ranks
         budget__micro_batch_size=4,
         algorithm__max_grad_norm=MAX_GRAD_NORM,
-        algorithm__kl__coef=0.1,
+        kl_coef=0.1,
         generation__stop_token="a",  # responses of uneven lengths
     )
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def _worker(strategy: str, lora: bool, checkpointing: bool, out: Path) -> None:
 
     module = FixedRollout(
         cfg.algorithm.value_model.build(lm), ref_lm, tokenizer,
-        build_reward(TokenFractionReward("e")), cfg, cfg.algorithm.kl.build_controller(),
+        build_reward(TokenFractionReward("e")), cfg,
         policy_lora=LORA if lora else None,
     )  # fmt: skip
     strategies = {

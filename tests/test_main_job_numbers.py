@@ -46,7 +46,7 @@ RECORDED_MAIN = {
     "rollout/response_length": 26.28125,
 }
 # ... with algorithm.num_iterations=3 algorithm.policy_lr=3e-3 algorithm.value_lr=3e-3
-#   algorithm.kl.coef=0.1: the policy moves, so iterations 2-3 depend on every update before
+#   algorithm.kl.reward.coef=0.1: the policy moves, so iterations 2-3 depend on every update before
 RECORDED_MOVING = {
     "objective/score": 0.006054687313735485,
     "loss/policy": 0.012980924919247627,
@@ -71,7 +71,7 @@ RECORDED_MOVING = {
                 "budget.num_iterations=3",
                 "algorithm.optimizer.lr=3e-3",
                 "algorithm.value_model.lr=3e-3",
-                "algorithm.kl.coef=0.1",
+                "algorithm.kl.reward.coef=0.1",
             ],
             RECORDED_MOVING,
         ),

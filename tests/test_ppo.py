@@ -14,10 +14,17 @@ from rlhf_lightning.modules.ppo import padding_stats
 from rlhf_lightning.rollout.experience import make_experience
 from rlhf_lightning.rollout.generation import Rollout, sample_responses
 from rlhf_lightning.stats import Stats
-from tests.ppo_helpers import fit, prompt_batch, replace_cfg, tiny_config, tiny_ppo_module
+from tests.ppo_helpers import (
+    fit,
+    prompt_batch,
+    replace_cfg,
+    set_kl_coef,
+    tiny_config,
+    tiny_ppo_module,
+)
 
 
-def _experience(module, n=16, seed=0, kl_coef=0.0):
+def _experience(module, n=16, seed=0, kl_coef=None):
     torch.manual_seed(seed)
     batch = prompt_batch(module.tokenizer, n)
     rollout = sample_responses(
@@ -30,7 +37,9 @@ def _experience(module, n=16, seed=0, kl_coef=0.0):
         module.stop_token_ids,
     )
     scores = module.reward(rollout.prompts, rollout.responses)
-    return make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, kl_coef)
+    if kl_coef is not None:
+        set_kl_coef(module, kl_coef)
+    return make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg)
 
 
 def _grads(module) -> dict[str, torch.Tensor]:
@@ -90,7 +99,7 @@ def test_gradient_accumulation_matches_one_batch(preset, aggregation):
     node = OmegaConf.load(f"conf/algorithm/loss_aggregation/{aggregation}.yaml")
     if "normalizer" in node:
         node.normalizer = 8
-    overrides = {"generation__stop_token": "a", "algorithm__kl__coef": 0.1}
+    overrides = {"generation__stop_token": "a", "kl_coef": 0.1}
     cfg = tiny_config(preset, **overrides, algorithm__samples_per_prompt=2)
     cfg = dataclasses.replace(
         cfg, algorithm=dataclasses.replace(cfg.algorithm, loss_aggregation=instantiate(node))
@@ -188,7 +197,7 @@ def test_kl_coefficient_zero_gives_only_the_score_at_the_last_real_token():
         ["", "", ""],
     )
     scores = torch.tensor([0.5, -1.0, 2.0])
-    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, kl_coef=0.0)
+    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg)
     expected = torch.zeros(3, 5)
     expected[0, 2], expected[1, 4], expected[2, 0] = 0.5, -1.0, 2.0
     torch.testing.assert_close(exp.rewards, expected)
@@ -197,7 +206,8 @@ def test_kl_coefficient_zero_gives_only_the_score_at_the_last_real_token():
     from tests.test_ppo_update import naive_logprobs, perturb_reference
 
     perturb_reference(module)
-    exp_kl = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, 0.5)
+    set_kl_coef(module, 0.5)
+    exp_kl = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg)
     kl = naive_logprobs(module.policy.lm, exp_kl, 1.0) - naive_logprobs(module.ref_lm, exp_kl, 1.0)
     assert kl[mask].abs().min() > 1e-4
     torch.testing.assert_close(exp_kl.rewards, expected + torch.where(mask, -0.5 * kl, 0.0))
@@ -219,7 +229,7 @@ def test_missing_eos_penalty_replaces_the_score_of_unfinished_responses():
         ["", ""],
     )
     exp = make_experience(
-        module.policy, module.ref_lm, rollout, torch.tensor([0.7, 0.9]), module.cfg, 0.0
+        module.policy, module.ref_lm, rollout, torch.tensor([0.7, 0.9]), module.cfg
     )
     torch.testing.assert_close(exp.scores, torch.tensor([0.7, -3.0]))
 
@@ -241,7 +251,7 @@ def test_ppo_learns_a_toy_reward_and_a_large_kl_coefficient_holds_it_back():
         cfg = tiny_config(
             budget__num_iterations=20,
             algorithm__epochs=4,
-            algorithm__kl__coef=beta,
+            kl_coef=beta,
             algorithm__optimizer__lr=1e-3,
             algorithm__value_model__lr=1e-3,
         )
@@ -264,14 +274,14 @@ def _adaptive_kl_module(cfg):
 
     module = tiny_ppo_module(cfg)
     perturb_reference(module)
-    module.kl_ctl = AdaptiveKLController(0.1, target=1e-4, horizon=50.0)
+    module.cfg.algorithm.kl.reward.controller = AdaptiveKLController(0.1, target=1e-4, horizon=50.0)
     return module
 
 
 def test_same_seed_gives_same_metrics_and_resume_matches_uninterrupted_run(tmp_path):
     """Also the adaptive KL coefficient: it is in the checkpoint, so the resumed run continues
     from the coefficient the interrupted one had reached, not from its start."""
-    cfg = tiny_config(budget__num_iterations=3, algorithm__kl__coef=0.1)
+    cfg = tiny_config(budget__num_iterations=3, kl_coef=0.1)
     L.seed_everything(7)
     _, straight = fit(_adaptive_kl_module(cfg), max_epochs=3)
     coefs = [row["kl/coef"] for row in straight]
@@ -295,7 +305,9 @@ def test_same_seed_gives_same_metrics_and_resume_matches_uninterrupted_run(tmp_p
     keys = ("objective/score", "kl/sequence", "loss/policy", "loss/value", "lr/policy", "kl/coef")
     for key in keys:
         assert resumed[0][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
-    assert resumed_module.kl_ctl.value == pytest.approx(0.1 * (1 + 0.2 * 16 / 50) ** 3, rel=1e-12)
+    assert resumed_module.cfg.algorithm.kl.reward.coef == pytest.approx(
+        0.1 * (1 + 0.2 * 16 / 50) ** 3, rel=1e-12
+    )
 
 
 def test_value_head_runs_in_fp32_under_bf16_autocast():
@@ -370,7 +382,9 @@ class _PolicySnapshots(L.Callback):
 def test_critic_warmup_trains_only_the_value_function_then_the_policy(value_model):
     cfg = tiny_config(budget__num_iterations=3, algorithm__value_model__warmup_iterations=2)
     module = tiny_ppo_module(cfg, reward=_distinct_characters)
-    module.kl_ctl = AdaptiveKLController(0.1, target=6.0, horizon=100.0)  # KL 0 would lower it
+    module.cfg.algorithm.kl.reward.controller = AdaptiveKLController(
+        0.1, target=6.0, horizon=100.0
+    )  # KL 0 would lower it
     if value_model == "critic":
         _with_critic(module)
     start = [p.detach().clone() for p in module.policy.lm.parameters()]
@@ -441,7 +455,7 @@ def _params_after_one_iteration(preset: str, old_logprobs: str, critic=False, **
         preset,
         budget__num_iterations=1,
         algorithm__old_logprobs=old_logprobs,
-        algorithm__kl__coef=0.05,
+        kl_coef=0.05,
         generation__temperature=0.7,
         **overrides,
     )
@@ -600,7 +614,7 @@ def test_micro_batches_group_rows_by_length_and_trim_padding_without_changing_th
         logits, values = module.policy(
             part.input_ids, part.attention_mask, response_start=part.prompt_len
         )
-        return module.objective(logits, values, part, denominator, 0.0, False)[0]
+        return module.objective(logits, values, part, denominator, False)[0]
 
     trimmed = sum(micro_batch_loss(part) for part in parts)
     whole = micro_batch_loss(padded)

@@ -22,7 +22,14 @@ from rlhf_lightning.models.masking import position_ids_from_mask
 from rlhf_lightning.rollout.experience import make_experience
 from rlhf_lightning.rollout.generation import Rollout, sample_responses
 from rlhf_lightning.stats import Stats
-from tests.ppo_helpers import fit, prompt_batch, replace_cfg, tiny_config, tiny_ppo_module
+from tests.ppo_helpers import (
+    fit,
+    prompt_batch,
+    replace_cfg,
+    set_kl_coef,
+    tiny_config,
+    tiny_ppo_module,
+)
 
 
 def perturb_reference(module, scale: float = 0.05, seed: int = 1) -> None:
@@ -33,7 +40,9 @@ def perturb_reference(module, scale: float = 0.05, seed: int = 1) -> None:
             p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
-def rollout_and_experience(module, n: int = 16, seed: int = 0, kl_coef: float = 0.0, prompts=None):
+def rollout_and_experience(
+    module, n: int = 16, seed: int = 0, kl_coef: float | None = None, prompts=None
+):
     """Sample from ``prompts`` (default: ``n`` prompts of one length) and make the experience."""
     torch.manual_seed(seed)
     if prompts is None:
@@ -50,7 +59,9 @@ def rollout_and_experience(module, n: int = 16, seed: int = 0, kl_coef: float = 
         module.stop_token_ids,
     )
     scores = module.reward(rollout.prompts, rollout.responses)
-    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, kl_coef)
+    if kl_coef is not None:
+        set_kl_coef(module, kl_coef)
+    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg)
     return rollout, exp
 
 
@@ -94,10 +105,11 @@ def score_at_last_token(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_kl_penalty_in_the_rewards_matches_a_naive_computation(estimator):
     """r_t = -beta * KL_t on every response token plus the score at the last one, with KL_t
-    from a full forward of the policy and of a reference that differs from it."""
+    the reward term's estimator from a full forward of the policy and of a reference that
+    differs from it; the experience's ``kl`` is the log-ratio (k1) whatever the estimator."""
     beta = 0.3
     cfg = tiny_config(
-        algorithm__kl__estimator=estimator,
+        algorithm__kl__reward__estimator=estimator,
         algorithm__kl__allow_biased_gradient=True,  # k3 in the reward: a value, biased gradient
         generation__stop_token="a",
     )
@@ -111,7 +123,7 @@ def test_kl_penalty_in_the_rewards_matches_a_naive_computation(estimator):
     assert kl[mask].abs().mean() > 1e-2  # the reference differs: the penalty is not 0
     raw_scores = torch.as_tensor(module.reward(exp.prompts, exp.responses))
     expected = torch.where(mask, -beta * kl, 0.0) + score_at_last_token(raw_scores, mask)
-    torch.testing.assert_close(exp.kl[mask], kl[mask], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(exp.kl[mask], d[mask], rtol=1e-4, atol=1e-5)  # logged: k1
     assert (exp.kl[~mask] == 0).all()
     torch.testing.assert_close(exp.rewards, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(exp.scores, raw_scores)
@@ -190,7 +202,7 @@ def test_score_clip_clamps_the_scores_after_the_missing_eos_penalty():
     module = tiny_ppo_module(cfg)
     rollout = _hand_rollout(module, [True, False, True])
     scores = torch.tensor([5.0, 0.5, -0.3])
-    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, 0.0)
+    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg)
     # row 0: 5 -> 1; row 1 never ended: -3 -> -1; row 2 inside the range.
     assert exp.scores.tolist() == pytest.approx([1.0, -1.0, -0.3])
     expected = torch.zeros(3, 4)
@@ -199,7 +211,7 @@ def test_score_clip_clamps_the_scores_after_the_missing_eos_penalty():
     cfg = tiny_config(algorithm__score_clip=2.0)
     module = tiny_ppo_module(cfg)
     rollout = _hand_rollout(module, [True, False, True])
-    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, 0.0)
+    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg)
     assert exp.scores.tolist() == pytest.approx([2.0, 0.5, -0.3])
 
 
@@ -297,13 +309,12 @@ def test_loss_terms_and_diagnostics_after_a_step_match_hand_computations():
 
 
 def test_kl_as_a_loss_term_matches_a_naive_k2():
-    """placement=loss: no KL in the rewards; the loss gets beta * mean_t 0.5 * (logp - ref)^2."""
+    """A KL loss term and none in the rewards: the loss gets beta * mean_t 0.5 * (logp -
+    ref)^2."""
     beta = 0.2
     cfg = tiny_config(
         "grpo",
-        algorithm__kl__coef=beta,
-        algorithm__kl__placement="loss",
-        algorithm__kl__estimator="k2",
+        algorithm__kl__loss__estimator="k2",
         algorithm__samples_per_prompt=2,
         generation__stop_token="a",
     )
@@ -576,11 +587,13 @@ def test_a_warmup_iteration_keeps_the_policy_and_runs_every_epoch():
 
 
 def _adaptive_run(target: float | None) -> dict[str, float]:
-    cfg = tiny_config(budget__num_iterations=1, algorithm__kl__coef=0.1)
+    cfg = tiny_config(budget__num_iterations=1, kl_coef=0.1)
     module = tiny_ppo_module(cfg)
     perturb_reference(module)
     if target is not None:
-        module.kl_ctl = AdaptiveKLController(0.1, target=target, horizon=100.0)
+        module.cfg.algorithm.kl.reward.controller = AdaptiveKLController(
+            0.1, target=target, horizon=100.0
+        )
     _, history = fit(module, max_epochs=1)
     return history[0]
 

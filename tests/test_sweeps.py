@@ -57,28 +57,37 @@ def _csv_rows(capsys, *argv: str) -> list[dict]:
 
 
 def test_run_hparams_are_the_overrides_then_the_task_table():
-    cfg = _compose("task=ppo", "policy=tiny", "algorithm.kl.coef=0.1", "data.prompts.batch_size=4")
+    cfg = _compose(
+        "task=ppo", "policy=tiny", "algorithm.kl.reward.coef=0.1", "data.prompts.batch_size=4"
+    )
     hparams = run_hparams(cfg, cfg.hydra)
     assert all(isinstance(v, (bool, int, float, str)) for v in hparams.values())
     # The command line first, in its order (every override is a column), then the table.
-    assert list(hparams)[:4] == ["task", "policy", "algorithm.kl.coef", "data.prompts.batch_size"]
+    assert list(hparams)[:4] == [
+        "task",
+        "policy",
+        "algorithm.kl.reward.coef",
+        "data.prompts.batch_size",
+    ]
     assert hparams["task"] == "ppo" and hparams["policy"] == "tiny"  # a group: its choice
-    assert hparams["algorithm.kl.coef"] == 0.1 and hparams["data.prompts.batch_size"] == 4
+    assert hparams["algorithm.kl.reward.coef"] == 0.1 and hparams["data.prompts.batch_size"] == 4
     assert hparams["algorithm"] == "ppo" and hparams["reward"] == "vader"
-    assert hparams["algorithm.kl.controller._target_"] == "FixedKLController"
+    assert hparams["algorithm.kl.reward.estimator"] == "k1"
     assert hparams["generation.temperature"] == 0.7 and hparams["seed"] == 42
     assert hparams["algorithm.samples_per_prompt"] == 1
-    assert "algorithm.kl.controller.target" not in hparams  # a key the config lacks is skipped
+    assert (
+        "algorithm.kl.reward.controller.target" not in hparams
+    )  # a key the config lacks is skipped
     assert "gold_reward._target_" not in hparams  # gold_reward: null
     assert "task.eval_every" not in hparams and len(hparams) < 35  # the table, not all
 
 
 def test_run_hparams_put_the_swept_keys_first():
-    cfg = _compose("task=ppo", "algorithm.kl.coef=0.1", "seed=2")
+    cfg = _compose("task=ppo", "algorithm.kl.reward.coef=0.1", "seed=2")
     with open_dict(cfg.hydra):
         cfg.hydra.mode = "MULTIRUN"
         cfg.hydra.sweeper.params = {"seed": "1,2"}
-    assert list(run_hparams(cfg, cfg.hydra))[:3] == ["seed", "task", "algorithm.kl.coef"]
+    assert list(run_hparams(cfg, cfg.hydra))[:3] == ["seed", "task", "algorithm.kl.reward.coef"]
 
 
 def test_run_hparams_follow_the_task():
@@ -100,7 +109,7 @@ def test_run_hparams_follow_the_task():
     assert not any(k.startswith(("algorithm", "policy")) for k in rm)
     cfg = _compose("task=pipeline")
     pipeline = run_hparams(cfg, cfg.hydra)
-    assert pipeline["rm.lr"] == 5.0e-5 and pipeline["algorithm.kl.coef"] == 0.05
+    assert pipeline["rm.lr"] == 5.0e-5 and pipeline["algorithm.kl.reward.coef"] == 0.05
     assert pipeline["reward"] == "learned" and pipeline["gold_reward._target_"] == "VaderReward"
 
 
@@ -123,38 +132,40 @@ def _hydra_cfg(tmp_path: Path, mode: str, task_overrides: list[str], params=None
 
 
 def test_run_name_is_what_the_sweep_varies(tmp_path):
-    job = ["task=ppo", "seed=2", "algorithm.kl.coef=0.1"]
+    job = ["task=ppo", "seed=2", "algorithm.kl.reward.coef=0.1"]
     assert run_name(_hydra_cfg(tmp_path, "RUN", job)) == ""  # a single run: no sub-dir
     # Swept in the config (an experiment's hydra.sweeper.params, an Optuna search space).
-    params = {"algorithm.kl.coef": "0.0,0.1"}
-    assert run_name(_hydra_cfg(tmp_path, "MULTIRUN", job, params)) == "algorithm.kl.coef=0.1"
+    params = {"algorithm.kl.reward.coef": "0.0,0.1"}
+    assert run_name(_hydra_cfg(tmp_path, "MULTIRUN", job, params)) == "algorithm.kl.reward.coef=0.1"
     # Nothing known to be swept: all overrides, as Hydra's override_dirname.
     assert (
-        run_name(_hydra_cfg(tmp_path, "MULTIRUN", job)) == "algorithm.kl.coef=0.1,seed=2,task=ppo"
+        run_name(_hydra_cfg(tmp_path, "MULTIRUN", job))
+        == "algorithm.kl.reward.coef=0.1,seed=2,task=ppo"
     )
     # Swept on the command line: read from the multirun.yaml the basic sweeper writes.
-    command = ["task=ppo", "seed=1,2", "algorithm.kl.coef=0.0,0.1"]
+    command = ["task=ppo", "seed=1,2", "algorithm.kl.reward.coef=0.0,0.1"]
     OmegaConf.save({"hydra": {"overrides": {"task": command}}}, tmp_path / "multirun.yaml")
-    assert run_name(_hydra_cfg(tmp_path, "MULTIRUN", job)) == "algorithm.kl.coef=0.1,seed=2"
+    assert run_name(_hydra_cfg(tmp_path, "MULTIRUN", job)) == "algorithm.kl.reward.coef=0.1,seed=2"
 
 
 # log_final_hparams + rlhf-compare, on real event files -----------------------------------------
 
 
 def _fake_sweep_job(sweep_dir: Path, job: str, kl_coef: float, rewards: list[float], monkeypatch):
-    """A job of a sweep over ``algorithm.kl.coef`` as it leaves its run dir and its TensorBoard
-    run: Hydra's files, scalars, and the final hparams logged under the job's Hydra config."""
+    """A job of a sweep over ``algorithm.kl.reward.coef`` as it leaves its run dir and its
+    TensorBoard run: Hydra's files, scalars, and the final hparams logged under the job's Hydra
+    config."""
     import lightning as L
     from hydra.core.hydra_config import HydraConfig
 
     from rlhf_lightning.tracking import build_logger, log_final_hparams
 
-    overrides = ["task=ppo", "policy=tiny", f"algorithm.kl.coef={kl_coef}"]
+    overrides = ["task=ppo", "policy=tiny", f"algorithm.kl.reward.coef={kl_coef}"]
     cfg = _compose(*overrides)
     with open_dict(cfg.hydra):
         cfg.hydra.mode = "MULTIRUN"
         cfg.hydra.sweep.dir = str(sweep_dir)
-        cfg.hydra.sweeper.params = {"algorithm.kl.coef": "0.0,0.2"}
+        cfg.hydra.sweeper.params = {"algorithm.kl.reward.coef": "0.0,0.2"}
         cfg.hydra.job.num = 0
     monkeypatch.setattr(HydraConfig.instance(), "cfg", OmegaConf.masked_copy(cfg, "hydra"))
     run_dir = sweep_dir / job
@@ -174,25 +185,28 @@ def test_final_hparams_reach_tensorboard_and_rlhf_compare(tmp_path, capsys, monk
     _fake_sweep_job(tmp_path, "a", 0.0, [0.1, 0.2, 0.3], monkeypatch)
     _fake_sweep_job(tmp_path, "b", 0.2, [0.5, 0.4], monkeypatch)
 
-    event_dir = tmp_path / "tb" / "algorithm.kl.coef=0.0" / "ppo"
+    event_dir = tmp_path / "tb" / "algorithm.kl.reward.coef=0.0" / "ppo"
     hparams = _hparams_of(event_dir)
-    assert hparams["algorithm.kl.coef"] == 0.0 and hparams["task"] == "ppo"
+    assert hparams["algorithm.kl.reward.coef"] == 0.0 and hparams["task"] == "ppo"
     assert hparams["trainer.precision"] == "32-true"  # what the trainer ran in, not "auto"
     # The HParams tab shows the swept key and the metrics first, without ticking boxes.
     differing, metrics = _columns_of(event_dir)
-    assert differing == {"algorithm.kl.coef"}
+    assert differing == {"algorithm.kl.reward.coef"}
     assert metrics == ["hparams/val/reward", "hparams/val/kl"]  # task.metric first
 
     rows = _csv_rows(capsys, str(tmp_path))
     assert [r["run"] for r in rows] == ["a", "b"]
-    assert [r["algorithm.kl.coef"] for r in rows] == ["0.0", "0.2"]  # the override that differs
+    assert [r["algorithm.kl.reward.coef"] for r in rows] == [
+        "0.0",
+        "0.2",
+    ]  # the override that differs
     assert "policy" not in rows[0] and "task" not in rows[0]  # the same in every run
     assert [float(r["val/reward"]) for r in rows] == pytest.approx([0.3, 0.4])  # last values
     assert "train/other" not in rows[0]  # default metrics: task.metric and val/*
 
     rows = _csv_rows(capsys, str(tmp_path), "--metrics", "hparams/val/reward,train/other,nope")
     assert list(rows[0]) == [
-        "algorithm.kl.coef",
+        "algorithm.kl.reward.coef",
         "hparams/val/reward",
         "train/other",
         "nope",
@@ -202,7 +216,7 @@ def test_final_hparams_reach_tensorboard_and_rlhf_compare(tmp_path, capsys, monk
 
     assert compare.main([str(tmp_path)]) == 0
     markdown = capsys.readouterr().out.splitlines()
-    assert markdown[0] == "| algorithm.kl.coef | val/reward | run |"
+    assert markdown[0] == "| algorithm.kl.reward.coef | val/reward | run |"
     assert markdown[3] == "| 0.2 | 0.4 | b |"
 
 
@@ -228,23 +242,23 @@ def test_sentiment_kl_sweep_is_a_learned_reward_ppo_sweep_judged_by_vader():
     assert cfg.gold_reward._target_.endswith("VaderReward")
     assert cfg.data.prompts.path.startswith("shipped:sentiment/")
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    assert cfg.algorithm.kl.controller._target_.endswith("FixedKLController")
-    assert set(cfg.hydra.sweeper.params) == {"algorithm.kl.coef"}
-    assert cfg.hydra.sweeper.params["algorithm.kl.coef"].split(",")[0] == "0.0"
+    assert cfg.algorithm.kl.reward.controller._target_.endswith("FixedKLController")
+    assert set(cfg.hydra.sweeper.params) == {"algorithm.kl.reward.coef"}
+    assert cfg.hydra.sweeper.params["algorithm.kl.reward.coef"].split(",")[0] == "0.0"
 
 
 def test_sentiment_kl_adaptive_sweeps_the_target_with_a_horizon_that_lets_beta_move():
     cfg = _compose("experiment=sentiment_kl_adaptive")
     assert cfg.reward._target_.endswith("LearnedReward") and cfg.gold_reward is not None
-    assert cfg.algorithm.kl.controller._target_.endswith("AdaptiveKLController")
+    assert cfg.algorithm.kl.reward.controller._target_.endswith("AdaptiveKLController")
     params = cfg.hydra.sweeper.params
     assert (
-        params["algorithm.kl.coef"] == "0.05"
-        and len(params["algorithm.kl.controller.target"].split(",")) > 1
+        params["algorithm.kl.reward.coef"] == "0.05"
+        and len(params["algorithm.kl.reward.controller.target"].split(",")) > 1
     )
     assert "sentiment_kl_adaptive" in cfg.hydra.sweep.dir
     # K_beta = rollouts per iteration / horizon: beta may change by up to 0.2 * K_beta per step.
-    k_beta = cfg.budget.rollout_batch_size / cfg.algorithm.kl.controller.horizon
+    k_beta = cfg.budget.rollout_batch_size / cfg.algorithm.kl.reward.controller.horizon
     assert 0.2 * k_beta >= 0.05
 
 
@@ -256,7 +270,7 @@ def test_optuna_search_composes():
     assert sweeper.storage == f"sqlite:///{cfg.hydra.sweep.dir}/optuna.db"  # the study, saved
     assert cfg.hydra.callbacks.sqlite_storage_dir._target_.endswith("SqliteStorageDir")
     assert set(sweeper.params) == {
-        "algorithm.kl.coef",
+        "algorithm.kl.reward.coef",
         "algorithm.optimizer.lr",
         "algorithm.policy_loss.clip_low",
     }
@@ -289,23 +303,23 @@ def _multirun(sweep_dir: Path, *overrides: str) -> None:
 
 @pytest.mark.slow
 def test_ppo_kl_sweep_runs_are_compared_side_by_side(tmp_path, capsys):
-    _multirun(tmp_path, *TINY_PPO, "algorithm.kl.coef=0.0,0.2")
+    _multirun(tmp_path, *TINY_PPO, "algorithm.kl.reward.coef=0.0,0.2")
     # TensorBoard at the sweep dir: one run per job, named by the swept value.
     runs = sorted(p.parent.relative_to(tmp_path) for p in tmp_path.rglob("events.out.*"))
     assert [r.as_posix() for r in dict.fromkeys(runs)] == [
-        "tb/algorithm.kl.coef=0.0/ppo",
-        "tb/algorithm.kl.coef=0.2/ppo",
+        "tb/algorithm.kl.reward.coef=0.0/ppo",
+        "tb/algorithm.kl.reward.coef=0.2/ppo",
     ]
     for coef in (0.0, 0.2):
-        (run,) = tmp_path.glob(f"*algorithm.kl.coef={coef},*")
-        event_dir = tmp_path / "tb" / f"algorithm.kl.coef={coef}" / "ppo"
-        assert _hparams_of(event_dir)["algorithm.kl.coef"] == coef
+        (run,) = tmp_path.glob(f"*algorithm.kl.reward.coef={coef},*")
+        event_dir = tmp_path / "tb" / f"algorithm.kl.reward.coef={coef}" / "ppo"
+        assert _hparams_of(event_dir)["algorithm.kl.reward.coef"] == coef
         differing, metrics = _columns_of(event_dir)
-        assert differing == {"algorithm.kl.coef"}
+        assert differing == {"algorithm.kl.reward.coef"}
         assert metrics[:3] == [f"hparams/val/{m}" for m in ("reward", "kl", "response_length")]
         assert (run / "policy" / "model.safetensors").is_file()
     rows = _csv_rows(capsys, str(tmp_path), "--metrics", "val/reward,hparams/val/kl")
-    assert [r["algorithm.kl.coef"] for r in rows] == ["0.0", "0.2"]
+    assert [r["algorithm.kl.reward.coef"] for r in rows] == ["0.0", "0.2"]
     assert all(r["val/reward"] and r["hparams/val/kl"] for r in rows)
 
     # The over-optimisation plot script reads the same sweep: one table row per eval per run.
@@ -347,7 +361,7 @@ def test_optuna_search_maximises_the_task_metric_and_continues_from_its_storage(
     _multirun(tmp_path / "first", *search)
     results = OmegaConf.load(tmp_path / "first" / "optimization_results.yaml")
     assert set(results.best_params) == {
-        "algorithm.kl.coef",
+        "algorithm.kl.reward.coef",
         "algorithm.optimizer.lr",
         "algorithm.policy_loss.clip_low",
     }
@@ -366,8 +380,8 @@ def test_optuna_search_maximises_the_task_metric_and_continues_from_its_storage(
 def test_job_subdir_is_one_safe_directory_name():
     from rlhf_lightning.cli.train import job_subdir
 
-    name = job_subdir(3, "algorithm.kl.coef=0.1,reward.path=outputs/p/rm,x=shipped\\:a/b")
-    assert name == "3_algorithm.kl.coef=0.1,reward.path=outputs_p_rm,x=shipped:a_b"
+    name = job_subdir(3, "algorithm.kl.reward.coef=0.1,reward.path=outputs/p/rm,x=shipped\\:a/b")
+    assert name == "3_algorithm.kl.reward.coef=0.1,reward.path=outputs_p_rm,x=shipped:a_b"
     assert job_subdir(0, "") == "0"
     long = job_subdir(12, "k=" + "v" * 400)
     assert len(long) == 200 and long.startswith("12_k=")

@@ -81,11 +81,11 @@ def test_a_single_run_logs_each_stage_to_its_own_tensorboard_run(tmp_path):
 
 def test_sweep_jobs_log_in_the_sweep_dir_under_distinct_names_of_their_values(tmp_path):
     sweep = tmp_path / "sweep"
-    params = {"algorithm.kl.coef": "0.1,0.2"}
+    params = {"algorithm.kl.reward.coef": "0.1,0.2"}
     jobs = [  # job 2 repeats job 0's value (an Optuna trial may): it gets its own run
-        ["task=ppo", "algorithm.kl.coef=0.1"],
-        ["task=ppo", "algorithm.kl.coef=0.2"],
-        ["task=ppo", "algorithm.kl.coef=0.1"],
+        ["task=ppo", "algorithm.kl.reward.coef=0.1"],
+        ["task=ppo", "algorithm.kl.reward.coef=0.2"],
+        ["task=ppo", "algorithm.kl.reward.coef=0.1"],
     ]
     for stage in ("reward_model", "ppo"):  # each job's second stage reuses the job's name
         for num, overrides in enumerate(jobs):
@@ -95,10 +95,14 @@ def test_sweep_jobs_log_in_the_sweep_dir_under_distinct_names_of_their_values(tm
             logger.finalize("success")
     assert _event_dirs(sweep) == [
         f"tb/{name}/{stage}"
-        for name in ("algorithm.kl.coef=0.1", "algorithm.kl.coef=0.1~2", "algorithm.kl.coef=0.2")
+        for name in (
+            "algorithm.kl.reward.coef=0.1",
+            "algorithm.kl.reward.coef=0.1~2",
+            "algorithm.kl.reward.coef=0.2",
+        )
         for stage in ("ppo", "reward_model")
     ]
-    assert (sweep / "job2" / LOG_DIRS_FILE).read_text() == "../tb/algorithm.kl.coef=0.1~2\n"
+    assert (sweep / "job2" / LOG_DIRS_FILE).read_text() == "../tb/algorithm.kl.reward.coef=0.1~2\n"
     for num in range(3):  # a job's scalars are read back through the dirs it recorded
         scalars = read_scalars(sweep / f"job{num}")
         assert scalars == {"reward_model/job": [(0, num)], "ppo/job": [(0, num)]}
@@ -247,15 +251,18 @@ def _train(run_dir: Path, *overrides: str) -> None:
 
 
 def test_a_ppo_run_with_the_csv_logger_writes_its_metrics_and_hparams(tmp_path):
-    _train(tmp_path, *TINY_PPO, "logger=csv", "algorithm.kl.coef=0.1")
+    from rlhf_lightning.hardware import resolve_precision
+
+    _train(tmp_path, *TINY_PPO, "logger=csv", "algorithm.kl.reward.coef=0.1")
     with (tmp_path / "csv" / "ppo" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     for column in ("step", "val/reward", "val/kl", "objective/score", "kl/sequence"):
         assert column in rows[0], column
     assert [r["val/reward"] for r in rows if r["val/reward"]] and rows[-1]["hparams/val/reward"]
     hparams = yaml.safe_load((tmp_path / "csv" / "ppo" / "hparams.yaml").read_text())
-    assert hparams["algorithm.kl.coef"] == 0.1 and hparams["reward"] == "token_fraction"
-    assert hparams["trainer.precision"] == "32-true" and len(hparams) < 30
+    assert hparams["algorithm.kl.reward.coef"] == 0.1 and hparams["reward"] == "token_fraction"
+    # trainer.precision=auto as resolved on this machine (32-true without native bf16)
+    assert hparams["trainer.precision"] == resolve_precision("auto", "cpu") and len(hparams) < 30
 
 
 def _wandb_records(run_file: Path) -> list:
@@ -303,7 +310,7 @@ def test_a_pipeline_with_the_wandb_logger_writes_one_offline_run_per_stage(tmp_p
     assert runs[0]["id"] != runs[1]["id"]
     rm, ppo = runs
     assert "val/accuracy" in rm["history"] and "val/reward" not in rm["history"]
-    assert ppo["config"]["algorithm.kl.coef"] == 0.05 and ppo["config"]["rm.lr"] == 5.0e-5
+    assert ppo["config"]["algorithm.kl.reward.coef"] == 0.05 and ppo["config"]["rm.lr"] == 5.0e-5
     history = ppo["history"]
     assert history["hparams/val/gold_score"] == pytest.approx(history["val/gold_score"])
 
@@ -311,11 +318,11 @@ def test_a_pipeline_with_the_wandb_logger_writes_one_offline_run_per_stage(tmp_p
 @pytest.mark.slow
 def test_a_ppo_run_with_the_mlflow_logger_writes_a_local_store(tmp_path):
     client = _mlflow_client(tmp_path)
-    _train(tmp_path, *TINY_PPO, "logger=mlflow", "algorithm.kl.coef=0.1")
+    _train(tmp_path, *TINY_PPO, "logger=mlflow", "algorithm.kl.reward.coef=0.1")
     (experiment,) = [e for e in client.search_experiments() if e.name == "ppo"]
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "ppo" and run.info.status == "FINISHED"
-    assert run.data.params["algorithm.kl.coef"] == "0.1"
+    assert run.data.params["algorithm.kl.reward.coef"] == "0.1"
     assert run.data.params["reward"] == "token_fraction"
     metrics = run.data.metrics
     assert metrics["hparams/val/reward"] == pytest.approx(metrics["val/reward"])

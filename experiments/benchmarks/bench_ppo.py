@@ -254,7 +254,6 @@ def main(argv=None) -> dict:
         tokenizer,
         reward,
         ppo_cfg,
-        ppo_cfg.algorithm.kl.build_controller(),
         seed=args.seed,
         policy_source=args.policy,
     )

@@ -56,6 +56,10 @@ PRESETS = (
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3_plus")
 SUM = {"_target_": "rlhf_lightning.losses.SequenceMeanTokenSum", "normalizer": 1.0}
 ALONE = {"algorithm.loss_aggregation": SUM, "algorithm.whiten_advantages": False}
+K1_IN_REWARD = {  # the group presets' KL moved into the rewards (k1): only the advantage differs
+    "algorithm.kl.reward": {"coef": 0.0, "estimator": "k1", "clamp": None},
+    "algorithm.kl.loss": None,
+}
 VALUE_PRESETS = ("reinforce_baseline", "a2c", "ppo")
 GROUP_PRESETS = ("rloo", "grpo", "dr_grpo")
 
@@ -118,11 +122,10 @@ class Row:
             "generation.temperature": self.problem.temperature,
             "generation.max_new_tokens": self.problem.horizon,
             "generation.stop_token": None,
-            "algorithm.kl.coef": self.problem.beta,
             **({"algorithm.samples_per_prompt": self.group} if self.group else {}),
             **self.overrides,
         }
-        return audit_config(self.preset, overrides)
+        return audit_config(self.preset, overrides, kl_coef=self.problem.beta)
 
 
 STEP = 0.05  # each off-policy step moves the largest logit by this much (ratios stay in the clip)
@@ -171,7 +174,7 @@ def estimator_rows(problem: Problem = SEQUENCES, group: int = 3) -> list[Row]:
             "grpo",
             "biased (std scaling)",
             "biased",
-            {"algorithm.kl.placement": "reward", "algorithm.kl.estimator": "k1"},
+            K1_IN_REWARD,
             group=group,
         ),
         row(
@@ -179,7 +182,7 @@ def estimator_rows(problem: Problem = SEQUENCES, group: int = 3) -> list[Row]:
             "dr_grpo",
             f"unbiased, scale (k-1)/k = {(group - 1) / group:.3f}",
             "exact",
-            {"algorithm.kl.placement": "reward", "algorithm.kl.estimator": "k1"},
+            K1_IN_REWARD,
             group=group,
             scale=(group - 1) / group,
         ),
@@ -274,7 +277,7 @@ def batch_size_rows(sizes: tuple[int, ...] = (2, 4, 6)) -> list[Row]:
                 "grpo",
                 "biased at every k",
                 "biased",
-                {**ALONE, "algorithm.kl.placement": "reward", "algorithm.kl.estimator": "k1"},
+                {**ALONE, **K1_IN_REWARD},
                 BANDIT,
                 group=b,
             )
@@ -342,10 +345,11 @@ def kl_rows(problems: tuple[Problem, ...] = (BANDIT, SEQUENCES)) -> list[Row]:
         horizon = f"T={problem.horizon}"
         for placement in ("reward", "loss"):
             for estimator in KL_ESTIMATORS:
+                term = {"coef": problem.beta, "estimator": estimator, "clamp": None}
                 overrides = {
                     **ALONE,
-                    "algorithm.kl.estimator": estimator,
-                    "algorithm.kl.placement": placement,
+                    "algorithm.kl.reward": term if placement == "reward" else None,
+                    "algorithm.kl.loss": term if placement == "loss" else None,
                     "algorithm.kl.allow_biased_gradient": True,
                 }
                 for target in ("kl", "kl_per_state"):

@@ -12,7 +12,7 @@ probability can be listed, so both sides of "the estimator is unbiased" are exac
 - the expected update ``E[g]`` of a preset: every rollout batch it could draw (every b-tuple of
   responses: a group of k for the group presets), weighted by its probability under the sampling
   policy, each run through **the project's own training step**: ``make_experience`` (old and
-  reference logprobs, KL placement and estimator, advantages, whitening) and
+  reference logprobs, the KL penalty's terms, advantages, whitening) and
   ``PPOModule.minibatch_backward`` (policy loss, sampler correction, KL loss, value loss,
   aggregation with its global denominator, micro-batches, backward), see
   :func:`expected_update`. The gradient read is that of the policy table; ``g`` is minus it (the
@@ -189,8 +189,8 @@ def state_visits(problem: TabularProblem, logits: Tensor) -> Tensor:
 
 
 def true_values(problem: TabularProblem, logits: Tensor | None = None) -> Tensor:
-    """``V^pi(s) = E[sum_{t' >= t} r_t' | s_t = s]`` for the per-token rewards of the classic
-    placement, ``r_t = -beta * (log pi - log pi_ref)(y_t | s_t)`` plus ``R(y)`` at the last
+    """``V^pi(s) = E[sum_{t' >= t} r_t' | s_t = s]`` for the per-token rewards with k1 in the
+    reward, ``r_t = -beta * (log pi - log pi_ref)(y_t | s_t)`` plus ``R(y)`` at the last
     token: (P,), 0 on rows that are never a state."""
     logits = problem.logits if logits is None else logits
     ids, mask, _ = problem.responses
@@ -284,7 +284,7 @@ def audit_module(problem: TabularProblem, cfg, values: Tensor | None = None):
     if policy.value_head is not None and values is not None:
         with torch.no_grad():
             policy.value_head.weight.copy_(values.float()[None, :])
-    return PPOModule(policy, ref, None, None, cfg, cfg.algorithm.kl.build_controller())
+    return PPOModule(policy, ref, None, None, cfg)
 
 
 def rollout_of(problem: TabularProblem, rows: tuple[int, ...], sampler_logprobs: Tensor):
@@ -331,7 +331,6 @@ def expected_update(
     sampler = problem.logits if sampling_logits is None else sampling_logits
     sampler_token_logprobs = token_logprobs(problem, sampler)
     sampler_seq = sampler_token_logprobs.sum(dim=1)
-    kl_coef = float(module.kl_ctl.value)
     P, V = problem.logits.shape
     means = [torch.zeros(P, V, dtype=torch.float64) for _ in thetas]
     seconds = [0.0 for _ in thetas]
@@ -343,7 +342,7 @@ def expected_update(
         rollout = rollout_of(problem, batch, sampler_token_logprobs)
         scores = problem.rewards[list(batch)].float()
         lm.set_logits(problem.logits)
-        exp = module.make_experience(rollout, scores, kl_coef, 0)
+        exp = module.make_experience(rollout, scores, 0)
         for j, theta in enumerate(thetas):
             lm.set_logits(theta)
             module.policy.zero_grad(set_to_none=True)
@@ -394,11 +393,12 @@ def ascent_steps(problem: TabularProblem, steps: int, size: float) -> list[Tenso
     return thetas
 
 
-def audit_config(preset: str, overrides: dict | None = None):
+def audit_config(preset: str, overrides: dict | None = None, kl_coef: float | None = None):
     """The ``RLConfig`` of ``rlhf-train task=ppo algorithm=<preset>`` with ``overrides``,
     composed from ``conf/`` as the CLI composes it: a key with a ``/`` chooses a config group
     option (``algorithm/policy_loss: clipped``), a dotted key sets a value (a mapping replaces
-    the node)."""
+    the node). ``kl_coef``: the beta of each term the KL penalty has (in the rewards, in the
+    loss)."""
     from omegaconf import OmegaConf, open_dict
 
     from rlhf_lightning.config import rl_config_from
@@ -410,6 +410,9 @@ def audit_config(preset: str, overrides: dict | None = None):
         for key, value in overrides.items():
             if "/" not in key:
                 OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        for site in ("reward", "loss"):
+            if kl_coef is not None and cfg.algorithm.kl[site] is not None:
+                cfg.algorithm.kl[site].coef = kl_coef
     return rl_config_from(cfg)
 
 

@@ -32,8 +32,11 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
 
 
 def kl_label(cfg) -> tuple[tuple, str]:
-    """(sort key, label) of a run from its KL settings, e.g. ``fixed β=0.05``."""
+    """(sort key, label) of a run from its KL settings, e.g. ``fixed β=0.05``: those of the KL
+    in the rewards (``algorithm.kl.reward``; ``algorithm.kl`` itself in runs made before the KL
+    penalty had two sites)."""
     kl = cfg.algorithm.kl
+    kl = kl.reward if "reward" in kl else kl
     adaptive = "Adaptive" in str(OmegaConf.select(kl, "controller._target_"))
     if adaptive:
         target = float(OmegaConf.select(kl, "controller.target", default=kl.get("target")))

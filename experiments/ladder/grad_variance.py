@@ -95,7 +95,6 @@ def build(preset: str, args):
         tokenizer,
         build_reward(instantiate(cfg.reward)),
         rl,
-        rl.algorithm.kl.build_controller(),
         seed=args.seed,
     )
     return module, data
@@ -119,8 +118,7 @@ def experience(module, batch, seed: int):
     torch.manual_seed(seed)
     rollout = module.sample(batch, module.cfg.algorithm.samples_per_prompt)
     scores = module.score(rollout, batch, iteration=0)
-    kl_coef = float(module.kl_ctl.value)
-    return make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg, kl_coef)
+    return make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg)
 
 
 def fit_values(module, data, args) -> None:

@@ -21,7 +21,8 @@ prompts per epoch (``RolloutSampler``), and :meth:`training_step` on it reads to
 The choices are components of ``cfg.algorithm`` (see ``conf/algorithm/``): the advantage
 estimator, the policy loss, the loss aggregation (whose denominators count the whole minibatch
 on all ranks, so micro-batches and ranks give the same update as one big batch), the value
-model, the optimizer, and where the KL goes (``algorithm.kl.placement``).
+model, the optimizer, and the KL penalty (``algorithm.kl``: a term in the rewards and/or one in
+the loss, its controllers' coefficients the run's state).
 
 The first ``value_model.warmup_iterations`` iterations train the value function alone: the
 same loss with the policy terms weighted 0 and the value head on a detached trunk (every
@@ -83,8 +84,9 @@ class PPOModule(L.LightningModule):
             the module's ``state_dict`` and optimizer: it is rebuilt from config on resume.
         tokenizer: the policy tokenizer (left padding).
         reward: a reward source, ``reward(prompts, responses) -> (B,)``.
-        cfg: the validated run config (algorithm, budget, generation, cadence).
-        kl_controller: FixedKLController / AdaptiveKLController.
+        cfg: the validated run config (algorithm, budget, generation, cadence); its KL penalty
+            (``cfg.algorithm.kl``, built once with its controllers) is the module's to update
+            and checkpoint.
         gold_reward: optional reward source used only for evaluation (never trained on).
         seed: base of the per-iteration seeds (:meth:`iteration_seed`).
         policy_source: ``name_or_path`` of the base policy, stored in checkpoints so tools
@@ -101,7 +103,6 @@ class PPOModule(L.LightningModule):
         tokenizer,
         reward,
         cfg: RLConfig,
-        kl_controller,
         gold_reward=None,
         seed: int = 0,
         policy_source: str | None = None,
@@ -120,7 +121,6 @@ class PPOModule(L.LightningModule):
         self.reward = reward
         self.gold_reward = gold_reward
         self.cfg = cfg  # also builds self.objective
-        self.kl_ctl = kl_controller
         self.seed = seed
         self.policy_source = policy_source
         self.policy_lora = policy_lora
@@ -214,15 +214,16 @@ class PPOModule(L.LightningModule):
             rollout = self.sample(batch, self.cfg.algorithm.samples_per_prompt)
         with self.running("scoring"):
             scores = self.score(rollout, batch, iteration)
-        kl_coef = float(self.kl_ctl.value)
+        kl = self.cfg.algorithm.kl
+        reward_kl_coef = kl.reward_coef  # the rewards' beta this iteration
         with self.running("experience"), self.full_weights():
-            exp = self.make_experience(rollout, scores, kl_coef, iteration)
+            exp = self.make_experience(rollout, scores, iteration)
         with self.running("update"):
             stats = self.update(exp, iteration)
-        stats.merge(self.rollout_stats(exp, rollout, scores, kl_coef))
+        stats.merge(self.rollout_stats(exp, rollout, scores, reward_kl_coef))
         metrics = stats.reduce()
         if iteration >= self.cfg.algorithm.value_warmup_iterations:  # the policy moved
-            self.kl_ctl.update(metrics["kl/sequence"], len(exp) * world_size())
+            kl.update(metrics["kl/sequence"], len(exp) * world_size())
         self.log_iteration(metrics, exp, iteration)
 
     @contextmanager
@@ -294,8 +295,8 @@ class PPOModule(L.LightningModule):
             )
         return scores
 
-    def make_experience(self, rollout, scores, kl_coef: float, iteration: int) -> Experience:
-        exp = make_experience(self.policy, self.ref_lm, rollout, scores, self.cfg, kl_coef)
+    def make_experience(self, rollout, scores, iteration: int) -> Experience:
+        exp = make_experience(self.policy, self.ref_lm, rollout, scores, self.cfg)
         mask = exp.response_mask
         for name in ("old_logprobs", "ref_logprobs", "old_values"):
             self.check_finite(name.replace("_", " "), getattr(exp, name)[mask], iteration)
@@ -344,7 +345,6 @@ class PPOModule(L.LightningModule):
         alg, world = self.cfg.algorithm, world_size()
         units = alg.loss_aggregation.units(exp.response_mask[rows])
         denominator = all_ranks_sum(units).clamp(min=1).float()
-        kl_coef = alg.kl.loss_coef(float(self.kl_ctl.value))
         stats, finite = Stats(), True
         for part in exp.micro_batches(rows, self.cfg.budget.micro_batch_size):
             with record_function("ppo/forward_and_loss"):
@@ -354,7 +354,7 @@ class PPOModule(L.LightningModule):
                     response_start=part.prompt_len,
                     value_trains_trunk=not warmup,
                 )
-                loss, metrics = self.objective(logits, values, part, denominator, kl_coef, warmup)
+                loss, metrics = self.objective(logits, values, part, denominator, warmup)
             finite = finite and bool(torch.isfinite(loss))
             with record_function("ppo/backward"):
                 backward(self, loss * world)  # DDP averages gradients over ranks
@@ -391,12 +391,13 @@ class PPOModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------- metrics
     def rollout_stats(self, exp: Experience, rollout: Rollout, raw_scores, kl_coef) -> Stats:
-        """The rollout batch's statistics (sums over this rank's rows)."""
+        """The rollout batch's statistics (sums over this rank's rows); ``kl_coef``: the beta of
+        the KL in the rewards when they were made (``-beta * KL`` is the non-score reward)."""
         alg = self.cfg.algorithm
         stats = Stats()
         mask = exp.response_mask
         seq_kl = sequence_kl(exp)
-        non_score = -alg.kl.reward_coef(kl_coef) * seq_kl
+        non_score = -kl_coef * seq_kl
         stats.add_mean("objective/score", exp.scores)
         stats.add_mean("objective/raw_score", raw_scores)
         stats.add_mean("objective/rlhf_reward", exp.scores + non_score)
@@ -441,7 +442,11 @@ class PPOModule(L.LightningModule):
         tokens = float(exp.response_mask.sum()) * world_size()
         metrics.update({f"time/{phase}": s for phase, s in seconds.items()})
         metrics["time/iteration"] = sum(seconds.values())
-        metrics["kl/coef"] = float(self.kl_ctl.value)
+        kl = self.cfg.algorithm.kl
+        if kl.reward is not None:
+            metrics["kl/coef"] = kl.reward.coef
+        if kl.loss is not None:
+            metrics["kl/loss_coef"] = kl.loss.coef
         metrics["perf/generated_tokens_per_s"] = tokens / max(seconds["sampling"], 1e-9)
         metrics["perf/trained_tokens_per_s"] = (
             tokens * metrics.get("policy/epochs", 1.0) / max(seconds["update"], 1e-9)
@@ -507,7 +512,7 @@ class PPOModule(L.LightningModule):
     # ------------------------------------------------------------------------- checkpointing
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rlhf_lightning"] = {
-            "kl_controller": self.kl_ctl.state_dict(),
+            "kl_penalty": self.cfg.algorithm.kl.state_dict(),
             "nonfinite_skips": self.nonfinite_skips,
             "policy_source": self.policy_source,
             "policy_lora": self.policy_lora,
@@ -519,7 +524,7 @@ class PPOModule(L.LightningModule):
             raise CheckpointError(
                 "checkpoint has no 'rlhf_lightning' state: not written by PPOModule"
             )
-        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.cfg.algorithm.kl.load_state_dict(state["kl_penalty"])
         self.nonfinite_skips = state["nonfinite_skips"]
 
     # --------------------------------------------------------------------------------- helpers

@@ -10,8 +10,9 @@ For a batch of B sampled responses (P prompt tokens, R response tokens):
    generation produced;
 2. one forward of the frozen reference gives the reference logprobs;
 3. the reward source's scores are shaped (missing-EOS penalty, clipping);
-4. per-token rewards: ``r_t = -beta * KL_t`` at every response token when the KL is in the reward,
-   plus the score at the last real token (Ziegler et al. 2019; N+ details #3.4);
+4. per-token rewards: ``r_t = -beta * KL_t`` at every response token when the KL penalty has a
+   term in the reward (``algorithm.kl.reward``: its estimator and its beta now), plus the score
+   at the last real token (Ziegler et al. 2019; N+ details #3.4);
 5. the algorithm's advantage estimator gives advantages and value targets (returns); advantages
    are whitened over the whole batch (all ranks under DDP) when configured.
 
@@ -49,7 +50,7 @@ class Experience:
     ref_logprobs: torch.Tensor  # (B, R) fp32, frozen reference logprobs, logits / T
     old_values: torch.Tensor  # (B, R) fp32, V(s_t) at sampling time (0 without a value model)
     scores: torch.Tensor  # (B,) fp32, shaped sequence scores
-    kl: torch.Tensor  # (B, R) fp32, per-token KL estimate, 0 on padding
+    kl: torch.Tensor  # (B, R) fp32, per-token log pi_old / pi_ref (k1), 0 on padding
     rewards: torch.Tensor  # (B, R) fp32, per-token rewards
     advantages: torch.Tensor  # (B, R) fp32, advantages (whitened if configured)
     returns: torch.Tensor  # (B, R) fp32, value targets (0 without a value model)
@@ -228,7 +229,6 @@ def make_experience(
     rollout: Rollout,
     scores: torch.Tensor,
     cfg,
-    kl_coef: float,
 ) -> Experience:
     """Old logprobs, values, reference logprobs, rewards and advantages of a rollout.
 
@@ -238,8 +238,8 @@ def make_experience(
         rollout: sampled responses (B rows, ``cfg.algorithm.samples_per_prompt`` per prompt,
             group by group).
         scores: (B,) raw scores of the reward source.
-        cfg: the run's ``RLConfig``.
-        kl_coef: beta of this iteration (enters the rewards only when the KL is placed there).
+        cfg: the run's ``RLConfig``; its KL penalty's reward term (``cfg.algorithm.kl.reward``)
+            gives the estimator and the beta of the rewards.
     """
     # a block rather than @torch.no_grad(): mutmut skips decorated functions
     with torch.no_grad():
@@ -283,14 +283,15 @@ def make_experience(
         shaped = shape_scores(
             scores.to(old_logprobs.device), rollout.ended, alg.missing_eos_penalty, alg.score_clip
         )
-        rewards, kl = token_rewards(
+        in_reward = alg.kl.reward
+        rewards, _ = token_rewards(
             shaped,
             old_logprobs,
             ref_logprobs,
             mask,
-            alg.kl.reward_coef(kl_coef),
-            alg.kl.estimator,
-            alg.kl.clamp,
+            in_reward.coef if in_reward else 0.0,
+            in_reward.estimator if in_reward else "k1",
+            in_reward.clamp if in_reward else None,
         )
         if alg.whiten_rewards:
             rewards = global_masked_whiten(rewards, mask, shift_mean=False)
@@ -302,12 +303,13 @@ def make_experience(
         exp.old_logprobs = torch.where(mask, old_logprobs, zero)
         exp.ref_logprobs = torch.where(mask, ref_logprobs, zero)
         exp.old_values = zero if values is None else torch.where(mask, values, zero)
-        exp.scores, exp.kl, exp.rewards = shaped, kl, rewards
+        exp.kl = torch.where(mask, old_logprobs - ref_logprobs, zero)
+        exp.scores, exp.rewards = shaped, rewards
         exp.advantages = advantages
         exp.returns = zero if returns is None else returns
         return exp
 
 
 def sequence_kl(exp: Experience) -> torch.Tensor:
-    """(B,) KL estimate per sequence: the per-token KL summed over the response."""
+    """(B,) KL estimate per sequence: the per-token log-ratio (k1) summed over the response."""
     return torch.where(exp.response_mask, exp.kl, torch.zeros_like(exp.kl)).sum(dim=1)

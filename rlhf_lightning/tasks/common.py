@@ -123,7 +123,7 @@ def build_trainer(
     """A Lightning Trainer from ``cfg.trainer`` + the task's overrides, logging to ``cfg.logger``.
 
     ``stage`` (``reward_model``, ``ppo``) names the stage's own logger run, e.g.
-    ``<run dir>/tb/ppo`` or, in a sweep, ``<sweep dir>/tb/algorithm.kl.coef=0.1/ppo``
+    ``<run dir>/tb/ppo`` or, in a sweep, ``<sweep dir>/tb/algorithm.kl.reward.coef=0.1/ppo``
     (``rlhf_lightning.tracking.build_logger``).
     With ``trainer.enable_progress_bar`` the progress display is `ProgressLine` (one status
     line) instead of Lightning's bar.

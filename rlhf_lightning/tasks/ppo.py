@@ -196,15 +196,8 @@ def unsharded_lm(lm, full_state: dict, lora: dict | None):
 def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     """Run PPO; returns the final metrics, the baseline eval metrics and the export path."""
     ppo_cfg = validate_ppo_setup(cfg)
-    kl = ppo_cfg.algorithm.kl
-    if kl.biased_gradient is not None:  # runs only with allow_biased_gradient
-        log.warning(
-            "algorithm.kl.estimator=%s with placement=%s (algorithm.kl.allow_biased_gradient="
-            "true): %s",
-            kl.estimator,
-            kl.placement,
-            kl.biased_gradient,
-        )
+    for site, bias in ppo_cfg.algorithm.kl.biased_gradients().items():  # allowed, so said
+        log.warning("algorithm.kl.%s (algorithm.kl.allow_biased_gradient=true): %s", site, bias)
     ckpt_path = resume_checkpoint(cfg, "ppo", stage_dir)  # checked before any model loads
     L.seed_everything(cfg.seed, workers=True)
 
@@ -223,14 +216,12 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     gold = build_reward(instantiate(cfg.gold_reward)) if cfg.get("gold_reward") else None
     options = policy_options_from(cfg.policy)
     policy, ref_lm = build_policy(cfg, ppo_cfg, options)
-    kl_controller = ppo_cfg.algorithm.kl.build_controller()
     module = PPOModule(
         policy,
         ref_lm,
         tokenizer,
         reward,
         ppo_cfg,
-        kl_controller,
         gold,
         seed=cfg.seed,
         policy_source=cfg.policy.name_or_path,
