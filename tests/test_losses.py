@@ -658,6 +658,9 @@ def test_sequence_truncated_is_weights_every_token_by_the_sequence_ratio():
         [False, False, False],
     ]
     assert not weights.requires_grad
+    # A product equal to the cap (4, in powers of 2: exact) is the cap, and not counted as cut.
+    weights, cut = SequenceTruncatedIS(cap=4.0)(*_seq_is_inputs(), SEQ_IS_MASK)
+    assert weights[1].tolist() == [4.0, 4.0, 0.0] and not cut.any()
 
 
 def test_sequence_masked_is_drops_whole_sequences_on_the_product_or_geometric_mean():
