@@ -3,7 +3,8 @@ loss and explained variance.
 
 Policy losses are per token (``(B, T)``, 0 on padding) so that the aggregation, a separate choice,
 can weight them; each comes with per-token diagnostics (``ratio``, ``log_ratio``, ``clipped``:
-1 where the gradient is cut). With ``ratio = exp(logp - logp_old)``:
+1 where the gradient is cut, for CISPO where the weight is clipped). With ``ratio = exp(logp -
+logp_old)``:
 
 - :class:`VanillaPolicyGradient`: ``-A_t * ratio_t``, no clipping. At ``logp = logp_old`` its
   gradient is the score-function (REINFORCE) estimator ``-A_t * grad logp_t``; once the policy
