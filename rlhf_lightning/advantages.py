@@ -27,8 +27,16 @@ one advantage per sequence, broadcast to its tokens:
   "Understanding R1-Zero-Like Training", who show the std division biases the update towards
   groups with little spread).
 
+- :class:`RewardsToGoGroupBaseline` (REINFORCE++-baseline, Hu et al. 2025, "REINFORCE++:
+  Stabilizing Critic-Free Policy Optimization with Global Normalization"): each token's
+  rewards-to-go ``G_t`` minus the mean of the sequence returns ``R_j`` of its prompt's group, so
+  a per-token KL in the rewards is credited from t on while the score is compared within the
+  group. Unbiased at the scale ``(k - 1) / k`` (the group mean holds the sample's own return).
+
 REINFORCE++ (Hu 2025) is :class:`RewardsToGo` with the advantages whitened over the global batch
-(``algorithm.whiten_advantages``), not an estimator of its own.
+(``algorithm.whiten_advantages``), not an estimator of its own; REINFORCE++-baseline is
+:class:`RewardsToGoGroupBaseline` with the same whitening (the ``reinforce_pp_baseline`` preset),
+the mean and the std taken over every real token of the rollout batch on all ranks.
 
 Masking: positions where the mask is False are not part of the trajectory. Their rewards and values
 are never read (they may hold NaN), their outputs are 0, and the recursions step over them: the
@@ -193,6 +201,22 @@ def grpo_advantages(
     return centred.reshape(-1)
 
 
+def group_baseline_rewards_to_go(rewards: Tensor, mask: Tensor, group_size: int) -> Tensor:
+    """Rewards-to-go minus the mean return of the sequence's group: ``G_it - mean_{j in g(i)}
+    R_j`` with ``G_it = sum_{t' >= t} r_it'`` and ``R_j = sum_t r_jt``.
+
+    rewards: (B, T); mask: (B, T) bool or 0/1; rows ordered group by group (``i * k .. i * k + k
+    - 1`` share a prompt), group_size: k >= 2 -> (B, T), 0 at masked positions. Undiscounted
+    (REINFORCE++ takes gamma = 1).
+    """
+    if group_size < 2:
+        raise ValueError(f"a group baseline needs group_size >= 2, got {group_size}")
+    returns = rewards_to_go(rewards, mask, gamma=1.0)
+    group_mean = _groups(sequence_returns(rewards, mask), group_size).mean(dim=1, keepdim=True)
+    baseline = group_mean.expand(-1, group_size).reshape(-1)  # (B,)
+    return zero_masked(returns - baseline[:, None], as_bool_mask(mask, returns.shape))
+
+
 def broadcast_to_tokens(per_sequence: Tensor, mask: Tensor) -> Tensor:
     """One value per sequence copied to each of its real tokens: (B,), (B, T) -> (B, T)."""
     keep = as_bool_mask(mask, mask.shape)
@@ -321,3 +345,14 @@ class GroupNormalized(AdvantageEstimator):
             per_sequence, inputs.group_size, scale_by_std=self.scale_by_std, eps=self.eps
         )
         return broadcast_to_tokens(advantages, inputs.mask), None
+
+
+@dataclass(frozen=True)
+class RewardsToGoGroupBaseline(AdvantageEstimator):
+    """REINFORCE++-baseline: ``G_t`` minus the mean return of the prompt's group (whitened over
+    the batch by ``algorithm.whiten_advantages`` in its preset)."""
+
+    min_group_size = 2
+
+    def __call__(self, inputs):
+        return group_baseline_rewards_to_go(inputs.rewards, inputs.mask, inputs.group_size), None

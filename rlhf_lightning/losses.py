@@ -3,8 +3,8 @@ loss and explained variance.
 
 Policy losses are per token (``(B, T)``, 0 on padding) so that the aggregation, a separate choice,
 can weight them; each returns a :class:`PolicyLossOutput`: the loss with its per-token
-diagnostics (``log_ratio``, ``ratio``, ``clipped``: 1 where the gradient is cut). With
-``ratio = exp(logp - logp_old)``:
+diagnostics (``log_ratio``, ``ratio``, ``clipped``: 1 where the gradient is cut, for CISPO where
+the weight is clipped). With ``ratio = exp(logp - logp_old)``:
 
 - :class:`VanillaPolicyGradient`: ``-A_t * ratio_t``, no clipping. At ``logp = logp_old`` its
   gradient is the score-function (REINFORCE) estimator ``-A_t * grad logp_t``; once the policy
@@ -19,6 +19,17 @@ diagnostics (``log_ratio``, ``ratio``, ``clipped``: 1 where the gradient is cut)
   ``max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip_low, 1 + clip_high))``; asymmetric bounds as
   in DAPO (Yu et al. 2025, "clip-higher"); with ``dual_clip = c > 1`` the loss of a negative
   advantage is capped at ``-c * A_t`` (Ye et al. 2020, "Mastering Complex Control in MOBA Games").
+- :class:`GSPO` (Zheng et al. 2025, "Group Sequence Policy Optimization"): the clipped surrogate
+  with the sequence's importance ratio ``s_i = exp(mean_t (logp_t - logp_old_t))``, the geometric
+  mean of its token ratios over its real tokens, in place of each token's, so that a sequence is
+  clipped as a whole. In GSPO's token-level form ``s_it = sg(s_i) * pi_t / sg(pi_t)`` (value
+  ``s_i``, gradient ``s_i * grad logp_t``): with the sequence-mean token-mean aggregation the
+  gradient is that of the paper's sequence objective ``max(-A_i s_i, -A_i clip(s_i))``, and
+  token-level advantages stay possible.
+- :class:`CISPO` (MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning
+  Attention"): ``-sg(clip(ratio_t, 1 - clip_low, 1 + clip_high)) * A_t * logp_t``: the clipped
+  importance weight is a constant coefficient of the plain policy gradient, so clipping bounds a
+  token's weight but never drops its gradient (PPO's clip zeroes it).
 
 Clipped value loss around the rollout-time values (OpenAI Baselines' PPO2, kept by the RLHF
 reproductions of Huang et al. 2024)::
@@ -35,6 +46,12 @@ parallelism give the same update as one big batch:
   same; GRPO's original form);
 - :class:`SequenceMeanTokenSum`: ``w = 1 / C`` for a constant ``C``, ``D`` = sequences (Dr. GRPO:
   no length normalisation, so long wrong answers are not favoured).
+
+Sampler corrections weight the per-token policy loss by ``pi_old / pi_sampler`` where the
+distribution sampled from differs from the trained one: per token (:class:`TruncatedIS`,
+:class:`MaskedIS`) or per sequence, with the product of the sequence's token ratios
+(:class:`SequenceTruncatedIS`, :class:`SequenceMaskedIS`, the latter also on their geometric
+mean).
 
 Bradley-Terry preference loss for reward models (Ouyang et al. 2022; the reward-model slides of
 the seed ``004_f10ad3a5f684abf0.txt``): ``-log sigmoid(r_chosen - r_rejected - margin)``.
@@ -157,6 +174,70 @@ def clipped_policy_loss(
     return _output(loss, log_ratio, cut, keep)
 
 
+def _check_clip_bounds(clip_low: float, clip_high: float, max_low: float | None = None) -> None:
+    if not (clip_low > 0 and clip_high > 0) or (max_low is not None and clip_low > max_low):
+        upper = "" if max_low is None else f" (clip_low <= {max_low})"
+        raise ValueError(f"clip_low and clip_high must be > 0{upper}, got {clip_low}, {clip_high}")
+
+
+def gspo_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> PolicyLossOutput:
+    """Per-token GSPO loss: (B, T) each -> PolicyLossOutput.
+
+    ``s_i = exp(sum_t (logp_t - logp_old_t) / |y_i|)`` over row i's real tokens (an empty row
+    has ``s_i = 1``); each token's loss is ``max(-A_t * s_it, -A_t * clip(s_it, 1 - clip_low,
+    1 + clip_high))`` with ``s_it = sg(s_i) * exp(logp_t - sg(logp_t))``: the value is ``s_i``'s,
+    the gradient ``s_i * grad logp_t`` where unclipped and 0 where clipped. With one advantage
+    per sequence the clip decision is the sequence's. ``clipped`` marks the tokens whose
+    gradient is cut; ``log_ratio`` and ``ratio`` in the diagnostics are the per-token ones.
+    """
+    _check_clip_bounds(clip_low, clip_high)
+    keep, logprobs, old_logprobs, advantages = _masked_inputs(
+        mask, logprobs=logprobs, old_logprobs=old_logprobs.detach(), advantages=advantages
+    )
+    log_ratio = zero_masked(logprobs - old_logprobs, keep)
+    lengths = keep.sum(dim=1, keepdim=True).clamp(min=1)
+    sequence_log_ratio = (log_ratio.sum(dim=1, keepdim=True) / lengths).detach()  # (B, 1)
+    ratio = torch.exp(sequence_log_ratio + logprobs - logprobs.detach())  # value s_i
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    return _output(loss, log_ratio, clipped > unclipped, keep)
+
+
+def cispo_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> PolicyLossOutput:
+    """Per-token CISPO loss ``-sg(w_t) * A_t * logp_t`` with ``w_t = clip(ratio_t, 1 - clip_low,
+    1 + clip_high)``: (B, T) each -> PolicyLossOutput.
+
+    The gradient is ``-w_t * A_t * grad logp_t`` at every real token: the plain policy gradient
+    at ratio 1, each token weighted by its clipped ratio once the policy has moved. ``clipped``
+    marks the tokens whose *weight* was clipped (their gradient is kept, scaled by the bound).
+    ``clip_low = 1`` puts the lower bound at 0: no lower bound.
+    """
+    _check_clip_bounds(clip_low, clip_high, max_low=1.0)
+    keep, logprobs, old_logprobs, advantages = _masked_inputs(
+        mask, logprobs=logprobs, old_logprobs=old_logprobs.detach(), advantages=advantages
+    )
+    log_ratio = zero_masked(logprobs - old_logprobs, keep)
+    ratio = torch.exp(log_ratio.detach())
+    weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = -weight * advantages * logprobs
+    return _output(loss, log_ratio, weight != ratio, keep)
+
+
 def value_loss(
     values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float | None
 ) -> tuple[Tensor, Tensor]:
@@ -233,6 +314,42 @@ class ClippedSurrogate(PolicyLoss):
             self.clip_low,
             self.clip_high,
             self.dual_clip,
+        )
+
+
+@dataclass(frozen=True)
+class GSPO(PolicyLoss):
+    """GSPO's clipped surrogate on the sequence's geometric-mean importance ratio, bounds
+    ``[1 - clip_low, 1 + clip_high]`` (the paper's: 3e-4 and 4e-4)."""
+
+    clip_low: float = 3e-4
+    clip_high: float = 4e-4
+
+    def __post_init__(self) -> None:
+        require(self.clip_low > 0, "clip_low", f"must be > 0, got {self.clip_low}")
+        require(self.clip_high > 0, "clip_high", f"must be > 0, got {self.clip_high}")
+
+    def __call__(self, logprobs, old_logprobs, advantages, mask):
+        return gspo_policy_loss(
+            logprobs, old_logprobs, advantages, mask, self.clip_low, self.clip_high
+        )
+
+
+@dataclass(frozen=True)
+class CISPO(PolicyLoss):
+    """CISPO: the policy gradient with each token's ratio, clipped to ``[1 - clip_low, 1 +
+    clip_high]``, as a constant weight (``clip_low = 1``: no lower bound, as in MiniMax-M1)."""
+
+    clip_low: float = 1.0
+    clip_high: float = 0.28
+
+    def __post_init__(self) -> None:
+        require(0 < self.clip_low <= 1, "clip_low", f"must be in (0, 1], got {self.clip_low}")
+        require(self.clip_high > 0, "clip_high", f"must be > 0, got {self.clip_high}")
+
+    def __call__(self, logprobs, old_logprobs, advantages, mask):
+        return cispo_policy_loss(
+            logprobs, old_logprobs, advantages, mask, self.clip_low, self.clip_high
         )
 
 
@@ -334,6 +451,61 @@ class MaskedIS(SamplerCorrection):
     def __call__(self, old_logprobs, sampler_logprobs, mask):
         keep, ratio = _importance_ratio(old_logprobs, sampler_logprobs, mask)
         cut = keep & ((ratio < self.low) | (ratio > self.high))
+        return (keep & ~cut).float(), cut
+
+
+def sequence_log_ratio(
+    old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, geometric: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Each sequence's ``log prod_t pi_old / pi_sampler`` over its real tokens, or with
+    ``geometric`` its mean over them (the log of the geometric mean; 0 for an empty row).
+
+    (B, T) each -> (keep: (B, T) bool, (B,) detached).
+    """
+    keep, old_logprobs, sampler_logprobs = _masked_inputs(
+        mask, old_logprobs=old_logprobs, sampler_logprobs=sampler_logprobs
+    )
+    total = (old_logprobs - sampler_logprobs).detach().sum(dim=1)
+    if geometric:
+        total = total / keep.sum(dim=1).clamp(min=1)
+    return keep, total
+
+
+@dataclass(frozen=True)
+class SequenceTruncatedIS(SamplerCorrection):
+    """Sequence-level truncated importance sampling: every token of a sequence weighted by
+    ``min(prod_t pi_old / pi_sampler, cap)``, the sequence's own ratio (unbiased for the
+    sequence's distribution below the cap, at a variance that grows with its length)."""
+
+    cap: float = 2.0
+
+    def __post_init__(self) -> None:
+        require(self.cap > 0, "cap", f"must be > 0, got {self.cap}")
+
+    def __call__(self, old_logprobs, sampler_logprobs, mask):
+        keep, log_rho = sequence_log_ratio(old_logprobs, sampler_logprobs, mask)
+        rho = torch.exp(log_rho)[:, None].expand(keep.shape)
+        return zero_masked(rho.clamp(max=self.cap), keep), keep & (rho > self.cap)
+
+
+@dataclass(frozen=True)
+class SequenceMaskedIS(SamplerCorrection):
+    """Drop the whole sequences whose ``prod_t pi_old / pi_sampler`` (or with ``geometric``, its
+    geometric mean over the real tokens) lies outside ``[low, high]`` (weight 0); the others
+    keep weight 1 on every token."""
+
+    low: float = 0.5
+    high: float = 2.0
+    geometric: bool = False
+
+    def __post_init__(self) -> None:
+        require(0 <= self.low < 1, "low", f"must be in [0, 1), got {self.low}")
+        require(self.high > 1, "high", f"must be > 1, got {self.high}")
+
+    def __call__(self, old_logprobs, sampler_logprobs, mask):
+        keep, log_rho = sequence_log_ratio(old_logprobs, sampler_logprobs, mask, self.geometric)
+        rho = torch.exp(log_rho)[:, None].expand(keep.shape)
+        cut = keep & ((rho < self.low) | (rho > self.high))
         return (keep & ~cut).float(), cut
 
 

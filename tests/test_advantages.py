@@ -16,9 +16,11 @@ from rlhf_lightning.advantages import (
     LeaveOneOut,
     RewardsToGo,
     RewardsToGoBaseline,
+    RewardsToGoGroupBaseline,
     SequenceReturn,
     broadcast_to_tokens,
     gae,
+    group_baseline_rewards_to_go,
     grpo_advantages,
     rewards_to_go,
     rloo_advantages,
@@ -416,6 +418,66 @@ def test_reinforce_pp_is_rewards_to_go_normalised_over_the_batch():
     advantages, _ = RewardsToGo()(_est_inputs())
     whitened = masked_whiten(advantages, EST_MASK)
     assert whitened[EST_MASK].tolist() == pytest.approx([(g - mean) / std for g in to_go], rel=1e-5)
+
+
+def test_reinforce_pp_baseline_hand_values():
+    """Two prompts, k = 2 (EST_REWARDS): returns 0.7, 2.3 | -1.2, 0.4; group means 1.5 and
+    -0.4. Row 0's rewards-to-go (0.7, 0.8, 1.0) minus 1.5; row 1's (2.3, 2.0) minus 1.5; row 2's
+    (-1.2, -0.7, -0.8, -1.0) minus -0.4; row 3's (0.4,) minus -0.4."""
+    advantages, returns = RewardsToGoGroupBaseline()(_est_inputs())
+    assert returns is None
+    expected = [
+        [0.7 - 1.5, 0.8 - 1.5, 1.0 - 1.5],
+        [2.3 - 1.5, 2.0 - 1.5],
+        [-1.2 + 0.4, -0.7 + 0.4, -0.8 + 0.4, -1.0 + 0.4],
+        [0.4 + 0.4],
+    ]
+    for b, n in enumerate(EST_LENGTHS):
+        assert advantages[b, :n].tolist() == pytest.approx(expected[b], abs=1e-6)
+        assert (advantages[b, n:] == 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 4), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_reinforce_pp_baseline_matches_a_python_loop(k, groups, seed):
+    """Uneven lengths (an empty row included), NaN on the padding: G_t minus the group's mean
+    of the sequence returns, computed with Python lists."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T = k * groups, 5
+    rewards = torch.randn(B, T, generator=gen)
+    lengths = torch.randint(0, T + 1, (B,), generator=gen)
+    mask = torch.arange(T) < lengths[:, None]
+    rewards = torch.where(mask, rewards, torch.nan)
+    got = group_baseline_rewards_to_go(rewards, mask, k)
+    rows = [rewards[b, : int(lengths[b])].tolist() for b in range(B)]
+    totals = [sum(row) for row in rows]
+    for b, row in enumerate(rows):
+        group = totals[(b // k) * k : (b // k + 1) * k]
+        baseline = sum(group) / k
+        expected = [sum(row[t:]) - baseline for t in range(len(row))] + [0.0] * (T - len(row))
+        assert got[b].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_reinforce_pp_baseline_without_kl_is_the_centred_score_whitened():
+    """With the score alone at the last token (the KL as a loss), every token of a sequence
+    carries score - group mean; the preset then whitens over all real tokens of the batch."""
+    import statistics
+
+    scores = [1.0, 0.0, 3.0, 1.0]  # groups (1, 0) and (3, 1)
+    lengths = [3, 1, 2, 4]
+    mask = torch.arange(4) < torch.tensor(lengths)[:, None]
+    rewards = torch.zeros(4, 4)
+    for b, n in enumerate(lengths):
+        rewards[b, n - 1] = scores[b]
+    advantages, _ = RewardsToGoGroupBaseline()(AdvantageInputs(rewards, None, mask, 2))
+    centred = [0.5, -0.5, 1.0, -1.0]
+    tokens = [c for c, n in zip(centred, lengths) for _ in range(n)]
+    mean, std = statistics.mean(tokens), statistics.stdev(tokens)
+    whitened = masked_whiten(advantages, mask)[mask].tolist()
+    assert whitened == pytest.approx([(a - mean) / std for a in tokens], rel=1e-5)
+    with pytest.raises(ValueError, match="^a group baseline needs group_size >= 2, got 1$"):
+        group_baseline_rewards_to_go(rewards, mask, 1)
+    assert RewardsToGoGroupBaseline.min_group_size == 2
 
 
 def test_gae_component_passes_its_discounts_and_reads_the_values():

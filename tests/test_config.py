@@ -34,6 +34,16 @@ BAD_RL = [
     (["algorithm.policy_loss.clip_high=-0.2"], "algorithm.policy_loss.clip_high"),
     (["algorithm.policy_loss.clip_low=null"], "algorithm.policy_loss.clip_low"),
     (["algorithm.policy_loss.dual_clip=0.5"], "algorithm.policy_loss.dual_clip"),
+    (["algorithm=gspo", "algorithm.policy_loss.clip_low=0.0"], "algorithm.policy_loss.clip_low"),
+    (["algorithm=cispo", "algorithm.policy_loss.clip_low=1.5"], "algorithm.policy_loss.clip_low"),
+    (
+        ["algorithm=reinforce_pp_baseline", "algorithm.samples_per_prompt=1"],
+        "algorithm.samples_per_prompt",
+    ),
+    (
+        ["algorithm/sampler_correction=seq_masked", "algorithm.sampler_correction.high=1"],
+        "algorithm.sampler_correction.high",
+    ),
     (["algorithm.value_model.clip=0.0"], "algorithm.value_model.clip"),
     (["algorithm.value_model.coef=-1.0"], "algorithm.value_model.coef"),
     (["algorithm.value_model.lr=0.0"], "algorithm.value_model.lr"),
@@ -114,6 +124,19 @@ def test_every_preset_composes_and_validates(preset):
     cfg = rl_config_from(_compose(f"algorithm={preset}"))
     assert cfg.algorithm.name == preset
     assert cfg.budget.rollout_batch_size % cfg.algorithm.samples_per_prompt == 0
+
+
+SAMPLER_CORRECTIONS = sorted(
+    p.stem for p in (CONF_DIR / "algorithm" / "sampler_correction").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("option", SAMPLER_CORRECTIONS)
+def test_every_sampler_correction_composes_into_its_component(option):
+    from rlhf_lightning.losses import SamplerCorrection
+
+    cfg = rl_config_from(_compose(f"algorithm/sampler_correction={option}"))
+    assert isinstance(cfg.algorithm.sampler_correction, SamplerCorrection)
 
 
 BIASED_KL = [

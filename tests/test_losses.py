@@ -140,6 +140,153 @@ def test_dual_clip_caps_only_negative_advantages_at_minus_c_times_a():
     assert diag.clipped[0, :4].tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
+# ----------------------------------------------------------------------------- GSPO, CISPO
+
+# Three rows (NaN / inf on the padding), clip 0.2 / 0.2:
+#   row 0: token ratios (2, 0.5)      -> s = 1,  A =  1: loss -1 per token, inside the clip
+#   row 1: token ratios (1.5, 1.5, -) -> s = 1.5, A = 2: max(-3, -2.4) = -2.4, clipped
+#   row 2: token ratios (0.5, 2, 8)   -> s = 2,  A = -1: max(2, 1.2) = 2, unclipped wins
+GSPO_RATIOS = torch.tensor([[2.0, 0.5, 1.0], [1.5, 1.5, 1.0], [0.5, 2.0, 8.0]])
+GSPO_OLD = torch.tensor([[-1.0, -2.0, math.nan], [-0.5, -3.0, math.inf], [-1.5, -0.2, -4.0]])
+GSPO_ADV = torch.tensor([[1.0, 1.0, math.nan], [2.0, 2.0, math.inf], [-1.0, -1.0, -1.0]])
+GSPO_MASK = torch.tensor([[True, True, False], [True, True, False], [True, True, True]])
+
+
+def gspo_logprobs():
+    return torch.where(GSPO_MASK, GSPO_OLD + GSPO_RATIOS.log(), math.nan).requires_grad_()
+
+
+def test_gspo_hand_values_clip_each_sequence_as_a_whole():
+    from rlhf_lightning.losses import gspo_policy_loss
+
+    logprobs = gspo_logprobs()
+    result = gspo_policy_loss(logprobs, GSPO_OLD, GSPO_ADV, GSPO_MASK, 0.2, 0.2)
+    per_token, diag = result.loss, result
+    expected = torch.tensor([[-1.0, -1.0, 0.0], [-2.4, -2.4, 0.0], [2.0, 2.0, 2.0]])
+    torch.testing.assert_close(per_token, expected)
+    assert diag.clipped.tolist() == [[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    torch.testing.assert_close(diag.ratio, torch.where(GSPO_MASK, GSPO_RATIOS, 0.0))
+    # Each token's gradient is -A * s on its own logprob (0 where clipped), summed here.
+    per_token.sum().backward()
+    grad = torch.tensor([[-1.0, -1.0, 0.0], [0.0, 0.0, 0.0], [2.0, 2.0, 2.0]])
+    torch.testing.assert_close(logprobs.grad, grad)
+
+
+def _gspo_sequence_objective(logprobs, old, advantages, lengths, clip_low, clip_high):
+    """The paper's sequence-level loss, row by row: max(-A s, -A clip(s)) with s =
+    exp(mean of the real tokens' log-ratios), the gradient through s (a Python loop)."""
+    total = 0.0
+    for b, n in enumerate(lengths):
+        s = torch.exp((logprobs[b, :n] - old[b, :n]).mean())
+        a = advantages[b, 0]
+        total = total + torch.maximum(-a * s, -a * s.clamp(1 - clip_low, 1 + clip_high))
+    return total / len(lengths)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gspo_with_seq_mean_token_mean_is_the_papers_sequence_objective(seed):
+    """Random padded rows, one advantage per sequence, ratios across the clip: the token-level
+    form aggregated with seq-mean-token-mean has the sequence objective's value and gradient."""
+    from rlhf_lightning.losses import GSPO
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [5, 1, 3, 4, 2, 5]
+    B, T = len(lengths), 5
+    mask = torch.arange(T) < torch.tensor(lengths)[:, None]
+    old = -torch.rand(B, T, generator=gen) * 3
+    logits = old + 0.3 * torch.randn(B, T, generator=gen)
+    advantages = torch.randn(B, 1, generator=gen).expand(B, T)
+    old, advantages = torch.where(mask, old, math.nan), torch.where(mask, advantages, math.inf)
+    ours = torch.where(mask, logits, math.nan).requires_grad_()
+    naive = logits.clone().requires_grad_()
+    result = GSPO(clip_low=0.1, clip_high=0.15)(ours, old, advantages, mask)
+    per_token, diag = result.loss, result
+    agg = SequenceMeanTokenMean()
+    loss = aggregate(per_token, agg.token_weights(mask), agg.units(mask))
+    expected = _gspo_sequence_objective(naive, old, advantages, lengths, 0.1, 0.15)
+    assert 0 < diag.clipped.sum() < mask.sum()  # both branches are exercised
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(ours.grad, torch.where(mask, naive.grad, 0.0))
+
+
+def test_gspo_at_ratio_one_is_the_plain_policy_gradient():
+    """On-policy s = 1: value -A, gradient -A * grad logp, as the vanilla loss."""
+    from rlhf_lightning.losses import GSPO
+
+    logprobs = gspo_logprobs()
+    old = logprobs.detach().clone()
+    result = GSPO()(logprobs, old, GSPO_ADV, GSPO_MASK)
+    per_token, diag = result.loss, result
+    vanilla_lp = logprobs.detach().clone().requires_grad_()
+    vanilla, _ = vanilla_policy_gradient_loss(vanilla_lp, old, GSPO_ADV, GSPO_MASK)
+    torch.testing.assert_close(per_token, vanilla)
+    per_token.sum().backward()
+    vanilla.sum().backward()
+    torch.testing.assert_close(logprobs.grad, vanilla_lp.grad)
+    assert diag.clipped.sum() == 0
+
+
+# CISPO on the four tokens above (ratios 1.5, 0.5, 1.1, 0.5; A = 2, -1, 1, 2), clip 0.2 / 0.2:
+# weights 1.2, 0.8, 1.1, 0.8; the loss is -w * A * logp, the gradient -w * A on every token,
+# where the clipped surrogate gives 0 on tokens 0 and 1.
+def test_cispo_hand_values_keep_every_tokens_gradient():
+    from rlhf_lightning.losses import CISPO
+
+    logprobs = new_logprobs()
+    result = CISPO(clip_low=0.2, clip_high=0.2)(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK)
+    per_token, diag = result.loss, result
+    weights = torch.tensor([1.2, 0.8, 1.1, 0.8])
+    a = ADVANTAGES[0, :4]
+    lp = logprobs.detach()[0, :4]
+    assert per_token[0, :4].tolist() == pytest.approx((-weights * a * lp).tolist())
+    assert per_token[0, 4] == 0
+    assert diag.clipped[0].tolist() == [1.0, 1.0, 0.0, 1.0, 0.0]  # the weight, not the grad
+    assert diag.ratio[0, :4].tolist() == pytest.approx(RATIOS)
+    per_token.sum().backward()
+    assert logprobs.grad[0].tolist() == pytest.approx((-weights * a).tolist() + [0.0])
+
+
+def test_cispo_without_a_lower_bound_and_at_ratio_one():
+    """clip_low = 1: the weight is min(ratio, 1 + clip_high) (TRL's form with epsilon_high =
+    1 + clip_high); at ratio 1 the gradient is the plain -A * grad logp."""
+    from rlhf_lightning.losses import cispo_policy_loss
+
+    logprobs = new_logprobs([1.5, 0.5, 1.1, 3.0])
+    result = cispo_policy_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, MASK, 1.0, 0.28)
+    per_token, _ = result.loss, result
+    per_token.sum().backward()
+    weights = torch.tensor([1.28, 0.5, 1.1, 1.28])
+    assert logprobs.grad[0, :4].tolist() == pytest.approx((-weights * ADVANTAGES[0, :4]).tolist())
+    on_policy = OLD_LOGPROBS.nan_to_num().clone().requires_grad_()
+    result = cispo_policy_loss(on_policy, OLD_LOGPROBS, ADVANTAGES, MASK, 1.0, 0.28)
+    per_token, diag = result.loss, result
+    per_token.sum().backward()
+    assert on_policy.grad[0].tolist() == pytest.approx([-2.0, 1.0, -1.0, -2.0, 0.0])
+    assert diag.clipped.sum() == 0
+
+
+def test_gspo_and_cispo_ignore_nan_and_inf_padding():
+    """Finite numbers in place of the padding change neither loss, diagnostics nor gradients."""
+    from rlhf_lightning.losses import CISPO, GSPO
+
+    for loss_fn in (GSPO(clip_low=0.2, clip_high=0.2), CISPO(clip_low=0.2, clip_high=0.2)):
+        dirty = gspo_logprobs()
+        clean = torch.where(GSPO_MASK, dirty.detach(), -1.0).requires_grad_()
+        clean_old, clean_adv = (torch.where(GSPO_MASK, t, 3.0) for t in (GSPO_OLD, GSPO_ADV))
+        dirty_out = loss_fn(dirty, GSPO_OLD, GSPO_ADV, GSPO_MASK)
+        clean_out = loss_fn(clean, clean_old, clean_adv, GSPO_MASK)
+        dirty_loss, clean_loss = dirty_out.loss, clean_out.loss
+        torch.testing.assert_close(dirty_loss, clean_loss)
+        for name in ("log_ratio", "ratio", "clipped"):
+            torch.testing.assert_close(getattr(dirty_out, name), getattr(clean_out, name))
+        dirty_loss.sum().backward()
+        clean_loss.sum().backward()
+        assert torch.isfinite(dirty.grad).all()
+        torch.testing.assert_close(dirty.grad, clean.grad)
+
+
 def test_policy_loss_rejects_bad_inputs():
     logprobs = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="clip_low and clip_high"):
@@ -182,6 +329,11 @@ def test_policy_loss_components_apply_their_settings():
         (lambda: ClippedSurrogate(clip_high=-0.1), "clip_high", "must be > 0, got -0.1"),
         (lambda: ClippedSurrogate(dual_clip=1.0), "dual_clip", "must be > 1 (or null), got 1.0"),
         (lambda: SequenceMeanTokenSum(normalizer=0.0), "normalizer", "must be > 0, got 0.0"),
+        (lambda: _losses().GSPO(clip_low=0.0), "clip_low", "must be > 0, got 0.0"),
+        (lambda: _losses().GSPO(clip_high=-1e-4), "clip_high", "must be > 0, got -0.0001"),
+        (lambda: _losses().CISPO(clip_low=0.0), "clip_low", "must be in (0, 1], got 0.0"),
+        (lambda: _losses().CISPO(clip_low=1.5), "clip_low", "must be in (0, 1], got 1.5"),
+        (lambda: _losses().CISPO(clip_high=0.0), "clip_high", "must be > 0, got 0.0"),
     ],
 )
 def test_loss_components_validate_their_settings_by_field(make, field, reason):
@@ -195,6 +347,18 @@ def test_loss_components_validate_their_settings_by_field(make, field, reason):
 def test_loss_components_accept_values_just_inside_their_bounds():
     ClippedSurrogate(clip_low=1e-3, clip_high=1e-3, dual_clip=1.001)
     SequenceMeanTokenSum(normalizer=0.5)
+    _losses().GSPO(clip_low=1e-6, clip_high=1e-6)
+    _losses().CISPO(clip_low=1.0, clip_high=1e-6)
+    with pytest.raises(ValueError, match=r"clip_low and clip_high must be > 0 \(clip_low <= 1"):
+        _losses().cispo_policy_loss(*(torch.zeros(1, 1),) * 3, torch.ones(1, 1), 1.5, 0.2)
+    with pytest.raises(ValueError, match="clip_low and clip_high must be > 0, got 0.2, 0"):
+        _losses().gspo_policy_loss(*(torch.zeros(1, 1),) * 3, torch.ones(1, 1), 0.2, 0)
+
+
+def _losses():
+    from rlhf_lightning import losses
+
+    return losses
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -483,3 +647,98 @@ def test_sampler_corrections_accept_their_boundary_values():
 
     assert TruncatedIS(cap=1e-6).cap == 1e-6
     assert MaskedIS(low=0.0, high=1.0001).low == 0.0
+
+
+# Four rows of pi_old / pi_sampler (powers of 2: exact logs), NaN on the padding:
+#   row 0: (0.25, 4)     product 1, geometric mean 1
+#   row 1: (2, 2, -)     product 4, geometric mean 2
+#   row 2: (0.5, -, -)   product 0.5, geometric mean 0.5
+#   row 3: (4, 4, 0.25)  product 4, geometric mean 4^(1/3) = 1.587
+#   row 4: all padding   weight 0, never cut
+SEQ_IS_RATIOS = [[0.25, 4.0, 1.0], [2.0, 2.0, 1.0], [0.5, 1.0, 1.0], [4.0, 4.0, 0.25], [1, 1, 1]]
+SEQ_IS_MASK = torch.tensor(
+    [[1, 1, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]], dtype=torch.bool
+)
+
+
+def _seq_is_inputs():
+    sampler = torch.full((5, 3), -1.5)
+    old = sampler + torch.tensor(SEQ_IS_RATIOS).log()
+    return torch.where(SEQ_IS_MASK, old, math.nan), torch.where(SEQ_IS_MASK, sampler, math.inf)
+
+
+def test_sequence_truncated_is_weights_every_token_by_the_sequence_ratio():
+    from rlhf_lightning.losses import SequenceTruncatedIS
+
+    weights, cut = SequenceTruncatedIS(cap=2.0)(*_seq_is_inputs(), SEQ_IS_MASK)
+    expected = [[1.0, 1.0, 0.0], [2.0, 2.0, 0.0], [0.5, 0.0, 0.0], [2.0, 2.0, 2.0], [0, 0, 0]]
+    torch.testing.assert_close(weights, torch.tensor(expected))
+    assert cut.tolist() == [
+        [False, False, False],
+        [True, True, False],
+        [False, False, False],
+        [True, True, True],
+        [False, False, False],
+    ]
+    assert not weights.requires_grad
+    # A product equal to the cap (4, in powers of 2: exact) is the cap, and not counted as cut.
+    weights, cut = SequenceTruncatedIS(cap=4.0)(*_seq_is_inputs(), SEQ_IS_MASK)
+    assert weights[1].tolist() == [4.0, 4.0, 0.0] and not cut.any()
+
+
+def test_sequence_masked_is_drops_whole_sequences_on_the_product_or_geometric_mean():
+    from rlhf_lightning.losses import SequenceMaskedIS
+
+    old, sampler = _seq_is_inputs()
+    weights, cut = SequenceMaskedIS(low=0.5, high=2.0)(old, sampler, SEQ_IS_MASK)
+    kept = [[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]]  # row 2 at the bound: kept
+    assert weights.tolist() == kept
+    assert cut.tolist() == [
+        [False, False, False],
+        [True, True, False],
+        [False, False, False],
+        [True, True, True],
+        [False, False, False],
+    ]
+    weights, cut = SequenceMaskedIS(low=0.5, high=1.8, geometric=True)(old, sampler, SEQ_IS_MASK)
+    assert weights.tolist() == [[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]]
+    assert cut[1].tolist() == [True, True, False] and not cut[3].any()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sequence_corrections_match_a_python_loop(seed):
+    """Random logprobs, uneven lengths: the weights are the loop's product (or geometric mean)
+    of exp(old - sampler) over each row's real tokens, truncated or masked."""
+    from rlhf_lightning.losses import SequenceMaskedIS, SequenceTruncatedIS
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [4, 1, 3, 0, 2, 4]
+    mask = torch.arange(4) < torch.tensor(lengths)[:, None]
+    sampler = -torch.rand(6, 4, generator=gen) * 2
+    old = sampler + 0.4 * torch.randn(6, 4, generator=gen)
+    tis, _ = SequenceTruncatedIS(cap=1.3)(old, sampler, mask)
+    masked, _ = SequenceMaskedIS(low=0.7, high=1.4)(old, sampler, mask)
+    geo, _ = SequenceMaskedIS(low=0.8, high=1.1, geometric=True)(old, sampler, mask)
+    for b, n in enumerate(lengths):
+        ratios = [math.exp(o - q) for o, q in zip(old[b, :n].tolist(), sampler[b, :n].tolist())]
+        product = math.prod(ratios)
+        mean = product ** (1 / n) if n else 1.0
+        want = [min(product, 1.3)] * n + [0.0] * (4 - n)
+        assert tis[b].tolist() == pytest.approx(want, rel=1e-5)
+        assert masked[b].tolist() == [float(0.7 <= product <= 1.4)] * n + [0.0] * (4 - n)
+        assert geo[b].tolist() == [float(0.8 <= mean <= 1.1)] * n + [0.0] * (4 - n)
+
+
+def test_sequence_corrections_validate_their_settings_by_field():
+    from rlhf_lightning.errors import FieldError
+    from rlhf_lightning.losses import SequenceMaskedIS, SequenceTruncatedIS
+
+    for make, field, reason in (
+        (lambda: SequenceTruncatedIS(cap=0.0), "cap", "must be > 0, got 0.0"),
+        (lambda: SequenceMaskedIS(low=1.0), "low", "must be in [0, 1), got 1.0"),
+        (lambda: SequenceMaskedIS(high=1.0), "high", "must be > 1, got 1.0"),
+    ):
+        with pytest.raises(FieldError) as caught:
+            make()
+        assert (caught.value.field, caught.value.reason) == (field, reason)
+    SequenceMaskedIS(low=0.0, high=1.0001, geometric=True)

@@ -52,6 +52,9 @@ PRESETS = (
     "grpo",
     "dr_grpo",
     "reinforce_pp",
+    "reinforce_pp_baseline",
+    "gspo",
+    "cispo",
 )
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3_plus")
 SUM = {"_target_": "rlhf_lightning.losses.SequenceMeanTokenSum", "normalizer": 1.0}
@@ -61,7 +64,7 @@ K1_IN_REWARD = {  # the group presets' KL moved into the rewards (k1): only the 
     "algorithm.kl.loss": None,
 }
 VALUE_PRESETS = ("reinforce_baseline", "a2c", "ppo")
-GROUP_PRESETS = ("rloo", "grpo", "dr_grpo")
+GROUP_PRESETS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline", "gspo", "cispo")
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,10 @@ class Row:
 
 
 STEP = 0.05  # each off-policy step moves the largest logit by this much (ratios stay in the clip)
+# GSPO's own bounds (3e-4, 4e-4) clip after the first step: its off-policy row uses PPO's.
+OFF_POLICY_CLIP = {
+    "gspo": {"algorithm.policy_loss.clip_low": 0.2, "algorithm.policy_loss.clip_high": 0.2}
+}
 
 
 def estimator_rows(problem: Problem = SEQUENCES, group: int = 3) -> list[Row]:
@@ -187,6 +194,14 @@ def estimator_rows(problem: Problem = SEQUENCES, group: int = 3) -> list[Row]:
             scale=(group - 1) / group,
         ),
         row(
+            f"rewards-to-go minus the group mean return, k={group}",
+            "reinforce_pp_baseline",
+            f"unbiased, scale (k-1)/k = {(group - 1) / group:.3f}",
+            "exact",
+            group=group,
+            scale=(group - 1) / group,
+        ),
+        row(
             "rewards-to-go, whitened over the batch",
             "reinforce_pp",
             "biased (batch mean and std)",
@@ -236,6 +251,11 @@ def preset_rows(problem: Problem = SEQUENCES, group: int = 3, steps: int = 2) ->
         "grpo": "biased (std, length, per-state KL)",
         "dr_grpo": "per-state KL only; scale (k-1)/(k T)",
         "reinforce_pp": "biased (whitening, aggregation)",
+        "reinforce_pp_baseline": "biased (whitening, aggregation)",
+        # At ratio 1 the geometric-mean sequence ratio and CISPO's clipped weight are 1: the
+        # plain policy gradient, so on-policy they are grpo's advantage, KL and aggregation.
+        "gspo": "as grpo at ratio 1: biased (std, length, per-state KL)",
+        "cispo": "as grpo at ratio 1, token mean: biased (std, length, per-state KL)",
     }
     return [
         Row(
@@ -308,6 +328,18 @@ def off_policy_rows(steps: int = 2) -> list[Row]:
                 "exact" if bandit else "misses the state distribution",
             ),
             ("sequence ratio", "sequence_ratio", "exact", "exact"),
+            (
+                "GSPO, inside the clip",
+                "gspo",
+                per_token,
+                "exact" if bandit else "geometric mean, not the product: misses the states",
+            ),
+            (
+                "CISPO, inside the clip",
+                "cispo",
+                per_token,
+                "exact" if bandit else "misses the state distribution",
+            ),
         ):
             rows.append(
                 Row(
@@ -316,7 +348,7 @@ def off_policy_rows(steps: int = 2) -> list[Row]:
                     "reinforce",
                     theory,
                     expect,
-                    {**ALONE, "algorithm/policy_loss": loss},
+                    {**ALONE, "algorithm/policy_loss": loss, **OFF_POLICY_CLIP.get(loss, {})},
                     problem,
                     steps=steps,
                 )
