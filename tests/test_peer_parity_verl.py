@@ -539,7 +539,7 @@ def test_sampler_weights_scale_the_per_token_loss_as_verls_rollout_is_weights(ve
     mine = b.ours(b.logprobs).requires_grad_()
     theirs_lp = b.v(b.logprobs).requires_grad_()
     ours_fn = ClippedSurrogate(clip_low=0.2, clip_high=0.28)
-    per_token, _ = ours_fn(mine, b.ours(b.old), b.ours(b.advantages), b.mask)
+    per_token = ours_fn(mine, b.ours(b.old), b.ours(b.advantages), b.mask).loss
     agg = AGGREGATIONS[mode]
     loss = aggregate(per_token * weights, agg.token_weights(b.mask), agg.units(b.mask))
     theirs, _ = verl.algos.compute_policy_loss_vanilla(
