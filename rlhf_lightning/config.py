@@ -404,10 +404,8 @@ class AlgorithmConfig:
     """Stop the epoch loop early when the mean approx KL of an epoch exceeds this."""
     max_grad_norm: float | None
     """Clip the global gradient norm; null: measure only."""
-    warmup_ratio: float
-    """Linear learning-rate warm-up over this fraction of the optimizer steps."""
-    lr_decay: str
-    """``linear`` (to 0 at the last step, as in N+) or ``constant``."""
+    lr_schedule: Any
+    """``LRSchedule``: the learning rate over the run's optimizer steps (warm-up, decay)."""
     on_nonfinite: str
     """``error``: a NaN/inf loss stops the run (all ranks); ``skip``: the minibatch is skipped."""
     old_logprobs: str
@@ -445,12 +443,6 @@ class AlgorithmConfig:
             value = getattr(self, name)
             if value is not None:
                 _check(value > 0, f"{p}.{name}", f"must be > 0 (or null to disable), got {value}")
-        _check(0 <= self.warmup_ratio < 1, f"{p}.warmup_ratio", "must be in [0, 1)")
-        _check(
-            self.lr_decay in ("linear", "constant"),
-            f"{p}.lr_decay",
-            f"must be 'linear' or 'constant', got {self.lr_decay!r}",
-        )
         _check(
             self.old_logprobs in ("recompute", "sampler"),
             f"{p}.old_logprobs",
@@ -531,6 +523,7 @@ def algorithm_config_from(node) -> AlgorithmConfig:
     from rlhf_lightning.advantages import AdvantageEstimator
     from rlhf_lightning.losses import LossAggregation, PolicyLoss, SamplerCorrection
     from rlhf_lightning.models.value_head import ValueModel
+    from rlhf_lightning.schedules import LRSchedule
 
     data = dict(_plain(node))
     _check(isinstance(data, Mapping), "algorithm", "must be a mapping")
@@ -539,6 +532,7 @@ def algorithm_config_from(node) -> AlgorithmConfig:
         "policy_loss": PolicyLoss,
         "loss_aggregation": LossAggregation,
         "value_model": ValueModel,
+        "lr_schedule": LRSchedule,
     }
     for name in (*components, "optimizer", "name"):
         _check(name in data, f"algorithm.{name}", "required (choose an algorithm preset)")

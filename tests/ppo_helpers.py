@@ -27,7 +27,6 @@ TINY = {
     "budget.micro_batch_size": 8,
     "algorithm.epochs": 2,
     "algorithm.optimizer.lr": 3e-3,
-    "algorithm.lr_decay": "constant",
     "generation.temperature": 1.0,
     "generation.max_new_tokens": 8,
     "generation.stop_token": None,
@@ -41,7 +40,10 @@ def tiny_config(preset: str = "ppo", kl_coef: float = 0.0, **overrides) -> RLCon
     loss: whichever the preset has) at ``kl_coef``; ``overrides`` by dotted key, written with
     ``__`` for dots (``algorithm__kl__reward__estimator="k3"``)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["task=ppo", f"algorithm={preset}"])
+        cfg = compose(
+            "config",
+            overrides=["task=ppo", f"algorithm={preset}", "algorithm/lr_schedule=constant"],
+        )
     values = dict(TINY)
     if OmegaConf.select(cfg, "algorithm.value_model.lr") is not None:
         values["algorithm.value_model.lr"] = 3e-3

@@ -61,8 +61,12 @@ BAD_RL = [
     ),
     (["algorithm.optimizer.lr=-1.0"], "algorithm.optimizer"),
     (["algorithm.optimizer._target_=torch.optim.Nope"], "algorithm.optimizer._target_"),
-    (["algorithm.warmup_ratio=1.0"], "algorithm.warmup_ratio"),
-    (["algorithm.lr_decay=cosine"], "algorithm.lr_decay"),
+    (["algorithm.lr_schedule.warmup_ratio=1.0"], "algorithm.lr_schedule.warmup_ratio"),
+    (
+        ["algorithm/lr_schedule=cosine_decay", "algorithm.lr_schedule.min_ratio=2.0"],
+        "algorithm.lr_schedule.min_ratio",
+    ),
+    (["+algorithm.lr_decay=linear"], "algorithm.lr_decay"),  # not a key: the schedule is
     (["algorithm.on_nonfinite=ignore"], "algorithm.on_nonfinite"),
     (["algorithm.kl.reward.estimator=k4"], "algorithm.kl.reward.estimator"),
     (["algorithm.kl.reward.coef=-0.1"], "algorithm.kl.reward.coef"),

@@ -631,7 +631,7 @@ def test_learning_rate_groups_and_warmup_schedule():
         algorithm__epochs=4,
         algorithm__optimizer__lr=1e-3,
         algorithm__value_model__lr=5e-3,
-        algorithm__warmup_ratio=0.5,
+        algorithm__lr_schedule__warmup_ratio=0.5,
     )
     module = tiny_ppo_module(cfg)
     lrs = StepLearningRates()

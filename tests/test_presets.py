@@ -37,7 +37,8 @@ def test_every_preset_runs_through_rlhf_train_and_raises_a_toy_reward(tmp_path):
         sys.executable, "-m", "rlhf_lightning.cli.train", "-m", "task=ppo",
         "experiment=tiny_smoke", "reward=token_fraction", f"algorithm={','.join(PRESETS)}",
         "budget.num_iterations=24", "budget.rollout_batch_size=16", "budget.minibatch_size=8",
-        "budget.micro_batch_size=8", "algorithm.optimizer.lr=1e-2", "algorithm.kl.reward.coef=0.0",
+        "budget.micro_batch_size=8", "algorithm.optimizer.lr=1e-2", "algorithm.kl.reward=null",
+        "algorithm.kl.loss=null",
         "generation.temperature=1.0", "generation.stop_token=null", "task.eval_every=0",
         "task.checkpoint_every=100", f"hydra.sweep.dir={tmp_path}",
     ]  # fmt: skip

@@ -62,7 +62,6 @@ from rlhf_lightning.rollout.generation import (
     sample_responses,
     sampling_copy,
 )
-from rlhf_lightning.schedules import warmup_decay_lambda
 from rlhf_lightning.stats import Stats, all_ranks_sum, any_rank, world_size
 from rlhf_lightning.strategies import gathered_weights, global_grad_norm, is_sharded, shard_policy
 from rlhf_lightning.tracking import log_samples
@@ -199,10 +198,7 @@ class PPOModule(L.LightningModule):
         no_fused = {"fused": False} if trainer_precision(self) == "16-mixed" else {}
         optimizer = alg.optimizer(groups, **no_fused)
         total = self.cfg.budget.num_iterations * self.cfg.optimizer_steps_per_iteration
-        schedule = warmup_decay_lambda(
-            total_steps=total, warmup_steps=int(alg.warmup_ratio * total), decay=alg.lr_decay
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = alg.lr_schedule(optimizer, total)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
     # ------------------------------------------------------------------------------- training
