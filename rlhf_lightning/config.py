@@ -361,6 +361,22 @@ class Cadence:
 
 
 @dataclass(frozen=True)
+class OverlongPenalty:
+    """DAPO's soft overlong punishment (Yu et al. 2025): ``coef`` times 0 up to
+    ``max_new_tokens - cache`` response tokens, then linearly down to -1 at ``max_new_tokens``
+    (``algorithm.overlong_penalty``)."""
+
+    cache: int
+    """The last tokens before the length limit over which the penalty grows from 0 to -coef."""
+    coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        p = "algorithm.overlong_penalty"
+        _check(self.cache >= 1, f"{p}.cache", f"must be >= 1, got {self.cache}")
+        _check(self.coef >= 0, f"{p}.coef", f"must be >= 0, got {self.coef}")
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     """The estimator and its coefficients (``algorithm``, ``conf/algorithm/<preset>.yaml``).
 
@@ -400,6 +416,11 @@ class AlgorithmConfig:
     """Clip sequence scores to [-c, c]; null disables."""
     missing_eos_penalty: float | None
     """Score given to responses that never emit the stop token; null disables."""
+    overlong_penalty: OverlongPenalty | None
+    """DAPO's soft overlong punishment added to the score; null disables."""
+    mask_truncated: bool
+    """Leave the responses cut at ``generation.max_new_tokens`` (no stop token) out of the
+    losses (DAPO's overlong filtering)."""
     target_kl: float | None
     """Stop the epoch loop early when the mean approx KL of an epoch exceeds this."""
     max_grad_norm: float | None
@@ -501,6 +522,13 @@ class RLConfig:
             f"must be < budget.num_iterations={budget.num_iterations} so the policy trains at "
             f"all, got {alg.value_warmup_iterations}",
         )
+        if alg.overlong_penalty is not None:
+            _check(
+                alg.overlong_penalty.cache <= self.generation.max_new_tokens,
+                "algorithm.overlong_penalty.cache",
+                f"must be <= generation.max_new_tokens={self.generation.max_new_tokens}, got "
+                f"{alg.overlong_penalty.cache}",
+            )
         _check(
             alg.missing_eos_penalty is None or self.generation.stop_token is not None,
             "algorithm.missing_eos_penalty",
@@ -549,6 +577,11 @@ def algorithm_config_from(node) -> AlgorithmConfig:
     )
     _check("kl" in data, "algorithm.kl", "required (choose an algorithm preset)")
     built["kl"] = kl_penalty_from(data.pop("kl"))
+    overlong = data.pop("overlong_penalty", None)
+    if overlong is not None:
+        cls, overlong = _to_dataclass(OverlongPenalty, overlong, "algorithm.overlong_penalty")
+        overlong = _build(cls, overlong, "algorithm.overlong_penalty")
+    built["overlong_penalty"] = overlong
     check_fields(AlgorithmConfig, data, "algorithm")
     return _build(AlgorithmConfig, {**data, **built}, "algorithm")
 

@@ -51,11 +51,12 @@ class Objective:
         """The micro-batch's share of the minibatch's loss, and its metrics.
 
         logits: (b, R, V) at the response positions; values: (b, R) or None; part: the
-        micro-batch's ``Experience`` (b rows, R response tokens); denominator: 0-dim, the
+        micro-batch's ``Experience`` (b rows, R response tokens; the losses train on its
+        ``loss_mask``); denominator: 0-dim, the
         aggregation's units over the whole minibatch on all ranks; warmup: train the value
         function alone.
         """
-        alg, mask = self.alg, part.response_mask
+        alg, mask = self.alg, part.loss_mask
         logprobs = logprobs_from_logits(logits, part.response_ids, self.temperature)
         policy = alg.policy_loss(logprobs, part.old_logprobs, part.advantages, mask)
         policy_tokens = policy.loss
@@ -95,5 +96,6 @@ class Objective:
             stats.add("policy/clipfrac", policy.clipped.sum(), tokens)
             stats.add("policy/approx_kl", 0.5 * (policy.log_ratio**2).sum(), tokens)
             stats.add("policy/ratio_mean", policy.ratio.sum(), tokens)
-            stats.add_max("policy/ratio_max", policy.ratio[mask].max())
+            if mask.any():
+                stats.add_max("policy/ratio_max", policy.ratio[mask].max())
         return loss, stats

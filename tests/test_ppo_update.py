@@ -645,3 +645,47 @@ def test_learning_rate_groups_and_warmup_schedule():
     assert {id(p) for p in groups["policy"]} == {id(p) for p in module.policy.lm.parameters()}
     head = module.policy.value_head.parameters()
     assert {id(p) for p in groups["value"]} == {id(p) for p in head}
+
+
+# ------------------------------------------------------------------------------- DAPO's pieces
+def test_overlong_penalty_is_zero_then_linear_to_minus_one_at_the_limit():
+    from rlhf_lightning.rollout.experience import overlong_penalty
+
+    lengths = torch.tensor([1, 5, 6, 7, 8, 10])
+    assert overlong_penalty(lengths, max_length=10, cache=4).tolist() == pytest.approx(
+        [0.0, 0.0, 0.0, -0.25, -0.5, -1.0]
+    )
+
+
+def test_overlong_penalty_is_added_to_the_score_before_clipping():
+    cfg = tiny_config(
+        generation__stop_token="a",
+        algorithm__overlong_penalty={"cache": 4, "coef": 0.5},
+        algorithm__score_clip=0.9,
+    )
+    module = tiny_ppo_module(cfg)
+    rollout, exp = rollout_and_experience(module, n=16)
+    raw = torch.as_tensor(module.reward(exp.prompts, exp.responses)).float()
+    lengths = exp.response_mask.sum(dim=1).float()
+    penalty = 0.5 * ((8 - 4 - lengths) / 4).clamp(-1.0, 0.0)
+    assert (penalty < 0).any() and (penalty == 0).any()  # both kinds of response
+    torch.testing.assert_close(exp.scores, (raw + penalty).clamp(-0.9, 0.9))
+
+
+def test_mask_truncated_trains_on_the_ended_responses_alone():
+    """With mask_truncated the gradient of a minibatch is that of its ended rows alone: the cut
+    responses count in neither the loss nor its denominator."""
+    cfg = tiny_config(generation__stop_token="a", algorithm__mask_truncated=True)
+    module = tiny_ppo_module(cfg, reward=distinct_characters)
+    _, exp = rollout_and_experience(module, n=16)
+    ended = exp.ended
+    assert ended.any() and (~ended).any()
+    assert torch.equal(exp.loss_mask, exp.response_mask & ended[:, None])
+    assert module.minibatch_backward(exp, torch.arange(16), False, iteration=0) is not None
+    masked = [p.grad.clone() for p in module.policy.parameters() if p.grad is not None]
+    module.policy.zero_grad(set_to_none=True)
+    exp.in_loss = None
+    assert module.minibatch_backward(exp, ended.nonzero()[:, 0], False, iteration=0) is not None
+    alone = [p.grad.clone() for p in module.policy.parameters() if p.grad is not None]
+    for a, b in zip(masked, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -339,7 +339,7 @@ class PPOModule(L.LightningModule):
         objective, backward. Returns its metrics, or None when its loss was non-finite on some
         rank and ``on_nonfinite=skip`` (``error`` raises, on every rank)."""
         alg, world = self.cfg.algorithm, world_size()
-        units = alg.loss_aggregation.units(exp.response_mask[rows])
+        units = alg.loss_aggregation.units(exp.loss_mask[rows])
         denominator = all_ranks_sum(units).clamp(min=1).float()
         stats, finite = Stats(), True
         for part in exp.micro_batches(rows, self.cfg.budget.micro_batch_size):

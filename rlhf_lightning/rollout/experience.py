@@ -9,7 +9,8 @@ For a batch of B sampled responses (P prompt tokens, R response tokens):
    from a value-model forward, or, for a value head on the shared trunk, from the hidden states
    generation produced;
 2. one forward of the frozen reference gives the reference logprobs;
-3. the reward source's scores are shaped (missing-EOS penalty, clipping);
+3. the reward source's scores are shaped (missing-EOS penalty, DAPO's overlong penalty,
+   clipping);
 4. per-token rewards: ``r_t = -beta * KL_t`` at every response token when the KL penalty has a
    term in the reward (``algorithm.kl.reward``: its estimator and its beta now), plus the score
    at the last real token (Ziegler et al. 2019; N+ details #3.4);
@@ -58,6 +59,15 @@ class Experience:
     prompts: list[str]
     responses: list[str]
     sampler_logprobs: torch.Tensor | None = None  # (B, R) fp32, under the sampled distribution
+    in_loss: torch.Tensor | None = None  # (B,) bool, the row enters the loss (None: every row)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """(B, R) bool: the tokens the losses train on, the response's tokens of the rows in the
+        loss (``algorithm.mask_truncated`` leaves out the responses cut at the length limit)."""
+        if self.in_loss is None:
+            return self.response_mask
+        return self.response_mask & self.in_loss[:, None]
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -141,16 +151,28 @@ def reference_logprobs(
     return logprobs_from_logits(logits[:, :-1], input_ids[:, prompt_len:], temperature)
 
 
+def overlong_penalty(lengths: torch.Tensor, max_length: int, cache: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 for a response of at most
+    ``max_length - cache`` tokens, then linear down to -1 at ``max_length`` tokens (the longest a
+    response can be here): (B,) lengths -> (B,) float."""
+    start = max_length - cache
+    return ((start - lengths.float()) / cache).clamp(min=-1.0, max=0.0)
+
+
 def shape_scores(
     scores: torch.Tensor,
     ended: torch.Tensor,
     missing_eos_penalty: float | None,
     score_clip: float | None,
+    length_penalty: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply the missing-EOS penalty and score clipping: (B,), (B,) bool -> (B,)."""
+    """The missing-EOS penalty, then an added length penalty, then clipping: (B,), (B,) bool,
+    (B,) or None -> (B,)."""
     scores = scores.float()
     if missing_eos_penalty is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, missing_eos_penalty))
+    if length_penalty is not None:
+        scores = scores + length_penalty.to(scores)
     if score_clip is not None:
         scores = scores.clamp(-score_clip, score_clip)
     return scores
@@ -280,8 +302,17 @@ def make_experience(
             old_logprobs = rollout.model_logprobs.to(ref_logprobs.device)
         if values_from_hidden:
             values = policy.values_from_hidden(rollout.last_hidden.to(ref_logprobs.device))
+        length_penalty = None
+        if alg.overlong_penalty is not None:
+            length_penalty = alg.overlong_penalty.coef * overlong_penalty(
+                mask.sum(dim=1), cfg.generation.max_new_tokens, alg.overlong_penalty.cache
+            )
         shaped = shape_scores(
-            scores.to(old_logprobs.device), rollout.ended, alg.missing_eos_penalty, alg.score_clip
+            scores.to(old_logprobs.device),
+            rollout.ended,
+            alg.missing_eos_penalty,
+            alg.score_clip,
+            length_penalty,
         )
         in_reward = alg.kl.reward
         rewards, _ = token_rewards(
@@ -307,6 +338,8 @@ def make_experience(
         exp.scores, exp.rewards = shaped, rewards
         exp.advantages = advantages
         exp.returns = zero if returns is None else returns
+        if alg.mask_truncated:
+            exp.in_loss = rollout.ended.to(mask.device)
         return exp
 
 
