@@ -1,8 +1,9 @@
 """``rlhf-train task=ppo``: PPO of the policy against the configured reward source.
 
-Reads top to bottom: validate config -> tokenizer + prompts (validated before any model loads)
--> reward sources -> policy, value head / critic, frozen reference -> module -> callbacks ->
-trainer -> (baseline eval) -> fit -> export with ``save_pretrained``.
+Reads top to bottom: validate config -> tokenizer + prompts (validated, with the settings that
+need the tokenizer, before any model loads) -> reward sources -> policy, value head / critic,
+frozen reference -> module -> callbacks -> trainer -> (baseline eval) -> fit -> export with
+``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rlhf_lightning.config import (
     policy_options_from,
     rl_config_from,
 )
+from rlhf_lightning.data.tokenize import has_chat_template
 from rlhf_lightning.models import load_reward_tokenizer
 from rlhf_lightning.models.adapters import (
     AdaptersDisabled,
@@ -114,6 +116,29 @@ def check_fsdp2_options(cfg: DictConfig, ppo_cfg: RLConfig) -> None:
         )
 
 
+def load_prompts(cfg: DictConfig, ppo_cfg: RLConfig):
+    """The policy tokenizer and the prompt data, read and validated, with every setting that
+    needs the tokenizer checked (the chat template, the stop token, a critic's tokenizer):
+    ``(tokenizer, datamodule)``. Loads no model."""
+    tokenizer = load_policy_tokenizer(cfg, padding_side="left")
+    chat_template = cfg.policy.get("use_chat_template", False)
+    if chat_template and not has_chat_template(tokenizer):
+        raise ConfigError(
+            f"invalid config: policy.use_chat_template: tokenizer {tokenizer.name_or_path!r} has "
+            "no chat template; set it to false"
+        )
+    resolve_stop_token_ids(tokenizer, ppo_cfg.generation.stop_token)
+    check_critic_tokenizer(ppo_cfg, tokenizer)
+    datamodule = instantiate(
+        cfg.data.prompts,
+        tokenizer=tokenizer,
+        batch_size=ppo_cfg.prompts_per_iteration,
+        chat_template=chat_template,
+    )
+    datamodule.setup("fit")  # reads and validates every prompt
+    return tokenizer, datamodule
+
+
 def check_critic_tokenizer(ppo_cfg: RLConfig, tokenizer) -> None:
     """A separate critic reads the policy's token ids: its tokenizer must be the policy's."""
     path = getattr(ppo_cfg.algorithm.value_model, "path", None)
@@ -199,16 +224,7 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     ckpt_path = resume_checkpoint(cfg, "ppo", stage_dir)  # checked before any model loads
     L.seed_everything(cfg.seed, workers=True)
 
-    tokenizer = load_policy_tokenizer(cfg, padding_side="left")
-    datamodule = instantiate(
-        cfg.data.prompts,
-        tokenizer=tokenizer,
-        batch_size=ppo_cfg.prompts_per_iteration,
-        chat_template=cfg.policy.get("use_chat_template", False),
-    )
-    datamodule.setup("fit")  # reads and validates every prompt before any model loads
-    check_critic_tokenizer(ppo_cfg, tokenizer)
-    resolve_stop_token_ids(tokenizer, ppo_cfg.generation.stop_token)  # fails before models load
+    tokenizer, datamodule = load_prompts(cfg, ppo_cfg)  # before any model loads
 
     reward = build_reward(instantiate(cfg.reward))
     gold = build_reward(instantiate(cfg.gold_reward)) if cfg.get("gold_reward") else None
