@@ -22,6 +22,10 @@ class TrainingStopped(UserError):
     resume."""
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """A NaN or inf in a quantity training depends on; the message names it and where."""
+
+
 class FieldError(UserError, ValueError):
     """An invalid constructor argument of a configurable component (an advantage estimator, a
     policy loss, a data module, ...). The config builder turns it into a ``ConfigError`` naming

@@ -316,6 +316,17 @@ def test_bad_arguments_fail_at_construction(tokenizer, tmp_path, setting, value,
     assert error.value.field == setting and isinstance(error.value, UserError)
 
 
+def test_every_rank_needs_an_eval_prompt(tokenizer, tmp_path):
+    """Checked the same on every rank, before training (no rank goes on alone)."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(8)])
+    module = prompts_module(tokenizer, path, eval_fraction=0.125)
+    module.setup()
+    assert len(module.eval_items) == 1
+    module.check_eval_shards(1)
+    with pytest.raises(DataValidationError, match="^prompts: 1 eval prompts for 2 ranks; each"):
+        module.check_eval_shards(2)
+
+
 def test_bad_pair_arguments_fail_at_construction(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
     with pytest.raises(FieldError, match="^max_length: must be >= 1, got 0$"):

@@ -101,6 +101,23 @@ def test_nan_in_values_stops_with_the_quantity_and_iteration():
         fit(module, max_epochs=1)
 
 
+def test_nan_in_the_reward_model_loss_stops_with_the_split_and_step():
+    from rlhf_lightning.config import rm_config_from
+    from rlhf_lightning.data.preferences import collate_pairs
+    from rlhf_lightning.errors import UserError
+    from rlhf_lightning.models import ScalarRewardModel
+    from rlhf_lightning.modules.reward_model import RewardModelModule
+
+    model = ScalarRewardModel.from_backbone("builtin:tiny")
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    module = RewardModelModule(model, rm_config_from({}))
+    batch = collate_pairs([{"chosen_ids": [5, 6, 7], "rejected_ids": [5, 8]}], pad_id=0)
+    with pytest.raises(NonFiniteError, match=r"^non-finite train loss \(nan\) at step 0$") as error:
+        module.training_step(batch, 0)
+    assert isinstance(error.value, UserError)  # one line from rlhf-train, no traceback
+
+
 class _NaNOnFirstMinibatch:
     """Wraps the module's loss: the first minibatch's loss is NaN, the others are real."""
 

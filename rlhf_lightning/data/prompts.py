@@ -161,10 +161,19 @@ class PromptDataModule(SplitDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world_size = self._rank_and_world_size()
+        self.check_eval_shards(world_size)
         shard = self._require_setup(self.eval_items)[rank::world_size]
-        if not shard:
-            raise DataValidationError(f"no eval prompts for rank {rank} of {world_size}")
         return self._loader(shard, self.eval_batch_size, sampler=None)
+
+    def check_eval_shards(self, world_size: int) -> None:
+        """Raise `DataValidationError` unless each of ``world_size`` ranks gets an eval prompt
+        (every rank comes to the same answer: none goes on alone)."""
+        count = len(self._require_setup(self.eval_items))
+        if count < world_size:
+            raise DataValidationError(
+                f"{self.what}: {count} eval prompts for {world_size} ranks; each rank needs at "
+                "least one (add eval prompts, or evaluate less: task.eval_every=0)"
+            )
 
     def _loader(self, items: list[dict], batch_size: int, sampler) -> DataLoader:
         return DataLoader(

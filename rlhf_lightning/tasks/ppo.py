@@ -1,9 +1,9 @@
 """``rlhf-train task=ppo``: PPO of the policy against the configured reward source.
 
 Reads top to bottom: validate config -> tokenizer + prompts (validated, with the settings that
-need the tokenizer, before any model loads) -> reward sources -> policy, value head / critic,
-frozen reference -> module -> callbacks -> trainer -> (baseline eval) -> fit -> export with
-``save_pretrained``.
+need the tokenizer, before any model loads) -> callbacks -> trainer (the eval prompts checked
+against its ranks) -> reward sources -> policy, value head / critic, frozen reference -> module
+-> (baseline eval) -> fit -> export with ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from rlhf_lightning.models.adapters import (
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import build_reward
 from rlhf_lightning.rollout.generation import resolve_stop_token_ids, save_sampling_settings
+from rlhf_lightning.stats import stop_together
 from rlhf_lightning.strategies import gather_full_state_dict, is_sharded
 from rlhf_lightning.tasks.checkpoints import (
     ResumeCheckpoint,
@@ -226,24 +227,6 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
 
     tokenizer, datamodule = load_prompts(cfg, ppo_cfg)  # before any model loads
 
-    reward = build_reward(instantiate(cfg.reward))
-    gold = build_reward(instantiate(cfg.gold_reward)) if cfg.get("gold_reward") else None
-    options = policy_options_from(cfg.policy)
-    policy, ref_lm = build_policy(cfg, ppo_cfg, options)
-    kl_controller = ppo_cfg.algorithm.kl.build_controller()
-    module = PPOModule(
-        policy,
-        ref_lm,
-        tokenizer,
-        reward,
-        ppo_cfg,
-        kl_controller,
-        gold,
-        seed=cfg.seed,
-        policy_source=cfg.policy.name_or_path,
-        policy_lora=asdict(options.lora) if options.lora else None,
-    )
-
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir(cfg, stage_dir),
         filename="iter{epoch}",
@@ -266,6 +249,29 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         limit_val_batches=(cadence.eval_batches or 1.0) if cadence.eval_every else 0,
         use_distributed_sampler=False,
         reload_dataloaders_every_n_epochs=0,
+    )
+    if cadence.eval_every:
+        datamodule.check_eval_shards(trainer.world_size)
+
+    # In a process group (the pipeline's PPO stage) a reward source that fails to load on one
+    # rank stops every rank.
+    with stop_together():
+        reward = build_reward(instantiate(cfg.reward))
+        gold = build_reward(instantiate(cfg.gold_reward)) if cfg.get("gold_reward") else None
+    options = policy_options_from(cfg.policy)
+    policy, ref_lm = build_policy(cfg, ppo_cfg, options)
+    kl_controller = ppo_cfg.algorithm.kl.build_controller()
+    module = PPOModule(
+        policy,
+        ref_lm,
+        tokenizer,
+        reward,
+        ppo_cfg,
+        kl_controller,
+        gold,
+        seed=cfg.seed,
+        policy_source=cfg.policy.name_or_path,
+        policy_lora=asdict(options.lora) if options.lora else None,
     )
     baseline, baseline_samples = {}, []
     if cadence.eval_every and ckpt_path is None:
