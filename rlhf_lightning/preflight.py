@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from rlhf_lightning.config import ConfigError
+from rlhf_lightning.config import ConfigError, _matches, _type_name
 
 PRECISIONS = (
     "auto",
@@ -114,8 +114,6 @@ def check_seed(cfg: DictConfig) -> None:
 
 def check_run_keys(cfg: DictConfig) -> None:
     """``seed`` and the other top-level keys that are not groups (``RUN_KEYS``); no others."""
-    from rlhf_lightning.config import _matches, _type_name
-
     check_seed(cfg)
     for key in cfg:
         if key in GROUPS or key == "seed":
@@ -289,7 +287,6 @@ def check_trainer_arguments(trainer: dict) -> None:
     import lightning as L
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from rlhf_lightning.config import _matches, _type_name
     from rlhf_lightning.settings import check_target_node, signature_types
     from rlhf_lightning.tasks.common import TASK_TRAINER_ARGS
 

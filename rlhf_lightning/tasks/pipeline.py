@@ -39,8 +39,9 @@ SUMMARY_METRICS = ("val/reward", "val/gold_score", "val/kl", "val/response_lengt
 def run(cfg: DictConfig) -> float | None:
     # Validate both stages' settings before spending minutes on the first one.
     rm_config_from(cfg.rm)
-    load_prompts(cfg, validate_ppo_setup(cfg))  # the PPO stage's data and tokenizer settings
+    ppo_cfg = validate_ppo_setup(cfg)
     check_cache_writable([cfg.reward_backbone.name_or_path, cfg.policy.name_or_path])
+    load_prompts(cfg, ppo_cfg)  # the PPO stage's data and the settings that need its tokenizer
     resuming = check_resume(cfg)
 
     rm = run_stage(cfg, "reward_model", train_reward_model, resuming)
