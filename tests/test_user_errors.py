@@ -41,6 +41,18 @@ def rlhf_train(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return status, out.out, out.err
 
 
+def train_weightless(monkeypatch, capsys, tmp_path, tokenizer_only, *args: str):
+    """``rlhf-train *args`` with the policy and the reward backbone weightless (see above)."""
+    return rlhf_train(
+        monkeypatch,
+        capsys,
+        *args,
+        f"policy.name_or_path={tokenizer_only}",
+        f"reward_backbone.name_or_path={tokenizer_only}",
+        f"hydra.run.dir={tmp_path}",
+    )
+
+
 def assert_one_line(status: int, err: str, key: str) -> str:
     assert status == 2, err[-3000:]
     lines = err.strip().splitlines()
@@ -75,14 +87,8 @@ PREFLIGHT_CASES = [
 def test_a_bad_setting_stops_before_the_task_starts(
     monkeypatch, capsys, tmp_path, tokenizer_only, task, setting, key, reason
 ):
-    status, out, err = rlhf_train(
-        monkeypatch,
-        capsys,
-        *task,
-        f"policy.name_or_path={tokenizer_only}",
-        f"reward_backbone.name_or_path={tokenizer_only}",
-        f"hydra.run.dir={tmp_path}",
-        setting,
+    status, out, err = train_weightless(
+        monkeypatch, capsys, tmp_path, tokenizer_only, *task, setting
     )
     assert reason in assert_one_line(status, err, key)
     assert "Seed set" not in out + err  # the task did not start
@@ -102,30 +108,21 @@ def test_a_bad_setting_stops_before_the_task_starts(
 def test_a_setting_checked_against_the_tokenizer_or_data_stops_before_any_model_loads(
     monkeypatch, capsys, tmp_path, tokenizer_only, task, setting, key, reason
 ):
-    status, _, err = rlhf_train(
-        monkeypatch,
-        capsys,
-        *task,
-        f"policy.name_or_path={tokenizer_only}",
-        f"reward_backbone.name_or_path={tokenizer_only}",
-        f"hydra.run.dir={tmp_path}",
-        setting,
-    )
+    status, _, err = train_weightless(monkeypatch, capsys, tmp_path, tokenizer_only, *task, setting)
     assert reason in assert_one_line(status, err, key)
 
 
 def test_the_pipeline_checks_its_ppo_stage_before_training_the_reward_model(
     monkeypatch, capsys, tmp_path, tokenizer_only
 ):
-    status, _, err = rlhf_train(
+    status, _, err = train_weightless(
         monkeypatch,
         capsys,
+        tmp_path,
+        tokenizer_only,
         "task=pipeline",
         "data/prompts=tiny",
         "data/preferences=tiny",
-        f"policy.name_or_path={tokenizer_only}",
-        f"reward_backbone.name_or_path={tokenizer_only}",
-        f"hydra.run.dir={tmp_path}",
         "generation.stop_token='the end'",
     )
     assert_one_line(status, err, "generation.stop_token")
