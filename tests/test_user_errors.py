@@ -46,10 +46,10 @@ def train_weightless(monkeypatch, capsys, tmp_path, tokenizer_only, *args: str):
     return rlhf_train(
         monkeypatch,
         capsys,
-        *args,
         f"policy.name_or_path={tokenizer_only}",
         f"reward_backbone.name_or_path={tokenizer_only}",
         f"hydra.run.dir={tmp_path}",
+        *args,  # last: they may override the above
     )
 
 
@@ -127,6 +127,16 @@ def test_the_pipeline_checks_its_ppo_stage_before_training_the_reward_model(
     )
     assert_one_line(status, err, "generation.stop_token")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_model_directory_without_weights_is_one_line(
+    monkeypatch, capsys, tmp_path, tokenizer_only
+):
+    status, _, err = train_weightless(monkeypatch, capsys, tmp_path, tokenizer_only, *PPO)
+    assert status == 2, err[-3000:]
+    assert err.strip() == (
+        f"error: model directory {tokenizer_only}: missing config.json and safetensors weights"
+    )
 
 
 def test_debug_shows_the_traceback_before_the_line(monkeypatch, capsys, tmp_path):

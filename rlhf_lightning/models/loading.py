@@ -264,13 +264,18 @@ def _from_pretrained(
     is_model: bool,
     **kwargs,
 ):
-    """`auto_class.from_pretrained` for any `name_or_path` form, with hub errors made short."""
+    """`auto_class.from_pretrained` for any `name_or_path` form, with hub errors made short and
+    a local model directory without its config or safetensors weights named as such."""
     path, gguf_file = resolve_model_source(name_or_path, gguf_file)
     is_local = Path(path).is_dir()
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     elif is_local and is_model:
         kwargs["use_safetensors"] = True
+        files = {"config.json": "config.json", "*.safetensors": "safetensors weights"}
+        missing = [what for pattern, what in files.items() if not any(Path(path).glob(pattern))]
+        if missing:
+            raise FileNotFoundError(f"model directory {path}: missing {' and '.join(missing)}")
     if not is_local:
         _check_hub_available(path, gguf_file or "config.json", revision)
     try:
