@@ -2,7 +2,7 @@
 
 Each dataclass documents its fields once and checks them in ``__post_init__``, so an impossible
 setting fails at startup -- before any model loads -- with a message naming the key as it is
-written on the command line (``algorithm.kl.coef``). Components chosen by ``_target_`` (the
+written on the command line (``algorithm.kl.reward.coef``). Components chosen by ``_target_`` (the
 advantage estimator, the policy loss, ...) are built here too, by :func:`build_component`, which
 checks their keys and types the same way. The raw ``DictConfig`` is never mutated during a run.
 
@@ -40,18 +40,23 @@ def _check(ok: bool, key: str, reason: str) -> None:
 
 # ------------------------------------------------------------------------------- type checks
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+    if typing.get_origin(tp) is None and hasattr(tp, "__name__"):
+        return tp.__name__
+    return str(tp).replace("typing.", "")  # Optional[int], dict | None, ...
 
 
 def _matches(value: Any, tp) -> bool:
     """Whether ``value`` (from YAML or the command line) has the annotated type ``tp``.
 
     ``int`` rejects bools and floats (``2.0`` is not a batch size); ``float`` accepts ints;
-    ``X | None`` accepts None; containers check their own type only; ``Any`` accepts all.
+    ``X | None`` accepts None; ``Literal[...]`` its values; containers check their own type
+    only; ``Any`` accepts all.
     """
     if tp is Any:
         return True
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:  # one of the listed values, of the same type (not True for 1)
+        return any(value == arg and type(value) is type(arg) for arg in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, arg) for arg in typing.get_args(tp))
     if tp is type(None):
@@ -487,6 +492,9 @@ class AlgorithmConfig:
 
         try:
             self.optimizer([{"params": [torch.zeros(1, requires_grad=True)]}])
+        except FieldError as error:
+            key = f"algorithm.optimizer.{error.field}"
+            raise ConfigError(f"invalid config: {key}: {error.reason}") from None
         except Exception as error:
             raise ConfigError(f"invalid config: algorithm.optimizer: {error}") from None
 
@@ -615,6 +623,8 @@ class RMConfig:
     normalize: bool = True
     monitor: str = "val/accuracy"
     val_check_interval: float | int = 1.0
+    """Validate every this fraction of an epoch (a float), or every this many batches (an int,
+    at most the batches of one epoch on one rank: checked once the data is read)."""
     histogram_every_n_steps: int = 50
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
@@ -627,7 +637,13 @@ class RMConfig:
         _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         _check(0 <= self.warmup_ratio < 1, f"{p}.warmup_ratio", "must be in [0, 1)")
-        _check(self.val_check_interval > 0, f"{p}.val_check_interval", "must be > 0")
+        interval = self.val_check_interval
+        _check(
+            interval >= 1 if isinstance(interval, int) else 0 < interval <= 1,
+            f"{p}.val_check_interval",
+            f"must be a fraction of an epoch in (0, 1] (a float) or a number of batches >= 1 (an "
+            f"int), got {interval!r}",
+        )
         _check(self.histogram_every_n_steps >= 0, f"{p}.histogram_every_n_steps", "must be >= 0")
         _check(self.accumulate_grad_batches >= 1, f"{p}.accumulate_grad_batches", "must be >= 1")
         every = self.checkpoint_every_n_steps

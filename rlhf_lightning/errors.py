@@ -22,10 +22,15 @@ class TrainingStopped(UserError):
     resume."""
 
 
-class FieldError(ValueError):
+class NonFiniteError(UserError, FloatingPointError):
+    """A NaN or inf in a quantity training depends on; the message names it and where."""
+
+
+class FieldError(UserError, ValueError):
     """An invalid constructor argument of a configurable component (an advantage estimator, a
-    policy loss, ...). The config builder turns it into a ``ConfigError`` naming the full key,
-    e.g. ``algorithm.advantage.lam``, so components need not know where they sit in the config.
+    policy loss, a data module, ...). The config builder turns it into a ``ConfigError`` naming
+    the full key, e.g. ``algorithm.advantage.lam``, so components need not know where they sit
+    in the config; raised where no builder names it, it is still a user error (one line).
     """
 
     def __init__(self, field: str, reason: str) -> None:

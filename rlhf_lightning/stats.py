@@ -2,10 +2,12 @@
 
 Under data parallelism every rank must take the same branches (skip a minibatch, stop an epoch
 loop, raise), or one rank waits forever in a collective the others never enter. The decisions
-here are therefore made on all-reduced values (:func:`any_rank`), and :class:`Stats` gathers an
-iteration's statistics as sums and maxima and reduces them over all ranks in one go, so the
-logged numbers are exact over the global batch: weighted means are ``sum / weight`` of the
-all-rank sums (not a mean of per-rank means) and maxima are the maximum over ranks.
+here are therefore made on all-reduced values (:func:`any_rank`); an error that one rank sees
+is raised on every rank with the same message (:func:`agreed_error`, :func:`stop_together`);
+and :class:`Stats` gathers an iteration's statistics as sums and maxima and reduces them over
+all ranks in one go, so the logged numbers are exact over the global batch: weighted means are
+``sum / weight`` of the all-rank sums (not a mean of per-rank means) and maxima are the maximum
+over ranks.
 With one process every function here is a plain local computation.
 """
 
@@ -13,9 +15,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
+from rlhf_lightning.errors import UserError
 
 
 def world_size() -> int:
@@ -38,6 +44,38 @@ def all_ranks_sum(value: torch.Tensor | float) -> torch.Tensor:
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on at least one rank (every rank gets the same answer)."""
     return bool(all_ranks_sum(float(flag)) > 0)
+
+
+def agreed_error(message: str | None) -> str | None:
+    """The error of the lowest rank that has one, the same on every rank; None when no rank has
+    one. With one process that is ``message`` itself; with several it names the rank it comes
+    from (``<message> (rank 1)``). A collective: every rank calls it, with its error or None;
+    when all is well it costs one all-reduce of a number."""
+    if world_size() == 1 or not any_rank(message is not None):
+        return message
+    messages: list = [None] * world_size()
+    dist.all_gather_object(messages, message)
+    rank, first = next((r, m) for r, m in enumerate(messages) if m is not None)
+    return f"{first} (rank {rank})"
+
+
+@contextmanager
+def stop_together() -> Iterator[None]:
+    """Run the block on every rank; a `UserError` raised in it on any rank is raised on every
+    rank with the same message (:func:`agreed_error`), so that no rank goes on into a collective
+    the others never enter. With one process the error is raised as it is. Every rank must run
+    the block (the agreement is a collective at its end)."""
+    error = None
+    try:
+        yield
+    except UserError as raised:
+        error = raised
+    agreed = agreed_error(None if error is None else str(error))
+    if agreed is None:
+        return
+    if world_size() == 1:
+        raise error
+    raise UserError(agreed) from error
 
 
 class Stats:
@@ -71,7 +109,8 @@ class Stats:
 
     def reduce(self) -> dict[str, float]:
         """Means and maxima over all ranks. Every rank must call it (a collective); names that
-        a rank lacks count as empty there."""
+        a rank lacks count as empty there. A mean with no observation on any rank is undefined
+        and left out (never NaN: a NaN in the logs always means trouble)."""
         names_sum = sorted(self.sums)
         names_max = sorted(self.maxima)
         if world_size() > 1:
@@ -91,8 +130,9 @@ class Stats:
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
             sums, maxima = sums.cpu(), maxima.cpu()
         out = {
-            name: float(total / weight) if weight > 0 else math.nan
+            name: float(total / weight)
             for name, (total, weight) in zip(names_sum, sums.tolist())
+            if weight > 0
         }
         out.update(zip(names_max, maxima.tolist()))
         return out

@@ -209,6 +209,12 @@ def _claim_run_dir(run_dir: Path, parent: Path, name: str) -> Path:
     return claimed
 
 
+def placed_logger_keys(target: type) -> tuple[str, ...]:
+    """The arguments of logger class ``target`` that `build_logger` fills where the config leaves
+    them null."""
+    return tuple(_placement(target, Path(), ""))
+
+
 def _placement(target: type, root: Path, label: str) -> dict[str, Any]:
     """Keyword arguments that tell a Lightning logger class where to write and the run's name."""
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger

@@ -59,7 +59,8 @@ BAD_RL = [
         ["algorithm.value_model.warmup_iterations=1", "algorithm.value_model.coef=0.0"],
         "algorithm.value_model.coef",
     ),
-    (["algorithm.optimizer.lr=-1.0"], "algorithm.optimizer"),
+    (["algorithm.optimizer.lr=-1.0"], "algorithm.optimizer.lr"),
+    (["+algorithm.optimizer.betas=1"], "algorithm.optimizer"),  # torch refuses it
     (["algorithm.optimizer._target_=torch.optim.Nope"], "algorithm.optimizer._target_"),
     (["algorithm.lr_schedule.warmup_ratio=1.0"], "algorithm.lr_schedule.warmup_ratio"),
     (

@@ -26,6 +26,7 @@ from rlhf_lightning.data import (
 )
 from rlhf_lightning.data.loading import EXPERIMENTS_DIR
 from rlhf_lightning.data.padding import pad_token_ids
+from rlhf_lightning.errors import FieldError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 PAD, EOS = 0, 1
@@ -293,20 +294,45 @@ def test_skip_mode_with_nothing_left_is_an_error(tokenizer, tmp_path):
         pairs_module(tokenizer, path, on_bad_row="skip").setup()
 
 
-def test_bad_arguments_fail_at_construction(tokenizer, tmp_path):
+@pytest.mark.parametrize(
+    ("setting", "value", "reason"),
+    [
+        ("on_bad_row", "ignore", "must be one of error, skip"),
+        ("too_long", "truncate_right", "must be one of truncate_left, drop, error"),
+        ("template", "Review: {text}", "only field"),
+        ("template", "Review: {prompt", "not a valid format string"),
+        ("prefix_tokens", [5, 2], "1 <= min <= max"),
+        ("eval_fraction", 1.0, r"must be in \(0, 1\), got 1.0"),
+        ("eval_fraction", 0.0, r"must be in \(0, 1\), got 0.0"),
+        ("max_prompt_length", 0, "must be >= 1, got 0"),
+        ("num_workers", -1, "must be >= 0, got -1"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(tokenizer, tmp_path, setting, value, reason):
+    """A user error naming the argument (the config builder names its full key)."""
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
-    with pytest.raises(ValueError, match="on_bad_row must be one of"):
-        prompts_module(tokenizer, path, on_bad_row="ignore")
-    with pytest.raises(ValueError, match="too_long must be one of"):
-        prompts_module(tokenizer, path, too_long="truncate_right")
-    with pytest.raises(ValueError, match=r"only field"):
-        prompts_module(tokenizer, path, template="Review: {text}")
-    with pytest.raises(ValueError, match="not a valid format string"):
-        prompts_module(tokenizer, path, template="Review: {prompt")
-    with pytest.raises(ValueError, match="1 <= min <= max"):
-        prompts_module(tokenizer, path, prefix_tokens=[5, 2])
-    with pytest.raises(ValueError, match="eval_fraction must be in"):
-        prompts_module(tokenizer, path, eval_fraction=1.0).setup()
+    with pytest.raises(FieldError, match=f"^{setting}: .*{reason}") as error:
+        prompts_module(tokenizer, path, **{setting: value})
+    assert error.value.field == setting and isinstance(error.value, UserError)
+
+
+def test_every_rank_needs_an_eval_prompt(tokenizer, tmp_path):
+    """Checked the same on every rank, before training (no rank goes on alone)."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(8)])
+    module = prompts_module(tokenizer, path, eval_fraction=0.125)
+    module.setup()
+    assert len(module.eval_items) == 1
+    module.check_eval_shards(1)
+    with pytest.raises(DataValidationError, match="^prompts: 1 eval prompts for 2 ranks; each"):
+        module.check_eval_shards(2)
+
+
+def test_bad_pair_arguments_fail_at_construction(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    with pytest.raises(FieldError, match="^max_length: must be >= 1, got 0$"):
+        pairs_module(tokenizer, path, max_length=0)
+    with pytest.raises(FieldError, match="^max_train_rows: must be >= 1"):
+        pairs_module(tokenizer, path, max_train_rows=0)
 
 
 def test_tokenizer_without_pad_token_is_rejected(tmp_path):
@@ -802,5 +828,5 @@ def test_max_train_rows_keeps_a_seeded_subset_in_data_order(tokenizer):
     position = {(i["prompt"], i["chosen"]): n for n, i in enumerate(full.train_items)}
     assert [position[k] for k in key] == sorted(position[k] for k in key)  # data order kept
     assert len(few.eval_items) == len(full.eval_items)  # the eval set is untouched
-    with pytest.raises(Exception, match="max_train_rows must be >= 1"):
+    with pytest.raises(Exception, match="max_train_rows: must be >= 1"):
         instantiate(config, tokenizer=tokenizer, max_train_rows=0)

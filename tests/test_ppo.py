@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import lightning as L
 import pytest
@@ -240,6 +241,21 @@ def test_global_step_counts_optimizer_steps_and_epochs_count_iterations():
     assert trainer.current_epoch == 2
     assert trainer.global_step == 2 * cfg.optimizer_steps_per_iteration == 16
     assert len(history) == 2
+
+
+def test_no_metric_is_nan_when_the_returns_do_not_vary():
+    """Iteration 0 with a reward of 0: the policy is the reference (KL 0) and the value head is
+    zero-initialised, so every return is 0 and the explained variance (1 - Var[R - V] / Var[R])
+    is undefined: it is not logged, and nothing logged is NaN. With a reward that varies, it
+    is."""
+    module = tiny_ppo_module(
+        tiny_config(), reward=lambda prompts, responses: [0.0] * len(responses)
+    )
+    _, rows = fit(module, max_epochs=1)
+    assert "value/explained_variance" not in rows[0]
+    assert [name for name, value in rows[0].items() if not math.isfinite(value)] == []
+    _, rows = fit(tiny_ppo_module(tiny_config()), max_epochs=1)
+    assert math.isfinite(rows[0]["value/explained_variance"])
 
 
 @pytest.mark.slow

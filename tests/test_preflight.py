@@ -29,10 +29,8 @@ from rlhf_lightning.preflight import (
 def _cfg(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(
-            "config",
-            overrides=["paths.output_dir=/tmp/unused", "policy=tiny", "reward=token_fraction",
-                       *overrides],
-        )  # fmt: skip
+            "config", overrides=["paths.output_dir=/tmp/unused", "policy=tiny", *overrides]
+        )
 
 
 def _trainer(**values):
@@ -41,7 +39,7 @@ def _trainer(**values):
 
 def test_the_default_configs_pass():
     preflight(_cfg())
-    preflight(_cfg("task=ppo", "experiment=tiny_smoke"))
+    preflight(_cfg("task=ppo", "reward=token_fraction", "experiment=tiny_smoke"))
 
 
 @pytest.mark.parametrize(
@@ -213,3 +211,40 @@ def test_preflight_runs_before_the_data_and_any_model_load(tmp_path):
         "error: invalid config: trainer.num_nodes: must be a positive int, got 0"
     )
     assert "Seed set" not in proc.stdout and "prompts:" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+foo=1"], "foo: unknown key; the top-level keys are seed, debug"),
+        (["seed=-1"], "seed: must be in [0, 4294967295], got -1"),
+        (["+trainer.max_epochs=3"], "trainer.max_epochs: set by the task"),
+        (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key: not an argument of"),
+        (["trainer.strategy=dpp"], "trainer.strategy: unknown strategy 'dpp'; known: auto, ddp,"),
+        (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps: must be >= 1, got 0"),
+        (["+task.eval_evry=3"], "task.eval_evry: unknown key"),
+        (["task.fn=rlhf_lightning.tasks.nope.run"], "task.fn: cannot import"),
+        (["+policy.compile.fullgraf=true"], "policy.compile.fullgraf: unknown key: torch.compile"),
+        (["+policy.compile.model=x"], "policy.compile.model: unknown key"),  # the policy is
+        (["policy.gguf_file=x.gguf"], "policy.gguf_file: builtin:tiny takes no gguf_file"),
+        (["+algorithm.optimizer._convert_=al"], "algorithm.optimizer._convert_: must be one of"),
+        (["+reward._recursive_=1"], "reward._recursive_: must be true or false, got 1"),
+        (["gold_reward=rlhf_lightning.nope"], "gold_reward: cannot use 'rlhf_lightning.nope'"),
+        (["gold_reward=3"], "gold_reward: must be dict | str | None, got 3"),
+        (["gold_reward={a: 1}"], "gold_reward: must be a reward source (a node with a _target_"),
+        (["logger.default_hp_metric=1"], "logger.default_hp_metric: must be bool, got 1"),
+        (["logger=csv", "+logger.bogus=1"], "logger.bogus: unknown key: lightning.pytorch.loggers"),
+    ],
+)
+def test_added_keys_and_values_name_their_key(overrides, message):
+    """What the config-leaf property (tests/test_config_leaves.py) cannot reach by changing the
+    composed values: keys added with ``+``, and values of other forms."""
+    with pytest.raises(ConfigError) as error:
+        preflight(_cfg("task=ppo", "reward=token_fraction", *overrides))
+    assert str(error.value).startswith(f"invalid config: {message}")
+
+
+def test_unset_values_and_legal_forms_pass():
+    preflight(_cfg("task=reward_model", "reward=learned"))  # reward.path=??? unused here
+    preflight(_cfg("task=ppo", "gold_reward=tests.ddp_helpers.fraction_of_e"))  # a function path
+    preflight(_cfg("task=ppo", "logger=csv", "logger.version=3", "+policy.compile.fullgraph=true"))

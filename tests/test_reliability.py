@@ -101,11 +101,28 @@ def test_nan_in_values_stops_with_the_quantity_and_iteration():
         fit(module, max_epochs=1)
 
 
+def test_nan_in_the_reward_model_loss_stops_with_the_split_and_step():
+    from rlhf_lightning.config import rm_config_from
+    from rlhf_lightning.data.preferences import collate_pairs
+    from rlhf_lightning.errors import UserError
+    from rlhf_lightning.models import ScalarRewardModel
+    from rlhf_lightning.modules.reward_model import RewardModelModule
+
+    model = ScalarRewardModel.from_backbone("builtin:tiny")
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    module = RewardModelModule(model, rm_config_from({}))
+    batch = collate_pairs([{"chosen_ids": [5, 6, 7], "rejected_ids": [5, 8]}], pad_id=0)
+    with pytest.raises(NonFiniteError, match=r"^non-finite train loss \(nan\) at step 0$") as error:
+        module.training_step(batch, 0)
+    assert isinstance(error.value, UserError)  # one line from rlhf-train, no traceback
+
+
 class _NaNOnFirstMinibatch:
-    """Wraps the module's loss: the first minibatch's loss is NaN, the others are real."""
+    """Wraps the module's objective: the first minibatch's loss is NaN, the others are real."""
 
     def __init__(self, module) -> None:
-        self.module, self.inner, self.calls = module, module.loss, 0
+        self.module, self.inner, self.calls = module, module.objective, 0
 
     def __call__(self, *args, **kwargs):
         loss, terms = self.inner(*args, **kwargs)
@@ -115,13 +132,13 @@ class _NaNOnFirstMinibatch:
 
 def test_nonfinite_loss_raises_or_skips_the_minibatch_when_configured():
     module = tiny_ppo_module(tiny_config())
-    module.loss = _NaNOnFirstMinibatch(module)
+    module.objective = _NaNOnFirstMinibatch(module)
     with pytest.raises(NonFiniteError, match="non-finite loss at iteration 0"):
         fit(module, max_epochs=1)
 
     cfg = tiny_config(algorithm__epochs=1, algorithm__on_nonfinite="skip")
     module = tiny_ppo_module(cfg)
-    module.loss = _NaNOnFirstMinibatch(module)
+    module.objective = _NaNOnFirstMinibatch(module)
     trainer, history = fit(module, max_epochs=1)
     assert module.nonfinite_skips == 1
     assert history[0]["perf/nonfinite_skips"] == 1

@@ -1,9 +1,8 @@
-"""rlhf_lightning.stats: weighted means and maxima reduced exactly over ranks, and collective
-decisions (one process, and 2 gloo processes)."""
+"""rlhf_lightning.stats: weighted means and maxima reduced exactly over ranks, collective
+decisions, and errors one rank sees raised on every rank (one process, and 2 gloo processes)."""
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 
@@ -12,7 +11,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rlhf_lightning.stats import Stats, all_ranks_sum, any_rank, world_size
+from rlhf_lightning.data.validation import DataValidationError
+from rlhf_lightning.errors import UserError
+from rlhf_lightning.stats import (
+    Stats,
+    agreed_error,
+    all_ranks_sum,
+    any_rank,
+    stop_together,
+    world_size,
+)
 
 
 def test_weighted_means_and_maxima_hand_values():
@@ -31,8 +39,7 @@ def test_weighted_means_and_maxima_hand_values():
     assert out["loss"] == pytest.approx((6 + 1 + 3) / 5)
     assert out["len"] == pytest.approx(3.0)
     assert out["ratio_max"] == 2.5
-    assert math.isnan(out["empty"])  # no observation: undefined, not 0
-    assert set(out) == {"loss", "len", "ratio_max", "empty"}
+    assert set(out) == {"loss", "len", "ratio_max"}  # "empty" has no observation: undefined
 
 
 def test_one_process_collectives_are_local():
@@ -40,6 +47,24 @@ def test_one_process_collectives_are_local():
     assert all_ranks_sum(torch.tensor(2.5)).item() == 2.5
     assert all_ranks_sum(3).dtype == torch.float64
     assert any_rank(True) and not any_rank(False)
+    assert agreed_error(None) is None and agreed_error("bad row 3") == "bad row 3"
+    with stop_together():
+        pass
+    error = DataValidationError("data.jsonl, row 3: bad")
+    with pytest.raises(DataValidationError) as raised, stop_together():
+        raise error
+    assert raised.value is error  # one process: the error itself, unchanged
+
+
+def _stop_together_on(rank: int, failing: int):
+    """What ``stop_together`` raises on this rank when rank ``failing`` raises in the block."""
+    try:
+        with stop_together():
+            if rank == failing:
+                raise DataValidationError(f"data.jsonl, row {rank + 3}: bad")
+    except UserError as error:
+        return type(error).__name__, str(error)
+    return None
 
 
 def _free_port() -> int:
@@ -61,12 +86,18 @@ def _on_rank(rank: int, world: int, port: int, out) -> None:
             stats.add_max("ratio_max", 1.5)
             stats.add("only_rank_1", 4.0, 2.0)
             stats.add_max("max_only_rank_1", -1.0)
+        stats.add("empty", 0.0, 0.0)  # no observation on any rank
         out[rank] = {
             "reduced": stats.reduce(),
             "world": world_size(),
             "sum": float(all_ranks_sum(rank + 1.0)),
             "any_one": any_rank(rank == 1),
             "any_none": any_rank(False),
+            "error_none": agreed_error(None),
+            "error_one": agreed_error("bad row 7" if rank == 1 else None),
+            "error_both": agreed_error(f"bad row {rank}"),
+            "stop_one": _stop_together_on(rank, failing=1),
+            "stop_none": _stop_together_on(rank, failing=-1),
         }
     finally:
         dist.destroy_process_group()
@@ -88,4 +119,11 @@ def test_two_ranks_reduce_to_the_statistics_of_the_whole_batch():
         assert reduced["ratio_max"] == 3.0
         assert reduced["only_rank_1"] == pytest.approx(2.0)
         assert reduced["max_only_rank_1"] == -1.0
+        assert "empty" not in reduced  # undefined: left out, not NaN
+        # an error one rank sees: the same message on every rank, naming the rank
+        assert got["error_none"] is None
+        assert got["error_one"] == "bad row 7 (rank 1)"
+        assert got["error_both"] == "bad row 0 (rank 0)"  # the lowest rank's
+        assert got["stop_one"] == ("UserError", "data.jsonl, row 4: bad (rank 1)")
+        assert got["stop_none"] is None
     assert ranks[0]["reduced"] == ranks[1]["reduced"]

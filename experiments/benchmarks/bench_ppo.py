@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
         "algorithm.optimizer.lr": args.policy_lr,
         "algorithm.optimizer.eps": args.adam_eps,
         "algorithm.optimizer.fused": not args.no_fused_adam,
-        "algorithm.lr_decay": "constant",
+        "algorithm.lr_schedule": {"_target_": "rlhf_lightning.schedules.Constant"},
         "algorithm.max_grad_norm": args.max_grad_norm,
         "generation.temperature": args.temperature,
         "generation.max_new_tokens": args.new_tokens,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from lightning import LightningDataModule
 
 from rlhf_lightning.data.loading import load_rows, resolve_data_path, split_train_eval
 from rlhf_lightning.data.padding import require_pad_token_id
-from rlhf_lightning.data.validation import BadRows, SourceRow, require_rows
+from rlhf_lightning.data.validation import ON_BAD_ROW, BadRows, SourceRow, require_rows
+from rlhf_lightning.errors import require
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,10 @@ class SplitDataModule(LightningDataModule):
     and `eval_items` hold the items and `skipped` the number of dropped rows per reason.
     `max_train_rows` keeps a seeded random subset of that many training rows (in data order),
     e.g. to train weaker reward models on fewer pairs.
+
+    `check_settings` checks the settings that need no tokenizer and no data; the preflight of
+    `rlhf-train` runs it on the config (named ``data.<name>.<setting>``) before anything loads,
+    and each subclass's constructor runs it first.
     """
 
     what = "rows"  # names the data in log messages
@@ -39,10 +46,7 @@ class SplitDataModule(LightningDataModule):
         max_train_rows: int | None = None,
     ) -> None:
         super().__init__()
-        if max_train_rows is not None and max_train_rows < 1:
-            raise ValueError(f"max_train_rows must be >= 1 (or null), got {max_train_rows}")
         self.max_train_rows = max_train_rows
-        BadRows(on_bad_row)  # validates the policy name now rather than in setup()
         self.path = path
         self.tokenizer = tokenizer
         self.pad_id = require_pad_token_id(tokenizer)
@@ -56,6 +60,21 @@ class SplitDataModule(LightningDataModule):
         self.train_items: list[dict] | None = None
         self.eval_items: list[dict] | None = None
         self.skipped: dict[str, int] = {}
+
+    @staticmethod
+    def check_settings(settings: Mapping[str, Any]) -> None:
+        """Raise `FieldError` for a setting that cannot work, whatever the data: ``settings``
+        holds every constructor argument but the tokenizer (defaults filled in)."""
+        policy, choices = settings["on_bad_row"], ", ".join(ON_BAD_ROW)
+        require(policy in ON_BAD_ROW, "on_bad_row", f"must be one of {choices}, got {policy!r}")
+        fraction = settings["eval_fraction"]
+        require(0 < fraction < 1, "eval_fraction", f"must be in (0, 1), got {fraction}")
+        rows = settings.get("max_train_rows")
+        require(rows is None or rows >= 1, "max_train_rows", f"must be >= 1 (or null), got {rows}")
+        workers = settings["num_workers"]
+        require(workers >= 0, "num_workers", f"must be >= 0, got {workers}")
+        seed = settings["seed"]
+        require(seed >= 0, "seed", f"must be >= 0, got {seed}")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items is not None:

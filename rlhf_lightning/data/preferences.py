@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,6 +24,7 @@ from rlhf_lightning.data.validation import (
     read_margin,
     read_text,
 )
+from rlhf_lightning.errors import require
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,7 @@ class PreferenceDataModule(SplitDataModule):
         num_workers: int = 0,
         max_train_rows: int | None = None,
     ) -> None:
+        self.check_settings(locals())
         super().__init__(
             path=path,
             tokenizer=tokenizer,
@@ -140,8 +143,6 @@ class PreferenceDataModule(SplitDataModule):
             num_workers=num_workers,
             max_train_rows=max_train_rows,
         )
-        if min(max_length, batch_size, eval_batch_size) < 1:
-            raise ValueError("max_length, batch_size and eval_batch_size must be >= 1")
         self.text_format = RewardTextFormat(joiner=joiner, max_length=max_length)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -149,6 +150,12 @@ class PreferenceDataModule(SplitDataModule):
         self.chosen_column = chosen_column
         self.rejected_column = rejected_column
         self.margin_column = margin_column
+
+    @staticmethod
+    def check_settings(settings: Mapping[str, Any]) -> None:
+        SplitDataModule.check_settings(settings)
+        for name in ("max_length", "batch_size", "eval_batch_size"):
+            require(settings[name] >= 1, name, f"must be >= 1, got {settings[name]}")
 
     def train_dataloader(self) -> DataLoader:
         items = self._require_setup(self.train_items)

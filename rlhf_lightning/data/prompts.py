@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import random
 import string
+from collections.abc import Mapping
 from functools import partial
+from typing import Any
 
 from torch.utils.data import DataLoader
 
@@ -25,6 +27,7 @@ from rlhf_lightning.data.validation import (
     read_messages,
     read_text,
 )
+from rlhf_lightning.errors import FieldError, require
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ class PromptDataModule(SplitDataModule):
         num_workers: int = 0,
         chat_template: bool = False,
     ) -> None:
+        self.check_settings(locals())
         super().__init__(
             path=path,
             tokenizer=tokenizer,
@@ -108,17 +112,12 @@ class PromptDataModule(SplitDataModule):
             on_bad_row=on_bad_row,
             num_workers=num_workers,
         )
-        if too_long not in TOO_LONG:
-            raise ValueError(f"too_long must be one of {TOO_LONG}, got {too_long!r}")
-        if min(max_prompt_length, batch_size, eval_batch_size) < 1:
-            raise ValueError("max_prompt_length, batch_size and eval_batch_size must be >= 1")
-        if template is not None:
-            _check_template(template)
-        if chat_template and not has_chat_template(tokenizer):
-            raise ValueError(
-                f"tokenizer {tokenizer.name_or_path!r} has no chat template; set "
-                "use_chat_template: false in the policy config"
-            )
+        require(
+            not chat_template or has_chat_template(tokenizer),
+            "chat_template",
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template; set "
+            "use_chat_template: false in the policy config",
+        )
         tokenizer.padding_side = "left"
         self.max_prompt_length = max_prompt_length
         self.batch_size = batch_size
@@ -126,11 +125,24 @@ class PromptDataModule(SplitDataModule):
         self.text_column = text_column
         self.messages_column = messages_column
         self.template = template
-        self.prefix_tokens = None if prefix_tokens is None else _check_prefix_tokens(prefix_tokens)
+        self.prefix_tokens = None if prefix_tokens is None else tuple(prefix_tokens)
         self.too_long = too_long
         self.chat_template = chat_template
         self.column_names: list[str] = []
         self._unpassed_columns: set[str] = set()  # columns with a list or object value
+
+    @staticmethod
+    def check_settings(settings: Mapping[str, Any]) -> None:
+        SplitDataModule.check_settings(settings)
+        too_long = settings["too_long"]
+        choices = ", ".join(TOO_LONG)
+        require(too_long in TOO_LONG, "too_long", f"must be one of {choices}, got {too_long!r}")
+        for name in ("max_prompt_length", "batch_size", "eval_batch_size"):
+            require(settings[name] >= 1, name, f"must be >= 1, got {settings[name]}")
+        if settings["template"] is not None:
+            _check_template(settings["template"])
+        if settings["prefix_tokens"] is not None:
+            _check_prefix_tokens(settings["prefix_tokens"])
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items is not None:
@@ -149,10 +161,19 @@ class PromptDataModule(SplitDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world_size = self._rank_and_world_size()
+        self.check_eval_shards(world_size)
         shard = self._require_setup(self.eval_items)[rank::world_size]
-        if not shard:
-            raise DataValidationError(f"no eval prompts for rank {rank} of {world_size}")
         return self._loader(shard, self.eval_batch_size, sampler=None)
+
+    def check_eval_shards(self, world_size: int) -> None:
+        """Raise `DataValidationError` unless each of ``world_size`` ranks gets an eval prompt
+        (every rank comes to the same answer: none goes on alone)."""
+        count = len(self._require_setup(self.eval_items))
+        if count < world_size:
+            raise DataValidationError(
+                f"{self.what}: {count} eval prompts for {world_size} ranks; each rank needs at "
+                "least one (add eval prompts, or evaluate less: task.eval_every=0)"
+            )
 
     def _loader(self, items: list[dict], batch_size: int, sampler) -> DataLoader:
         return DataLoader(
@@ -281,22 +302,29 @@ def _check_template(template: str) -> None:
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as error:
-        raise ValueError(f"template {template!r} is not a valid format string: {error}") from None
-    if fields != {"prompt"}:
-        raise ValueError(
-            f"template must have {{prompt}} as its only field (write literal braces as {{{{ }}}}), "
-            f"got {template!r}"
-        )
+        raise FieldError(
+            "template", f"{template!r} is not a valid format string: {error}"
+        ) from None
+    require(
+        fields == {"prompt"},
+        "template",
+        f"must have {{prompt}} as its only field (write literal braces as {{{{ }}}}), got "
+        f"{template!r}",
+    )
 
 
-def _check_prefix_tokens(prefix_tokens) -> tuple[int, int]:
-    bounds = tuple(prefix_tokens)
-    if len(bounds) != 2 or not all(isinstance(b, int) for b in bounds):
-        raise ValueError(f"prefix_tokens must be [min, max] integers, got {prefix_tokens!r}")
-    low, high = bounds
-    if not 1 <= low <= high:
-        raise ValueError(f"prefix_tokens needs 1 <= min <= max, got {prefix_tokens!r}")
-    return low, high
+def _check_prefix_tokens(prefix_tokens) -> None:
+    bounds = list(prefix_tokens)
+    require(
+        len(bounds) == 2 and all(isinstance(b, int) and not isinstance(b, bool) for b in bounds),
+        "prefix_tokens",
+        f"must be [min, max] integers, got {prefix_tokens!r}",
+    )
+    require(
+        1 <= bounds[0] <= bounds[1],
+        "prefix_tokens",
+        f"needs 1 <= min <= max, got {prefix_tokens!r}",
+    )
 
 
 def _duplicate_key(prompt: dict) -> tuple:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_lightning.errors import require
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -25,11 +27,17 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype | str:
     """
     if isinstance(name, torch.dtype):
         return name
-    if name == "auto":
-        return "auto"
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {[*DTYPES, 'auto']}")
-    return DTYPES[name]
+    check_dtype(name)
+    return "auto" if name == "auto" else DTYPES[name]
+
+
+def check_dtype(name: str) -> None:
+    """Raise `FieldError` for ``dtype`` unless ``name`` is a dtype name `resolve_dtype` knows."""
+    require(
+        name == "auto" or name in DTYPES,
+        "dtype",
+        f"unknown dtype {name!r}; expected one of {', '.join([*DTYPES, 'auto'])}",
+    )
 
 
 def umask() -> int:

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 from torch import nn
 
-from rlhf_lightning.errors import UserError
+from rlhf_lightning.errors import UserError, require
 from rlhf_lightning.models._util import resolve_dtype, write_directory_atomically
 from rlhf_lightning.models.convert import convert_gguf_to_hf, remove_gguf_quantization
 from rlhf_lightning.models.tiny import make_tiny_model_dir
@@ -149,6 +149,26 @@ BUILTINS: dict[str, Callable[[], tuple[str, str | None]]] = {
 }
 
 
+def check_model_name(name_or_path: str, gguf_file: str | None = None) -> None:
+    """What can be checked of a model source without reading anything: a builtin's name is
+    known, and a builtin or a ``.gguf`` path takes no ``gguf_file``. Raises `FieldError` naming
+    ``name_or_path`` or ``gguf_file``."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        known = ", ".join(BUILTIN_PREFIX + name for name in BUILTINS)
+        require(
+            name_or_path.removeprefix(BUILTIN_PREFIX) in BUILTINS,
+            "name_or_path",
+            f"unknown builtin model {name_or_path!r}; known: {known}",
+        )
+        require(gguf_file is None, "gguf_file", f"{name_or_path} takes no gguf_file")
+    elif name_or_path.endswith(".gguf"):
+        require(
+            gguf_file is None,
+            "gguf_file",
+            f"{name_or_path} is already a .gguf file; do not pass gguf_file={gguf_file!r}",
+        )
+
+
 def resolve_model_source(
     name_or_path: str | os.PathLike, gguf_file: str | None = None
 ) -> tuple[str, str | None]:
@@ -158,19 +178,13 @@ def resolve_model_source(
     plus the file name. Hub ids are returned unchanged (nothing is downloaded here).
     """
     name = os.fspath(name_or_path)
+    check_model_name(name, gguf_file)
     if name.startswith(BUILTIN_PREFIX):
-        builtin = name.removeprefix(BUILTIN_PREFIX)
-        if builtin not in BUILTINS:
-            raise ValueError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")
-        if gguf_file is not None:
-            raise ValueError(f"{name} takes no gguf_file")
-        return BUILTINS[builtin]()
+        return BUILTINS[name.removeprefix(BUILTIN_PREFIX)]()
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        if gguf_file is not None:
-            raise ValueError(f"{name} is already a .gguf file; do not pass gguf_file={gguf_file!r}")
         return str(path.parent), path.name
     if path.is_dir():
         if gguf_file is not None and not (path / gguf_file).is_file():
@@ -250,13 +264,18 @@ def _from_pretrained(
     is_model: bool,
     **kwargs,
 ):
-    """`auto_class.from_pretrained` for any `name_or_path` form, with hub errors made short."""
+    """`auto_class.from_pretrained` for any `name_or_path` form, with hub errors made short and
+    a local model directory without its config or safetensors weights named as such."""
     path, gguf_file = resolve_model_source(name_or_path, gguf_file)
     is_local = Path(path).is_dir()
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     elif is_local and is_model:
         kwargs["use_safetensors"] = True
+        files = {"config.json": "config.json", "*.safetensors": "safetensors weights"}
+        missing = [what for pattern, what in files.items() if not any(Path(path).glob(pattern))]
+        if missing:
+            raise FileNotFoundError(f"model directory {path}: missing {' and '.join(missing)}")
     if not is_local:
         _check_hub_available(path, gguf_file or "config.json", revision)
     try:

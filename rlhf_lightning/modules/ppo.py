@@ -48,7 +48,7 @@ import torch
 from torch.profiler import record_function
 
 from rlhf_lightning.config import RLConfig
-from rlhf_lightning.errors import CheckpointError, UserError
+from rlhf_lightning.errors import CheckpointError, NonFiniteError, UserError
 from rlhf_lightning.evaluation import sequence_kl as eval_sequence_kl
 from rlhf_lightning.hardware import resolve_sampling_dtype
 from rlhf_lightning.losses import explained_variance
@@ -62,15 +62,11 @@ from rlhf_lightning.rollout.generation import (
     sample_responses,
     sampling_copy,
 )
-from rlhf_lightning.stats import Stats, all_ranks_sum, any_rank, world_size
+from rlhf_lightning.stats import Stats, agreed_error, all_ranks_sum, any_rank, world_size
 from rlhf_lightning.strategies import gathered_weights, global_grad_norm, is_sharded, shard_policy
 from rlhf_lightning.tracking import log_samples
 
 EVAL_SEED = 1234
-
-
-class NonFiniteError(UserError, FloatingPointError):
-    """A NaN or inf in a quantity PPO depends on."""
 
 
 class PPOModule(L.LightningModule):
@@ -274,22 +270,15 @@ class PPOModule(L.LightningModule):
 
     def score(self, rollout: Rollout, batch: dict, iteration: int) -> torch.Tensor:
         """(B,) float32 scores of the reward source on this rank's rollouts, checked on all ranks
-        together: an error or a non-finite score on one rank stops every rank."""
-        error = None
-        try:
-            scores = self.reward(rollout.prompts, rollout.responses, **columns_of(batch, rollout))
-            scores = torch.as_tensor(scores).float().to(self.device)
-            bad = int((~torch.isfinite(scores)).sum())
-            if bad:
-                error = f"{bad} non-finite reward scores"
-        except UserError as raised:
-            error, scores = str(raised), None
-        if any_rank(error is not None):
+        together: an error or a non-finite score on one rank stops every rank, with the same
+        message."""
+        scores, error = scores_or_error(self.reward, rollout, batch)
+        agreed = agreed_error(error)
+        if agreed is not None:
             raise RewardError(
-                f"at iteration {iteration}: {error or 'the reward failed on another rank'}; "
-                "the last good checkpoint is kept"
+                f"at iteration {iteration}: {agreed}; the last good checkpoint is kept"
             )
-        return scores
+        return scores.to(self.device)
 
     def make_experience(self, rollout, scores, iteration: int) -> Experience:
         exp = make_experience(self.policy, self.ref_lm, rollout, scores, self.cfg)
@@ -358,9 +347,9 @@ class PPOModule(L.LightningModule):
             stats.merge(padding_stats(part, exp))
         if any_rank(not finite):
             if alg.on_nonfinite == "error":
+                agreed = agreed_error(None if finite else "non-finite loss")
                 raise NonFiniteError(
-                    f"non-finite loss at iteration {iteration} (on at least one rank: "
-                    f"{'this one' if not finite else 'another'}); the last good checkpoint is kept"
+                    f"{agreed} at iteration {iteration}; the last good checkpoint is kept"
                 )
             self.nonfinite_skips += 1
             return None
@@ -407,11 +396,9 @@ class PPOModule(L.LightningModule):
             stats.add_mean(f"rollout/{name}_sq", values[mask] ** 2)
         if alg.value_model.present:
             stats.add_mean("value/mean", exp.old_values[mask])
-            stats.add(
-                "value/explained_variance",
-                explained_variance(exp.old_values, exp.returns, mask) / world_size(),
-                1.0 / world_size(),
-            )
+            explained = explained_variance(exp.old_values, exp.returns, mask)
+            if torch.isfinite(explained):  # undefined where the returns do not vary: not logged
+                stats.add("value/explained_variance", explained / world_size(), 1 / world_size())
         if rollout.sampler_logprobs is not None and alg.old_logprobs == "recompute":
             # How far the distribution sampled from is from the one the losses use (k1 over the
             # sampled tokens): ~0 unless top-k/top-p, min_new_tokens or a lower-precision
@@ -461,25 +448,33 @@ class PPOModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.phase = "eval"
         self._val_stats = Stats()
+        self._val_error: str | None = None  # a reward's error on this rank, raised at the end
 
     def validation_step(self, batch, batch_idx):
-        """Sample on held-out prompts (fixed seed, training RNG untouched) and score them."""
+        """Sample on held-out prompts (fixed seed, training RNG untouched) and score them.
+
+        A reward error is kept until the end of the evaluation, where every rank raises it
+        together (ranks may hold different numbers of eval batches: no collective here)."""
+        if self._val_error is not None:
+            return
         with torch.random.fork_rng(devices=[]), self.full_weights(sampling=True):
             torch.manual_seed(EVAL_SEED + batch_idx + 7919 * self.global_rank)
             rollout = self.sample(batch)
-        columns = columns_of(batch, rollout)
-        scores = torch.as_tensor(self.reward(rollout.prompts, rollout.responses, **columns))
+        scores, self._val_error = scores_or_error(self.reward, rollout, batch)
+        gold = None
+        if self.gold_reward is not None and self._val_error is None:
+            gold, self._val_error = scores_or_error(self.gold_reward, rollout, batch)
+        if self._val_error is not None:
+            return
         T = self.cfg.generation.temperature
         with self.full_weights():
             seq_kl = eval_sequence_kl(self.policy.lm, self.ref_lm, rollout, T)
-        gold = None
         stats = self._val_stats
         stats.add_mean("val/reward", scores)
         stats.add_mean("val/kl", seq_kl)
         stats.add_mean("val/response_length", rollout.response_mask.sum(dim=1).float())
         stats.add_mean("val/ended_frac", rollout.ended.float())
-        if self.gold_reward is not None:
-            gold = torch.as_tensor(self.gold_reward(rollout.prompts, rollout.responses, **columns))
+        if gold is not None:
             stats.add_mean("val/gold_score", gold)
         if batch_idx == 0:
             self.log_samples(
@@ -496,10 +491,14 @@ class PPOModule(L.LightningModule):
             self.val_samples = list(zip(*columns))
 
     def on_validation_epoch_end(self) -> None:
-        """Means over all eval prompts of all ranks, logged at x = iterations completed."""
+        """Means over all eval prompts of all ranks, logged at x = iterations completed; or the
+        reward error of one rank, raised on every rank."""
+        iterations_done = self.current_epoch + 1 if self.trainer.state.fn == "fit" else 0
+        agreed = agreed_error(self._val_error)
+        if agreed is not None:
+            raise RewardError(f"in the evaluation after {iterations_done} iterations: {agreed}")
         means = self._val_stats.reduce()
         self.log_dict(means, logger=False)  # for callbacks, the progress line and the task metric
-        iterations_done = self.current_epoch + 1 if self.trainer.state.fn == "fit" else 0
         if self.global_rank == 0:
             for logger in self.loggers:
                 logger.log_metrics(means, step=iterations_done)
@@ -525,12 +524,13 @@ class PPOModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------- helpers
     def check_finite(self, name: str, values: torch.Tensor, iteration: int) -> None:
-        """Raise :class:`NonFiniteError` on every rank when ``values`` is not finite on one."""
+        """Raise :class:`NonFiniteError` on every rank, with the same message, when ``values``
+        is not finite on one."""
         bad = int((~torch.isfinite(values)).sum())
-        if any_rank(bad > 0):
-            where = f"{bad} non-finite {name}" if bad else f"non-finite {name} on another rank"
+        agreed = agreed_error(f"{bad} non-finite {name}" if bad else None)
+        if agreed is not None:
             raise NonFiniteError(
-                f"{where} at iteration {iteration}; the last good checkpoint is kept"
+                f"{agreed} at iteration {iteration}; the last good checkpoint is kept"
             )
 
     def log_samples(self, tag, prompts, responses, scores, kl, gold=None) -> None:
@@ -587,6 +587,20 @@ def clip_gradients(module: L.LightningModule, optimizer, max_norm: float | None)
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
+
+
+def scores_or_error(
+    source, rollout: Rollout, batch: dict
+) -> tuple[torch.Tensor | None, str | None]:
+    """``(scores, None)``: the (B,) float32 CPU scores of ``source`` on the rollouts, all finite;
+    or ``(None, message)`` when the source raised a user error or gave a non-finite score."""
+    try:
+        scores = source(rollout.prompts, rollout.responses, **columns_of(batch, rollout))
+    except UserError as raised:
+        return None, str(raised)
+    scores = torch.as_tensor(scores).float()
+    bad = int((~torch.isfinite(scores)).sum())
+    return (None, f"{bad} non-finite reward scores") if bad else (scores, None)
 
 
 def columns_of(batch: dict, rollout: Rollout) -> dict[str, list]:

@@ -16,9 +16,11 @@ import torch
 
 from rlhf_lightning.calibration import calibration_bins, expected_calibration_error
 from rlhf_lightning.config import RMConfig
+from rlhf_lightning.errors import NonFiniteError
 from rlhf_lightning.losses import bradley_terry_loss
 from rlhf_lightning.optim import adamw, trainer_precision
 from rlhf_lightning.schedules import warmup_decay_lambda
+from rlhf_lightning.stats import agreed_error
 from rlhf_lightning.strategies import is_sharded, shard_reward_model
 
 
@@ -46,10 +48,11 @@ class RewardModelModule(L.LightningModule):
         scores = self(batch["input_ids"], batch["attention_mask"])  # (2B,)
         chosen, rejected = scores.float().chunk(2)
         loss, stats = bradley_terry_loss(chosen, rejected, batch.get("margin"))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite {split} loss ({loss.item()}) at step {self.global_step}"
-            )
+        # Every rank takes this step (the same number of batches each): all stop together.
+        finite = bool(torch.isfinite(loss))
+        agreed = agreed_error(None if finite else f"non-finite {split} loss ({loss.item()})")
+        if agreed is not None:
+            raise NonFiniteError(f"{agreed} at step {self.global_step}")
         B = chosen.shape[0]
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=B, sync_dist=split != "train")
         self.log_dict(

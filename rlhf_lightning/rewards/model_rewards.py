@@ -9,9 +9,13 @@ response is kept. A learned reward model reads each pair exactly as it was train
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
+from rlhf_lightning.errors import require
+from rlhf_lightning.models._util import check_dtype
 from rlhf_lightning.models.loading import load_sequence_classifier, load_tokenizer
 from rlhf_lightning.models.reward_model import (
     ScalarRewardModel,
@@ -24,11 +28,20 @@ from rlhf_lightning.rewards.base import RewardSource
 
 
 class _ModelReward(RewardSource):
-    """A model and its tokenizer, scored in batches of `batch_size`; `to` moves the model."""
+    """A model and its tokenizer, scored in batches of `batch_size`; `to` moves the model.
+
+    `check_settings` checks a subclass's constructor arguments (all but the model's files, which
+    only loading reads) and raises `FieldError`: the preflight of `rlhf-train` runs it on the
+    config (``reward.<setting>``) before anything loads, the constructor runs it first.
+    """
+
+    @staticmethod
+    def check_settings(settings: Mapping[str, Any]) -> None:
+        batch_size = settings["batch_size"]
+        require(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
+        check_dtype(settings["dtype"])
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -44,9 +57,13 @@ class _TextScorer(_ModelReward):
     """Scores `prompt + response` cut to `max_length` tokens; subclasses implement
     `_score_batch`."""
 
+    @staticmethod
+    def check_settings(settings: Mapping[str, Any]) -> None:
+        _ModelReward.check_settings(settings)
+        max_length = settings["max_length"]
+        require(max_length >= 1, "max_length", f"must be >= 1, got {max_length}")
+
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int, max_length: int):
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
         super().__init__(model, tokenizer, batch_size)
         self.max_length = min(max_length, tokenizer.model_max_length)
 
@@ -85,6 +102,7 @@ class LearnedReward(_ModelReward):
         normalize: bool = True,
         dtype: str = "float32",
     ):
+        self.check_settings(locals())
         model = ScalarRewardModel.from_pretrained(path, dtype=dtype)
         check_scorable(model, path)  # here, not at the first rollout
         super().__init__(model, load_reward_tokenizer(path), batch_size)
@@ -118,6 +136,7 @@ class ClassifierReward(_TextScorer):
         dtype: str = "float32",
         **load_kw,
     ):
+        self.check_settings(locals())
         model = load_sequence_classifier(name_or_path, dtype=dtype, **load_kw)
         label2id = model.config.label2id
         if label not in label2id:

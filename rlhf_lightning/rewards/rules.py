@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from rlhf_lightning.errors import require
 from rlhf_lightning.rewards.base import RewardSource
 
 
@@ -29,9 +33,18 @@ class TokenFractionReward(RewardSource):
 
     name = "token_fraction"
 
+    @staticmethod
+    def check_settings(settings: Mapping[str, Any]) -> None:
+        """Raise `FieldError` unless ``target`` is one character (run by preflight too)."""
+        target = settings["target"]
+        require(
+            isinstance(target, str) and len(target) == 1,
+            "target",
+            f"must be a single character, got {target!r}",
+        )
+
     def __init__(self, target: str):
-        if not isinstance(target, str) or len(target) != 1:
-            raise ValueError(f"target must be a single character, got {target!r}")
+        self.check_settings(locals())
         self.target = target
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:

@@ -21,7 +21,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from rlhf_lightning.config import GenerationConfig
+from rlhf_lightning.config import ConfigError, GenerationConfig
 
 
 @dataclass
@@ -92,12 +92,14 @@ def resolve_stop_token_ids(tokenizer, stop_token: str | None) -> list[int]:
     eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     if stop_token == "eos":
         if not eos:
-            raise ValueError("generation.stop_token=eos but the tokenizer has no EOS")
+            raise ConfigError(
+                "invalid config: generation.stop_token: eos, but the tokenizer has none"
+            )
         return eos
     ids = tokenizer.encode(stop_token, add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(
-            f"generation.stop_token={stop_token!r} is {len(ids)} tokens {ids}; "
+        raise ConfigError(
+            f"invalid config: generation.stop_token: {stop_token!r} is {len(ids)} tokens {ids}; "
             "it must be exactly one token"
         )
     return [int(ids[0])] + [t for t in eos if t != ids[0]]

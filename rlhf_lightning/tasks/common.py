@@ -117,6 +117,24 @@ def resolve_ckpt_path(
     )
 
 
+# Trainer arguments the tasks set themselves (here and in each task's call): set in
+# ``cfg.trainer`` they would be overridden, so the preflight refuses them there.
+TASK_TRAINER_ARGS = (
+    "logger",
+    "callbacks",
+    "plugins",
+    "default_root_dir",
+    "max_epochs",
+    "val_check_interval",
+    "gradient_clip_val",
+    "accumulate_grad_batches",
+    "check_val_every_n_epoch",
+    "limit_val_batches",
+    "use_distributed_sampler",
+    "reload_dataloaders_every_n_epochs",
+)
+
+
 def build_trainer(
     cfg: DictConfig, callbacks: list, stage: str | None = None, **overrides
 ) -> L.Trainer:

@@ -28,7 +28,7 @@ from rlhf_lightning.models._util import honour_umask
 from rlhf_lightning.models.loading import check_cache_writable
 from rlhf_lightning.tasks.checkpoints import refuse_changed_settings, run_settings
 from rlhf_lightning.tasks.common import checkpoint_dir, run_dir, write_atomically
-from rlhf_lightning.tasks.ppo import train_ppo, validate_ppo_setup
+from rlhf_lightning.tasks.ppo import load_prompts, train_ppo, validate_ppo_setup
 from rlhf_lightning.tasks.reward_model import train_reward_model
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ SUMMARY_METRICS = ("val/reward", "val/gold_score", "val/kl", "val/response_lengt
 def run(cfg: DictConfig) -> float | None:
     # Validate both stages' settings before spending minutes on the first one.
     rm_config_from(cfg.rm)
-    validate_ppo_setup(cfg)
+    ppo_cfg = validate_ppo_setup(cfg)
     check_cache_writable([cfg.reward_backbone.name_or_path, cfg.policy.name_or_path])
+    load_prompts(cfg, ppo_cfg)  # the PPO stage's data and the settings that need its tokenizer
     resuming = check_resume(cfg)
 
     rm = run_stage(cfg, "reward_model", train_reward_model, resuming)

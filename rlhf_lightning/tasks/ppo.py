@@ -1,8 +1,9 @@
 """``rlhf-train task=ppo``: PPO of the policy against the configured reward source.
 
-Reads top to bottom: validate config -> tokenizer + prompts (validated before any model loads)
--> reward sources -> policy, value head / critic, frozen reference -> module -> callbacks ->
-trainer -> (baseline eval) -> fit -> export with ``save_pretrained``.
+Reads top to bottom: validate config -> tokenizer + prompts (validated, with the settings that
+need the tokenizer, before any model loads) -> callbacks -> trainer (the eval prompts checked
+against its ranks) -> reward sources -> policy, value head / critic, frozen reference -> module
+-> (baseline eval) -> fit -> export with ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rlhf_lightning.config import (
     policy_options_from,
     rl_config_from,
 )
+from rlhf_lightning.data.tokenize import has_chat_template
 from rlhf_lightning.models import load_reward_tokenizer
 from rlhf_lightning.models.adapters import (
     AdaptersDisabled,
@@ -38,6 +40,7 @@ from rlhf_lightning.models.adapters import (
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import build_reward
 from rlhf_lightning.rollout.generation import resolve_stop_token_ids, save_sampling_settings
+from rlhf_lightning.stats import stop_together
 from rlhf_lightning.strategies import gather_full_state_dict, is_sharded
 from rlhf_lightning.tasks.checkpoints import (
     ResumeCheckpoint,
@@ -112,6 +115,29 @@ def check_fsdp2_options(cfg: DictConfig, ppo_cfg: RLConfig) -> None:
         raise ConfigError(
             "invalid config: policy.compile: not supported with trainer=fsdp2; set it to null"
         )
+
+
+def load_prompts(cfg: DictConfig, ppo_cfg: RLConfig):
+    """The policy tokenizer and the prompt data, read and validated, with every setting that
+    needs the tokenizer checked (the chat template, the stop token, a critic's tokenizer):
+    ``(tokenizer, datamodule)``. Loads no model."""
+    tokenizer = load_policy_tokenizer(cfg, padding_side="left")
+    chat_template = cfg.policy.get("use_chat_template", False)
+    if chat_template and not has_chat_template(tokenizer):
+        raise ConfigError(
+            f"invalid config: policy.use_chat_template: tokenizer {tokenizer.name_or_path!r} has "
+            "no chat template; set it to false"
+        )
+    resolve_stop_token_ids(tokenizer, ppo_cfg.generation.stop_token)
+    check_critic_tokenizer(ppo_cfg, tokenizer)
+    datamodule = instantiate(
+        cfg.data.prompts,
+        tokenizer=tokenizer,
+        batch_size=ppo_cfg.prompts_per_iteration,
+        chat_template=chat_template,
+    )
+    datamodule.setup("fit")  # reads and validates every prompt
+    return tokenizer, datamodule
 
 
 def check_critic_tokenizer(ppo_cfg: RLConfig, tokenizer) -> None:
@@ -201,32 +227,7 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     ckpt_path = resume_checkpoint(cfg, "ppo", stage_dir)  # checked before any model loads
     L.seed_everything(cfg.seed, workers=True)
 
-    tokenizer = load_policy_tokenizer(cfg, padding_side="left")
-    datamodule = instantiate(
-        cfg.data.prompts,
-        tokenizer=tokenizer,
-        batch_size=ppo_cfg.prompts_per_iteration,
-        chat_template=cfg.policy.get("use_chat_template", False),
-    )
-    datamodule.setup("fit")  # reads and validates every prompt before any model loads
-    check_critic_tokenizer(ppo_cfg, tokenizer)
-    resolve_stop_token_ids(tokenizer, ppo_cfg.generation.stop_token)  # fails before models load
-
-    reward = build_reward(instantiate(cfg.reward))
-    gold = build_reward(instantiate(cfg.gold_reward)) if cfg.get("gold_reward") else None
-    options = policy_options_from(cfg.policy)
-    policy, ref_lm = build_policy(cfg, ppo_cfg, options)
-    module = PPOModule(
-        policy,
-        ref_lm,
-        tokenizer,
-        reward,
-        ppo_cfg,
-        gold,
-        seed=cfg.seed,
-        policy_source=cfg.policy.name_or_path,
-        policy_lora=asdict(options.lora) if options.lora else None,
-    )
+    tokenizer, datamodule = load_prompts(cfg, ppo_cfg)  # before any model loads
 
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir(cfg, stage_dir),
@@ -250,6 +251,27 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         limit_val_batches=(cadence.eval_batches or 1.0) if cadence.eval_every else 0,
         use_distributed_sampler=False,
         reload_dataloaders_every_n_epochs=0,
+    )
+    if cadence.eval_every:
+        datamodule.check_eval_shards(trainer.world_size)
+
+    # In a process group (the pipeline's PPO stage) a reward source that fails to load on one
+    # rank stops every rank.
+    with stop_together():
+        reward = build_reward(instantiate(cfg.reward))
+        gold = build_reward(instantiate(cfg.gold_reward)) if cfg.get("gold_reward") else None
+    options = policy_options_from(cfg.policy)
+    policy, ref_lm = build_policy(cfg, ppo_cfg, options)
+    module = PPOModule(
+        policy,
+        ref_lm,
+        tokenizer,
+        reward,
+        ppo_cfg,
+        gold,
+        seed=cfg.seed,
+        policy_source=cfg.policy.name_or_path,
+        policy_lora=asdict(options.lora) if options.lora else None,
     )
     baseline, baseline_samples = {}, []
     if cadence.eval_every and ckpt_path is None:

@@ -1,8 +1,9 @@
 """``rlhf-train task=reward_model``: Bradley-Terry training, normalisation, HF-style export.
 
 Reads top to bottom: validate config -> checkpoint to resume from (checked before any model
-loads) -> data (validated before any model loads) -> model -> module -> callbacks -> trainer ->
-fit -> best checkpoint -> normalisation -> export.
+loads) -> data (validated before any model loads) -> callbacks -> trainer (its validation
+interval checked against the data) -> model -> module -> fit -> best checkpoint ->
+normalisation -> export.
 
 Checkpoints: the best one by ``rm.monitor`` (``rm-epoch=E-step=S.ckpt``) and ``last.ckpt``, saved
 every ``rm.checkpoint_every_n_steps`` optimizer steps and at the end of each epoch; a resume
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +24,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from rlhf_lightning.config import rm_config_from
+from rlhf_lightning.config import ConfigError, rm_config_from
 from rlhf_lightning.models import ScalarRewardModel, load_tokenizer
 from rlhf_lightning.models._util import honour_umask
 from rlhf_lightning.models.loading import check_cache_writable
@@ -64,6 +66,23 @@ def unsharded_reward_model(model: ScalarRewardModel, full_state: dict) -> Scalar
     return plain
 
 
+def check_val_check_interval(
+    interval: float | int, num_pairs: int, batch_size: int, world_size: int
+) -> None:
+    """``rm.val_check_interval`` as a number of batches (an int) fits in one epoch of one rank:
+    each rank takes ``ceil(num_pairs / world_size)`` training pairs, in batches of
+    ``batch_size``. A fraction of an epoch (a float) always does."""
+    if not isinstance(interval, int):
+        return
+    batches = math.ceil(math.ceil(num_pairs / world_size) / batch_size)
+    if interval > batches:
+        raise ConfigError(
+            f"invalid config: rm.val_check_interval: {interval} batches is more than one epoch "
+            f"({batches} batches of {batch_size} pairs per rank); use at most {batches}, or a "
+            "fraction of an epoch such as 0.5"
+        )
+
+
 def run(cfg: DictConfig) -> float | None:
     return train_reward_model(cfg)["metric"]
 
@@ -88,13 +107,6 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     datamodule = instantiate(cfg.data.preferences, tokenizer=tokenizer)
     datamodule.setup("fit")  # reads and validates every row before the model loads
 
-    model = ScalarRewardModel.from_backbone(
-        backbone.name_or_path,
-        dtype=backbone.get("dtype", "float32"),
-        text_format=datamodule.text_format,  # exported with the model: scoring reads the same
-        **load_kw,
-    )
-    module = RewardModelModule(model, rm_cfg)
     directory = checkpoint_dir(cfg, stage_dir)
     # The best by rm.monitor, judged at the end of each validation (not at the epoch's end: a
     # last.ckpt saved after the validation must already hold that judgement).
@@ -124,6 +136,20 @@ def train_reward_model(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         gradient_clip_val=rm_cfg.gradient_clip_val,
         accumulate_grad_batches=rm_cfg.accumulate_grad_batches,
     )
+    check_val_check_interval(
+        rm_cfg.val_check_interval,
+        len(datamodule.train_items),
+        datamodule.batch_size,
+        trainer.world_size,
+    )
+
+    model = ScalarRewardModel.from_backbone(
+        backbone.name_or_path,
+        dtype=backbone.get("dtype", "float32"),
+        text_format=datamodule.text_format,  # exported with the model: scoring reads the same
+        **load_kw,
+    )
+    module = RewardModelModule(model, rm_cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metric = task_metric(trainer, cfg.task.metric) if cfg.task.metric.startswith("val/") else None
 
