@@ -103,7 +103,7 @@ def test_cuda_accelerator_needs_cuda_devices():
             "invalid config: reward._target_: rlhf_lightning.preflight.PRECISIONS is not callable",
         ),
         (
-            "algorithm.kl.reward.controller._target_=rlhf_lightning.nokl.Fixed",  # nested
+            "++algorithm.kl.reward.controller._target_=rlhf_lightning.nokl.Fixed",  # nested
             "invalid config: algorithm.kl.reward.controller._target_: cannot import "
             "rlhf_lightning.nokl.Fixed: module 'rlhf_lightning' has no attribute 'nokl'",
         ),
