@@ -382,6 +382,25 @@ class OverlongPenalty:
 
 
 @dataclass(frozen=True)
+class DynamicSampling:
+    """DAPO's dynamic sampling (Yu et al. 2025; ``algorithm.dynamic_sampling``): the groups of a
+    prompt whose scores are all equal (no signal for a group baseline) are set aside and more
+    prompts are sampled, in rounds of ``prompts_per_iteration``, until every rank has that many
+    informative groups or ``max_rounds`` rounds are done (a rank still short then fills up with
+    set-aside groups)."""
+
+    max_rounds: int
+    """Rounds of sampling per iteration at most (1: filter only, never resample)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.max_rounds >= 1,
+            "algorithm.dynamic_sampling.max_rounds",
+            f"must be >= 1, got {self.max_rounds}",
+        )
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     """The estimator and its coefficients (``algorithm``, ``conf/algorithm/<preset>.yaml``).
 
@@ -426,6 +445,9 @@ class AlgorithmConfig:
     mask_truncated: bool
     """Leave the responses cut at ``generation.max_new_tokens`` (no stop token) out of the
     losses (DAPO's overlong filtering)."""
+    dynamic_sampling: DynamicSampling | None
+    """DAPO's dynamic sampling (groups of equal scores set aside, more prompts sampled); null:
+    off."""
     target_kl: float | None
     """Stop the epoch loop early when the mean approx KL of an epoch exceeds this."""
     max_grad_norm: float | None
@@ -530,6 +552,12 @@ class RLConfig:
             f"must be < budget.num_iterations={budget.num_iterations} so the policy trains at "
             f"all, got {alg.value_warmup_iterations}",
         )
+        _check(
+            alg.dynamic_sampling is None or alg.samples_per_prompt >= 2,
+            "algorithm.dynamic_sampling",
+            f"compares the scores of a prompt's samples: needs algorithm.samples_per_prompt >= "
+            f"2, got {alg.samples_per_prompt}",
+        )
         if alg.overlong_penalty is not None:
             _check(
                 alg.overlong_penalty.cache <= self.generation.max_new_tokens,
@@ -543,6 +571,13 @@ class RLConfig:
             "needs a stop token: with generation.stop_token=null no response ever ends, so "
             "every score would be replaced by the penalty (no learning signal)",
         )
+
+    @property
+    def prompts_per_batch(self) -> int:
+        """Prompts the data module gives per iteration per rank: ``prompts_per_iteration``, times
+        ``max_rounds`` with dynamic sampling (the extra rounds' prompts)."""
+        dynamic = self.algorithm.dynamic_sampling
+        return self.prompts_per_iteration * (dynamic.max_rounds if dynamic else 1)
 
     @property
     def prompts_per_iteration(self) -> int:
@@ -590,6 +625,11 @@ def algorithm_config_from(node) -> AlgorithmConfig:
         cls, overlong = _to_dataclass(OverlongPenalty, overlong, "algorithm.overlong_penalty")
         overlong = _build(cls, overlong, "algorithm.overlong_penalty")
     built["overlong_penalty"] = overlong
+    dynamic = data.pop("dynamic_sampling", None)
+    if dynamic is not None:
+        cls, dynamic = _to_dataclass(DynamicSampling, dynamic, "algorithm.dynamic_sampling")
+        dynamic = _build(cls, dynamic, "algorithm.dynamic_sampling")
+    built["dynamic_sampling"] = dynamic
     check_fields(AlgorithmConfig, data, "algorithm")
     return _build(AlgorithmConfig, {**data, **built}, "algorithm")
 

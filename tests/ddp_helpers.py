@@ -103,3 +103,9 @@ def huge_on_rank_one_at_second_call(prompts: list[str], responses: list[str]) ->
     if rank() == 1 and _calls == 2:
         return [1e38] * len(responses)
     return fraction_of_e(responses)
+
+
+def equal_on_rank_one(prompts: list[str], responses: list[str]) -> list[float]:
+    """Fraction of 'e', except on rank 1, where every response scores 0.5: every group of rank
+    1 has equal scores (dynamic sampling sets all of them aside)."""
+    return [0.5] * len(responses) if rank() == 1 else fraction_of_e(responses)

@@ -123,6 +123,6 @@ def fit(
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    loader = fixed_prompt_loader(module.tokenizer, module.cfg.prompts_per_iteration)
+    loader = fixed_prompt_loader(module.tokenizer, module.cfg.prompts_per_batch)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     return trainer, history.rows

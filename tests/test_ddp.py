@@ -145,3 +145,24 @@ def test_a_nonfinite_loss_on_rank_one_stops_every_rank_saying_where_it_was(tmp_p
     )
     line = "error: non-finite loss (rank 1) at iteration 1; the last good checkpoint is kept"
     assert error_lines(proc) == [line, line]
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_keeps_every_ranks_batch_when_one_rank_has_no_informative_group(tmp_path):
+    """DAPO under DDP: every group of rank 1 has equal scores, so rank 1 asks for every round of
+    dynamic sampling and fills its batch with set-aside groups; rank 0 samples the same rounds
+    (no collective left waiting), both ranks take the same optimizer steps and end with the same
+    weights."""
+    proc = run_ddp(
+        tmp_path, *reward_fn("equal_on_rank_one"), "algorithm=dapo", "budget.num_iterations=2"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dumps = [load_dump(tmp_path, r, "iter1") for r in (0, 1)]
+    assert dumps[0]["global_step"] == dumps[1]["global_step"] == 2 * 2 * 2  # its x epochs x mbs
+    assert same(dumps[0]["params"], dumps[1]["params"])
+    for dump in dumps:
+        # 3 rounds of 2 prompts x 4 samples scored per iteration, on every rank
+        assert [len(r) for r in dump["responses"]] == [8] * 6
+        metrics = dump["metrics"]
+        assert metrics["rollout/sampling_rounds"] == 3
+        assert metrics["rollout/filled_groups"] >= 1  # rank 1 fills both of its groups

@@ -689,3 +689,53 @@ def test_mask_truncated_trains_on_the_ended_responses_alone():
     alone = [p.grad.clone() for p in module.policy.parameters() if p.grad is not None]
     for a, b in zip(masked, alone):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def odd_prompts_vary(prompts, responses):
+    """0 for every response to an even prompt ``p<even>:`` (a group of equal scores), a number
+    that differs between responses for an odd one."""
+    return [
+        0.0 if int(p[1:-1]) % 2 == 0 else float(sum(map(ord, r)))
+        for p, r in zip(prompts, responses)
+    ]
+
+
+def _dynamic_module(max_rounds: int, reward) -> object:
+    cfg = tiny_config(
+        "grpo",
+        algorithm__samples_per_prompt=2,
+        budget__rollout_batch_size=8,  # 4 prompts x 2 samples per iteration
+        budget__minibatch_size=8,
+        budget__micro_batch_size=4,
+        algorithm__dynamic_sampling={"max_rounds": max_rounds},
+    )
+    return tiny_ppo_module(cfg, reward=reward)
+
+
+def test_dynamic_sampling_samples_more_prompts_until_every_group_is_informative():
+    """Round 1 (p0-p3) keeps the groups of p1 and p3, round 2 (p4-p7) those of p5 and p7: the
+    batch is full after 2 of the 3 rounds, every group has unequal scores."""
+    module = _dynamic_module(3, odd_prompts_vary)
+    assert module.cfg.prompts_per_batch == 12
+    torch.manual_seed(0)
+    rollout, scores, stats = module.collect(prompt_batch(module.tokenizer, 12), iteration=0)
+    assert rollout.prompts == [p for p in ("p1:", "p3:", "p5:", "p7:") for _ in range(2)]
+    assert len(scores) == 8 and all(a != b for a, b in scores.view(-1, 2).tolist())
+    torch.testing.assert_close(
+        scores, torch.tensor(odd_prompts_vary(rollout.prompts, rollout.responses))
+    )
+    reduced = stats.reduce()
+    assert reduced["rollout/sampling_rounds"] == 2
+    assert reduced["rollout/informative_groups_frac"] == 0.5
+    assert reduced["rollout/filled_groups"] == 0
+
+
+def test_dynamic_sampling_fills_the_batch_when_the_rounds_run_out():
+    module = _dynamic_module(2, lambda prompts, responses: [1.0] * len(responses))
+    torch.manual_seed(0)
+    rollout, scores, stats = module.collect(prompt_batch(module.tokenizer, 8), iteration=0)
+    assert len(rollout.prompts) == 8 and rollout.response_ids.shape[0] == 8
+    reduced = stats.reduce()
+    assert reduced["rollout/sampling_rounds"] == 2 and reduced["rollout/filled_groups"] == 4
+    _, history = fit(_dynamic_module(2, odd_prompts_vary), max_epochs=1)
+    assert history[0]["rollout/informative_groups_frac"] == 0.5

@@ -55,6 +55,7 @@ PRESETS = (
     "reinforce_pp_baseline",
     "gspo",
     "cispo",
+    "dapo",
 )
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3_plus")
 SUM = {"_target_": "rlhf_lightning.losses.SequenceMeanTokenSum", "normalizer": 1.0}
@@ -64,7 +65,7 @@ K1_IN_REWARD = {  # the group presets' KL moved into the rewards (k1): only the 
     "algorithm.kl.loss": None,
 }
 VALUE_PRESETS = ("reinforce_baseline", "a2c", "ppo")
-GROUP_PRESETS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline", "gspo", "cispo")
+GROUP_PRESETS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline", "gspo", "cispo", "dapo")
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,11 @@ def preset_rows(problem: Problem = SEQUENCES, group: int = 3, steps: int = 2) ->
         # plain policy gradient, so on-policy they are grpo's advantage, KL and aggregation.
         "gspo": "as grpo at ratio 1: biased (std, length, per-state KL)",
         "cispo": "as grpo at ratio 1, token mean: biased (std, length, per-state KL)",
+        # Dynamic sampling happens before experience making, outside what the audit runs.
+        "dapo": "no KL; the length penalty reshapes R; std, token mean: biased",
     }
+    # DAPO's overlong penalty over the whole (3-token) length here: -|y| / T added to R.
+    overrides = {"dapo": {"algorithm.overlong_penalty": {"cache": T, "coef": 1.0}}}
     return [
         Row(
             "presets",
@@ -264,6 +269,7 @@ def preset_rows(problem: Problem = SEQUENCES, group: int = 3, steps: int = 2) ->
             preset,
             theory[preset],
             "exact" if theory[preset] == unbiased else "biased",
+            overrides.get(preset, {}),
             problem=problem,
             group=group if preset in GROUP_PRESETS else None,
             steps=steps,

@@ -58,9 +58,11 @@ from rlhf_lightning.rewards import RewardError
 from rlhf_lightning.rollout.experience import Experience, make_experience, sequence_kl
 from rlhf_lightning.rollout.generation import (
     Rollout,
+    concat_rollouts,
     resolve_stop_token_ids,
     sample_responses,
     sampling_copy,
+    select_rows,
 )
 from rlhf_lightning.stats import Stats, agreed_error, all_ranks_sum, any_rank, world_size
 from rlhf_lightning.strategies import gathered_weights, global_grad_norm, is_sharded, shard_policy
@@ -202,10 +204,7 @@ class PPOModule(L.LightningModule):
         iteration = self.current_epoch
         torch.manual_seed(self.iteration_seed(iteration))
         self.phase_seconds = {}
-        with self.running("sampling"), self.full_weights(sampling=True):
-            rollout = self.sample(batch, self.cfg.algorithm.samples_per_prompt)
-        with self.running("scoring"):
-            scores = self.score(rollout, batch, iteration)
+        rollout, scores, sampling_stats = self.collect(batch, iteration)
         kl = self.cfg.algorithm.kl
         reward_kl_coef = kl.reward_coef  # the rewards' beta this iteration
         with self.running("experience"), self.full_weights():
@@ -213,6 +212,7 @@ class PPOModule(L.LightningModule):
         with self.running("update"):
             stats = self.update(exp, iteration)
         stats.merge(self.rollout_stats(exp, rollout, scores, reward_kl_coef))
+        stats.merge(sampling_stats)
         metrics = stats.reduce()
         if iteration >= self.cfg.algorithm.value_warmup_iterations:  # the policy moved
             kl.update(metrics["kl/sequence"], len(exp) * world_size())
@@ -225,7 +225,44 @@ class PPOModule(L.LightningModule):
         start = time.perf_counter()
         with record_function(f"ppo/{phase}"):  # labels for torch.profiler; free without one
             yield
-        self.phase_seconds[phase] = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + elapsed
+
+    def collect(self, batch: dict, iteration: int) -> tuple[Rollout, torch.Tensor, Stats]:
+        """Sample and score this iteration's rollouts: ``samples_per_prompt`` per prompt.
+
+        With ``algorithm.dynamic_sampling`` (DAPO) the batch holds ``max_rounds`` rounds of
+        ``prompts_per_iteration`` prompts: a round's groups whose scores are all equal are set
+        aside, and rounds go on while any rank is short of ``prompts_per_iteration`` informative
+        groups (every rank samples every round, so the ranks stay in step); a rank still short
+        after the last round fills up with set-aside groups, so each rank's batch keeps its
+        size. Returns the rollouts, their (B,) scores and the sampling statistics.
+        """
+        alg, stats = self.cfg.algorithm, Stats()
+        k, wanted = alg.samples_per_prompt, self.cfg.prompts_per_iteration
+        kept: list[tuple[Rollout, torch.Tensor]] = []  # one group each
+        set_aside: list[tuple[Rollout, torch.Tensor]] = []
+        rounds = split_prompts(batch, wanted)
+        for done, prompts in enumerate(rounds, start=1):
+            with self.running("sampling"), self.full_weights(sampling=True):
+                rollout = self.sample(prompts, k)
+            with self.running("scoring"):
+                scores = self.score(rollout, prompts, iteration)
+            if alg.dynamic_sampling is None:
+                return rollout, scores, stats
+            for g, group_scores in enumerate(scores.view(-1, k)):
+                group = (select_rows(rollout, list(range(g * k, g * k + k))), group_scores)
+                informative = bool(group_scores.max() > group_scores.min())
+                (kept if informative else set_aside).append(group)
+            if done == len(rounds) or not any_rank(len(kept) < wanted):
+                break
+        sampled = len(kept) + len(set_aside)
+        stats.add_mean("rollout/sampling_rounds", torch.tensor([float(done)]))
+        stats.add("rollout/informative_groups_frac", len(kept), sampled)
+        stats.add("rollout/filled_groups", max(wanted - len(kept), 0), 1)
+        groups = (kept + set_aside)[:wanted]
+        rollout = concat_rollouts([g for g, _ in groups], self.tokenizer.pad_token_id)
+        return rollout, torch.cat([s for _, s in groups]), stats
 
     def sampling_lm(self):
         """The LM that samples rollouts: the policy's, or its ``generation.sampling_dtype`` copy
@@ -601,6 +638,26 @@ def scores_or_error(
     scores = torch.as_tensor(scores).float()
     bad = int((~torch.isfinite(scores)).sum())
     return (None, f"{bad} non-finite reward scores") if bad else (scores, None)
+
+
+def split_prompts(batch: dict, size: int) -> list[dict]:
+    """A ``PromptDataModule`` batch cut into batches of ``size`` prompts, in order (one batch if
+    it holds no more)."""
+    count = len(batch["prompts"])
+    if count <= size:
+        return [batch]
+    parts = []
+    for start in range(0, count, size):
+        rows = slice(start, start + size)
+        parts.append(
+            {
+                "input_ids": batch["input_ids"][rows],
+                "attention_mask": batch["attention_mask"][rows],
+                "prompts": batch["prompts"][rows],
+                "columns": {n: v[rows] for n, v in (batch.get("columns") or {}).items()},
+            }
+        )
+    return parts
 
 
 def columns_of(batch: dict, rollout: Rollout) -> dict[str, list]:

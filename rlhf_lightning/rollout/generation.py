@@ -47,6 +47,61 @@ class Rollout:
     last_hidden: torch.Tensor | None = None
 
 
+def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
+    """The rollouts ``rows`` (in that order), every field, at the same widths."""
+    index = torch.tensor(rows, dtype=torch.long)
+
+    def pick(value):
+        return None if value is None else value[index.to(value.device)]
+
+    return Rollout(
+        query_ids=pick(rollout.query_ids),
+        query_mask=pick(rollout.query_mask),
+        response_ids=pick(rollout.response_ids),
+        response_mask=pick(rollout.response_mask),
+        ended=pick(rollout.ended),
+        prompts=[rollout.prompts[i] for i in rows],
+        responses=[rollout.responses[i] for i in rows],
+        sampler_logprobs=pick(rollout.sampler_logprobs),
+        model_logprobs=pick(rollout.model_logprobs),
+        last_hidden=pick(rollout.last_hidden),
+    )
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """The rows of ``rollouts`` one after another: prompts left-padded to the longest prompt,
+    responses right-padded to the longest response (pad ids, masks and logprobs 0, hidden states
+    0 in the new columns)."""
+    P = max(r.query_ids.shape[1] for r in rollouts)
+    R = max(r.response_ids.shape[1] for r in rollouts)
+
+    def left(t, value):
+        return torch.nn.functional.pad(t, (P - t.shape[1], 0), value=value)
+
+    def right(t, value):
+        if t is None:
+            return None
+        pad = (0, 0, 0, R - t.shape[1]) if t.dim() == 3 else (0, R - t.shape[1])
+        return torch.nn.functional.pad(t, pad, value=value)
+
+    def cat(name, pad, value):
+        parts = [getattr(r, name) for r in rollouts]
+        return None if any(p is None for p in parts) else torch.cat([pad(p, value) for p in parts])
+
+    return Rollout(
+        query_ids=cat("query_ids", left, pad_token_id),
+        query_mask=cat("query_mask", left, 0),
+        response_ids=cat("response_ids", right, pad_token_id),
+        response_mask=cat("response_mask", right, False),
+        ended=torch.cat([r.ended for r in rollouts]),
+        prompts=[p for r in rollouts for p in r.prompts],
+        responses=[t for r in rollouts for t in r.responses],
+        sampler_logprobs=cat("sampler_logprobs", right, 0.0),
+        model_logprobs=cat("model_logprobs", right, 0.0),
+        last_hidden=cat("last_hidden", right, 0.0),
+    )
+
+
 def truncate_after_stop(
     response_ids: torch.Tensor, stop_token_ids: list[int], pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

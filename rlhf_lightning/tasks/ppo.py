@@ -133,7 +133,7 @@ def load_prompts(cfg: DictConfig, ppo_cfg: RLConfig):
     datamodule = instantiate(
         cfg.data.prompts,
         tokenizer=tokenizer,
-        batch_size=ppo_cfg.prompts_per_iteration,
+        batch_size=ppo_cfg.prompts_per_batch,
         chat_template=chat_template,
     )
     datamodule.setup("fit")  # reads and validates every prompt
