@@ -121,11 +121,11 @@ def compose_prompt_config(spec: list[str]):
     from rlhf_lightning.cli.train import CONF_DIR
 
     name, *overrides = spec
+    # "key=v", "+key=v", "~key" of data.prompts (the prefix after Hydra's + or ~)
+    keyed = [f"{o[: len(o) - len(o.lstrip('+~'))]}data.prompts.{o.lstrip('+~')}" for o in overrides]
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose(
-                "config", [f"data/prompts={name}", *(f"data.prompts.{o}" for o in overrides)]
-            )
+            cfg = compose("config", [f"data/prompts={name}", *keyed])
     except (HydraException, OmegaConfBaseException) as error:
         raise ValueError(f"--data {' '.join(spec)}: {str(error).splitlines()[0]}") from None
     return cfg.data.prompts
