@@ -262,3 +262,41 @@ def test_missing_or_bad_problem_column_is_a_reward_error():
     spec = {"generator": "chain_sums", "difficulty": {}, "seed": 1, "index": 0}
     with pytest.raises(RewardError, match=r"no generator 'chain_sums'"):
         reward(["q"], ["1"], reasoning_gym=[json.dumps(spec)])
+
+
+# ------------------------------------------------------------------------------ a real run
+
+
+def test_grpo_on_a_reasoning_gym_task_writes_each_held_out_score(tmp_path):
+    """The README's command on the tiny model: rewards from the verifier, the last evaluation's
+    per-prompt scores in heldout.jsonl (what rlhf-compare --per-prompt reads)."""
+    from rlhf_lightning.cli.train import run
+
+    overrides = [
+        f"paths.output_dir={tmp_path}",
+        "task=ppo",
+        "policy=tiny",
+        "data/prompts=reasoning_gym",
+        "reward=reasoning_gym",
+        "algorithm=grpo",
+        "budget=tiny",
+        "generation=single_line",
+        "generation.max_new_tokens=4",
+        "data.prompts.train_size=16",
+        "data.prompts.eval_size=6",
+        "data.prompts.eval_batch_size=4",
+        "data.prompts.max_prompt_length=400",
+        "task.eval_every=1",
+        "task.eval_batches=null",
+        "trainer.enable_progress_bar=false",
+        "~logger",
+    ]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides)
+    metric = run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    module = instantiate(cfg.data.prompts, tokenizer=build_char_tokenizer(), batch_size=2)
+    module.setup()
+    assert [row["prompt"] for row in rows] == [item["prompt"] for item in module.eval_items]
+    assert all(row["reward"] in (0.0, 1.0) for row in rows)
+    assert metric == pytest.approx(sum(row["reward"] for row in rows) / 6)  # val/reward
