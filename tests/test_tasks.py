@@ -122,6 +122,10 @@ def test_bad_config_fails_before_any_model_loads(tmp_path):
     cfg = _cfg(tmp_path, "task=ppo", "reward=learned")
     with pytest.raises(ConfigError, match="reward.path"):
         run(cfg)
+    # The pipeline trains its own reward model: a verifier or a rule needs task=ppo.
+    cfg = _cfg(tmp_path, "data/prompts=reasoning_gym", "reward=reasoning_gym")
+    with pytest.raises(ConfigError, match=r"reward\._target_ is .*ReasoningGymReward.*task=ppo"):
+        run(cfg)
     assert not (tmp_path / "checkpoints").exists()
 
 
