@@ -488,14 +488,15 @@ def test_rlhf_eval_scores_the_held_out_problems_of_a_prompt_config(tiny_model_di
 
     out, samples_file = tmp_path / "eval.json", tmp_path / "samples.jsonl"
     argv = [str(tiny_model_dir), "--reference", "none", "--reward", "reasoning_gym"]
-    argv += ["--data", "reasoning_gym", "eval_size=12", "train_size=4", "max_prompt_length=400"]
+    argv += ["--data", "reasoning_gym_chain_sum", "eval_size=12", "train_size=4"]
+    argv += ["max_prompt_length=400"]
     argv += ["--max-new-tokens", "3", "--output", str(out), "--samples", str(samples_file)]
     eval_cli.main(argv)
     metrics = json.loads(out.read_text())["metrics"]
     rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
     tok = load_tokenizer(tiny_model_dir)
     module = ReasoningGymPrompts(
-        "basic_arithmetic",
+        "chain_sum",
         tok,
         max_prompt_length=400,
         batch_size=1,
@@ -505,7 +506,7 @@ def test_rlhf_eval_scores_the_held_out_problems_of_a_prompt_config(tiny_model_di
         eval_size=12,
         train_seed=1,
         eval_seed=1000000,
-        difficulty={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+        difficulty={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1},
     )
     module.setup()
     assert [row["prompt"] for row in rows] == [item["prompt"] for item in module.eval_items]

@@ -131,7 +131,7 @@ def test_chat_template_turns_the_examples_into_turns(tokenizer):
 
 def test_shipped_configs_compose_and_build(tokenizer):
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        for name in ("reasoning_gym", "reasoning_gym_products"):
+        for name in ("reasoning_gym_chain_sum", "reasoning_gym_basic_arithmetic"):
             cfg = compose(
                 "config",
                 [
@@ -253,6 +253,17 @@ def test_verifier_is_the_generators_own(tokenizer):
     assert ReasoningGymReward()(["q"] * 3, responses, **columns).tolist() == [1.0, 0.0, 0.0]
 
 
+def test_a_verifier_that_raises_on_a_malformed_answer_scores_it_0():
+    dataset = reasoning_gym.create_dataset("coin_flip", seed=1, size=1)
+    entry = dataset[0]
+    with pytest.raises(OverflowError):  # coin_flip's own verifier, on a number too large
+        dataset.score_answer("1e999999", entry)
+    item = json.dumps({"generator": "coin_flip", "difficulty": {}, "seed": 1, "index": 0})
+    responses = ["1e999999", entry["answer"]]
+    scores = ReasoningGymReward()(["q"] * 2, responses, reasoning_gym=[item] * 2)
+    assert scores.tolist() == [0.0, 1.0]
+
+
 def test_missing_or_bad_problem_column_is_a_reward_error():
     reward = ReasoningGymReward()
     with pytest.raises(RewardError, match=r"takes 'reasoning_gym', which no column"):
@@ -276,7 +287,7 @@ def test_grpo_on_a_reasoning_gym_task_writes_each_held_out_score(tmp_path):
         f"paths.output_dir={tmp_path}",
         "task=ppo",
         "policy=tiny",
-        "data/prompts=reasoning_gym",
+        "data/prompts=reasoning_gym_chain_sum",
         "reward=reasoning_gym",
         "algorithm=grpo",
         "budget=tiny",
