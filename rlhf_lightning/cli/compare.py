@@ -199,10 +199,10 @@ class Group:
 
 def group_runs(runs: list[Run]) -> list[Group]:
     """Runs that differ only by ``seed``, in order of their first run."""
-    keys = [key for key in differing_keys(runs) if key != SEED_KEY]
+    keys = differing_keys(runs)
     groups: dict[str, Group] = {}
     for run in runs:
-        name = group_name({key: run.overrides.get(key) for key in keys}) or "all runs"
+        name = group_name({key: run.overrides.get(key) for key in keys})  # the seed left out
         groups.setdefault(name, Group(name, [])).runs.append(run)
     return list(groups.values())
 
