@@ -255,7 +255,7 @@ def test_a_ppo_run_with_the_csv_logger_writes_its_metrics_and_hparams(tmp_path):
     assert [r["val/reward"] for r in rows if r["val/reward"]] and rows[-1]["hparams/val/reward"]
     hparams = yaml.safe_load((tmp_path / "csv" / "ppo" / "hparams.yaml").read_text())
     assert hparams["algorithm.kl.coef"] == 0.1 and hparams["reward"] == "token_fraction"
-    assert hparams["trainer.precision"] == "32-true" and len(hparams) < 30
+    assert hparams["trainer.precision"] == "32-true" and len(hparams) < 31
 
 
 def _wandb_records(run_file: Path) -> list:
