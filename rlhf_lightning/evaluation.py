@@ -14,13 +14,15 @@
 - ``response_length`` (tokens, the stop token included), ``ended_frac`` (share of responses that
   emitted the stop token), ``distinct_1`` / ``distinct_2`` (diversity);
 - ``win_rate``: how often the judge (default: the reward) scores the policy's response above the
-  reference's response to the same prompt, ties counting 0.5, with a percentile bootstrap
-  interval over prompts (``win_rate_ci_low``, ``win_rate_ci_high``; 95% and 1000 seeded
-  resamples unless told otherwise).
+  reference's response to the same prompt, ties counting 0.5.
 
 Every metric that is a mean over prompts (all but ``distinct_*`` and ``num_prompts``) comes with
 its standard error over prompts, ``<metric>_std_error`` (sample std / sqrt(n), 0 for a single
-prompt): the noise to beat when two policies are compared on the same prompts.
+prompt): the noise to beat when two policies are compared on the same prompts. The rewards, the
+gold scores and the win rate also get a percentile bootstrap interval over prompts
+(``<metric>_ci_low``, ``<metric>_ci_high``; 95% and 1000 seeded resamples unless told
+otherwise). With a verifier as the reward (``reasoning_gym``), ``reward`` is the held-out
+accuracy and its interval the accuracy's.
 
 Sampling is seeded with `torch.random.fork_rng`, so it is deterministic for a seed and leaves the
 global RNG untouched.
@@ -45,14 +47,18 @@ from rlhf_lightning.rewards import (
     CallableReward,
     ClassifierReward,
     LearnedReward,
+    ReasoningGymReward,
     RewardSource,
     TokenFractionReward,
     VaderReward,
 )
+from rlhf_lightning.rewards.verifiers import EXTRACTORS
 from rlhf_lightning.rollout.experience import reference_logprobs
 from rlhf_lightning.rollout.generation import Rollout, resolve_stop_token_ids, sample_responses
 
 CHECKPOINT_SUFFIX = ".ckpt"
+# Metrics that get a bootstrap interval over prompts besides their standard error.
+INTERVAL_METRICS = ("reward", "reference_reward", "gold_score", "reference_gold_score", "win_rate")
 POLICY_LM_PREFIX = "policy.lm."
 REWARD_SPEC_FORMS = (
     "vader",
@@ -60,6 +66,7 @@ REWARD_SPEC_FORMS = (
     "classifier:NAME_OR_DIR[:LABEL]",
     "token_fraction:C",
     "python:pkg.mod:fn",
+    "reasoning_gym[:first_line|last_number|answer_tag]",
 )
 
 
@@ -198,7 +205,9 @@ def reward_from_spec(spec: str) -> RewardSource:
     """A reward source from a short spec; the forms are listed in ``REWARD_SPEC_FORMS``.
 
     ``vader``; ``learned:DIR`` (a saved reward model); ``classifier:NAME_OR_DIR[:LABEL]`` (the
-    logit of LABEL, default POSITIVE); ``token_fraction:C``; ``python:pkg.mod:fn``.
+    logit of LABEL, default POSITIVE); ``token_fraction:C``; ``python:pkg.mod:fn``;
+    ``reasoning_gym[:EXTRACT]`` (the verifier of a reasoning-gym prompt's problem, the answer
+    read by ``EXTRACT``, default ``first_line``).
     """
     kind, _, arg = spec.partition(":")
     if kind == "vader" and not arg:
@@ -214,6 +223,8 @@ def reward_from_spec(spec: str) -> RewardSource:
         return TokenFractionReward(arg)
     if kind == "python" and arg:
         return CallableReward(arg)
+    if kind == "reasoning_gym" and arg in ("", *EXTRACTORS):
+        return ReasoningGymReward(EXTRACTORS[arg or "first_line"])
     raise ValueError(f"bad reward spec {spec!r}; use one of: {', '.join(REWARD_SPEC_FORMS)}")
 
 
@@ -384,73 +395,70 @@ def evaluate_policy(
     """Metrics of ``policy_lm`` on ``prompts`` against the reference ``ref_lm`` (same tokenizer).
 
     Keys: ``reward``, ``reference_reward``, ``gold_score`` and ``reference_gold_score`` (with
-    ``gold``), ``kl``,
-    ``response_length``, ``ended_frac`` and ``win_rate`` (policy vs reference samples under
-    ``judge``, default ``reward``), each with ``<key>_std_error``; ``win_rate_ci_low`` and
-    ``win_rate_ci_high`` (`bootstrap_ci` with ``confidence``, ``num_resamples``,
-    ``bootstrap_seed``); ``distinct_1``, ``distinct_2``, ``num_prompts``. See the module
-    docstring for their definitions. ``seed`` seeds the sampling. ``columns``: the prompts' other
-    columns (one value a prompt), given to ``reward``, ``gold`` and ``judge`` as keyword
-    arguments as far as each accepts them. With a ``samples`` list, one
+    ``gold``), ``kl``, ``response_length``, ``ended_frac`` and ``win_rate`` (policy vs reference
+    samples under ``judge``, default ``reward``), each with ``<key>_std_error``; an interval
+    ``<key>_ci_low``, ``<key>_ci_high`` for each of ``INTERVAL_METRICS`` (`bootstrap_ci` with
+    ``confidence``, ``num_resamples``, ``bootstrap_seed``); ``distinct_1``, ``distinct_2``,
+    ``num_prompts``. ``ref_lm=None`` evaluates the policy alone: no ``reference_*``, ``kl`` or
+    ``win_rate``. See the module docstring for their definitions. ``seed`` seeds the sampling.
+    ``columns``: the prompts' other columns (one value a prompt), given to ``reward``, ``gold``
+    and ``judge`` as keyword arguments as far as each accepts them. With a ``samples`` list, one
     row per prompt is appended to it: ``prompt``, ``response``, ``reference_response``,
     ``reward``, ``reference_reward``, ``kl``, ``response_length``, ``win`` (1, 0.5 or 0) (and
-    ``gold_score`` and ``reference_gold_score`` with ``gold``).
+    ``gold_score`` and ``reference_gold_score`` with ``gold``; without a reference, none of
+    its columns).
     """
     gen = gen or GenerationConfig()
     prompts = list(prompts)
-    rollouts = sample_rollouts(policy_lm, tokenizer, prompts, gen, batch_size, seed)
-    ref_rollouts = sample_rollouts(ref_lm, tokenizer, prompts, gen, batch_size, seed)
-    responses = [text for r in rollouts for text in r.responses]
-    ref_responses = [text for r in ref_rollouts for text in r.responses]
-
-    kl = torch.cat([sequence_kl(policy_lm, ref_lm, r, gen.temperature) for r in rollouts])
-    lengths = torch.cat([r.response_mask.sum(dim=1).cpu().float() for r in rollouts])
-    ended = torch.cat([r.ended.cpu().float() for r in rollouts])
     columns = dict(columns or {})
+    rollouts = sample_rollouts(policy_lm, tokenizer, prompts, gen, batch_size, seed)
+    responses = [text for r in rollouts for text in r.responses]
     scores = reward(prompts, responses, **columns)
-    ref_scores = reward(prompts, ref_responses, **columns)
-    if judge is None:
-        judged, ref_judged = scores, ref_scores
-    else:
-        judged = judge(prompts, responses, **columns)
-        ref_judged = judge(prompts, ref_responses, **columns)
-
-    outcomes = wins(judged, ref_judged)
-    per_prompt = {
-        "reward": scores,
-        "reference_reward": ref_scores,
-        "kl": kl,
-        "response_length": lengths,
-        "ended_frac": ended,
-        "win_rate": outcomes,
-    }
+    per_prompt = {"reward": scores}  # (N,) each, in the order of the metrics
+    if ref_lm is not None:
+        ref_rollouts = sample_rollouts(ref_lm, tokenizer, prompts, gen, batch_size, seed)
+        ref_responses = [text for r in ref_rollouts for text in r.responses]
+        ref_scores = reward(prompts, ref_responses, **columns)
+        if judge is None:
+            judged, ref_judged = scores, ref_scores
+        else:
+            judged = judge(prompts, responses, **columns)
+            ref_judged = judge(prompts, ref_responses, **columns)
+        per_prompt["reference_reward"] = ref_scores
+        per_prompt["kl"] = torch.cat(
+            [sequence_kl(policy_lm, ref_lm, r, gen.temperature) for r in rollouts]
+        )
+    per_prompt["response_length"] = torch.cat(
+        [r.response_mask.sum(dim=1).cpu().float() for r in rollouts]
+    )
+    per_prompt["ended_frac"] = torch.cat([r.ended.cpu().float() for r in rollouts])
+    if ref_lm is not None:
+        per_prompt["win_rate"] = wins(judged, ref_judged)
     if gold is not None:
         per_prompt["gold_score"] = gold(prompts, responses, **columns)
-        per_prompt["reference_gold_score"] = gold(prompts, ref_responses, **columns)
+        if ref_lm is not None:
+            per_prompt["reference_gold_score"] = gold(prompts, ref_responses, **columns)
     metrics = {}
     for key, values in per_prompt.items():
         metrics[key] = values.double().mean().item()
         metrics[f"{key}_std_error"] = std_error(values)
-    low, high = bootstrap_ci(outcomes, confidence, num_resamples, bootstrap_seed)
-    metrics.update(win_rate_ci_low=low, win_rate_ci_high=high)
+    for key in INTERVAL_METRICS:
+        if key in per_prompt:
+            low, high = bootstrap_ci(per_prompt[key], confidence, num_resamples, bootstrap_seed)
+            metrics.update({f"{key}_ci_low": low, f"{key}_ci_high": high})
     metrics.update(
         distinct_1=distinct_n(responses, 1),
         distinct_2=distinct_n(responses, 2),
         num_prompts=len(prompts),
     )
-    columns = {
-        "prompt": prompts,
-        "response": responses,
-        "reference_response": ref_responses,
-        "reward": scores.tolist(),
-        "reference_reward": ref_scores.tolist(),
-        "kl": kl.tolist(),
-        "response_length": lengths.int().tolist(),
-        "win": outcomes.tolist(),
-    }
-    if gold is not None:
-        columns["gold_score"] = per_prompt["gold_score"].tolist()
-        columns["reference_gold_score"] = per_prompt["reference_gold_score"].tolist()
     if samples is not None:
-        samples.extend(dict(zip(columns, row)) for row in zip(*columns.values()))
+        rows = {"prompt": prompts, "response": responses}
+        if ref_lm is not None:
+            rows["reference_response"] = ref_responses
+        names = {"win_rate": "win"}
+        for key, values in per_prompt.items():
+            values = values.int() if key == "response_length" else values
+            if key != "ended_frac":
+                rows[names.get(key, key)] = values.tolist()
+        samples.extend(dict(zip(rows, row)) for row in zip(*rows.values()))
     return metrics

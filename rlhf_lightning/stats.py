@@ -41,6 +41,20 @@ def all_ranks_sum(value: torch.Tensor | float) -> torch.Tensor:
     return total.cpu()
 
 
+def gather_shards(items: list) -> list:
+    """The items of every rank in their global order, on every rank, where rank ``r`` holds
+    ``global[r::world_size]`` (as the eval prompts are sharded). A collective; with one process
+    the items themselves."""
+    if world_size() == 1:
+        return list(items)
+    shards: list = [None] * world_size()
+    dist.all_gather_object(shards, items)
+    ordered = []
+    for j in range(max(len(shard) for shard in shards)):
+        ordered += [shard[j] for shard in shards if j < len(shard)]
+    return ordered
+
+
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on at least one rank (every rank gets the same answer)."""
     return bool(all_ranks_sum(float(flag)) > 0)

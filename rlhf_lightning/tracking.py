@@ -12,9 +12,11 @@ the CSV logger). A sweep job records the directories it logs to outside its run 
 ``<run dir>/log_dirs.txt``; :func:`scalar_events` reads them with the run's own.
 
 HParams (:func:`log_final_hparams`). Each task ends by logging the hyper-parameters that matter
-(:func:`run_hparams`: the keys the sweep varies, the command line's overrides, then the task's
-curated keys in ``TASK_HPARAMS``) with the run's final metrics, declared as the columns of
-TensorBoard's HParams tab (swept keys marked as differing, so that they are shown first).
+(:func:`run_hparams`: the run's ``group``, which names its setting without the seed as
+``rlhf-compare`` groups runs, the keys the sweep varies, the command line's overrides, then the
+task's curated keys in ``TASK_HPARAMS``) with the run's final metrics, declared as the columns
+of TensorBoard's HParams tab (``group`` and the swept keys marked as differing, so that they are
+shown first).
 
 Samples (:func:`log_samples`): a Markdown table in TensorBoard, a table in W&B, JSON lines in the
 run's log dir for the other loggers.
@@ -118,6 +120,17 @@ _SKIP = object()
 
 
 # ----------------------------------------------------------------------------- sweeps and names
+
+SEED_KEY = "seed"  # runs that differ only by this override are repeats of one setting
+ALL_RUNS = "all runs"  # the group of runs that differ in nothing but the seed
+
+
+def group_name(values: Mapping[str, Any]) -> str:
+    """The name of a group of runs: ``key=value`` of its settings but the seed, sorted and
+    comma-separated like a run name (absent keys left out); ``ALL_RUNS`` when none is left.
+    ``rlhf-compare`` groups runs by it, and TensorBoard's HParams tab shows it as ``group``."""
+    items = sorted(f"{k}={v}" for k, v in values.items() if k != SEED_KEY and v is not None)
+    return ",".join(items) or ALL_RUNS
 
 
 def current_hydra_cfg() -> DictConfig | None:
@@ -304,6 +317,8 @@ def _hparam_value(cfg: DictConfig, key: str, choices: Mapping, raw: Mapping[str,
 
 def run_hparams(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> dict[str, Any]:
     """The hyper-parameters of a run, as one flat ``{dotted.key: scalar}`` dict, in this order:
+    ``group`` (with ``hydra_cfg``: :func:`group_name` of the keys its sweep varies, or outside a
+    sweep of its command-line overrides, the seed left out: the runs of a seed sweep share it),
     the keys its sweep varies, its command-line overrides (but the keys Hydra's
     ``override_dirname`` excludes), then ``TASK_HPARAMS[task]``. ``hydra_cfg`` (the job's Hydra
     config) gives the swept keys, the overrides and the chosen config of each group."""
@@ -311,6 +326,7 @@ def run_hparams(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> dict[st
     keys: list[str] = []
     choices: Mapping = {}
     raw: dict[str, str] = {}
+    group = {}
     if hydra_cfg is not None:
         choices = hydra_cfg.runtime.get("choices") or {}
         excluded = set(hydra_cfg.job.config.override_dirname.get("exclude_keys") or [])
@@ -319,9 +335,11 @@ def run_hparams(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> dict[st
         if _is_multirun(hydra_cfg):
             keys += sorted(swept_keys(hydra_cfg))
         keys += [key for key in raw if key not in excluded]
+        grouped = swept_keys(hydra_cfg) if _is_multirun(hydra_cfg) else keys
+        group = {"group": group_name({key: raw.get(key) for key in grouped})}
     keys += TASK_HPARAMS.get(task, TASK_HPARAMS["pipeline"])
     values = {key: _hparam_value(cfg, key, choices, raw) for key in dict.fromkeys(keys)}
-    return {key: _scalar(value) for key, value in values.items() if value is not _SKIP}
+    return group | {key: _scalar(v) for key, v in values.items() if v is not _SKIP}
 
 
 def final_metrics(trainer, cfg: DictConfig, extra: Mapping[str, float | None] = ()) -> dict:
@@ -375,7 +393,7 @@ def log_final_hparams(trainer, cfg: DictConfig, metrics: Mapping[str, float | No
     params = run_hparams(cfg, hydra_cfg)
     if "trainer.precision" in params:
         params["trainer.precision"] = str(trainer.precision)
-    differ = swept_keys(hydra_cfg) if _is_multirun(hydra_cfg) else set()
+    differ = swept_keys(hydra_cfg) | {"group"} if _is_multirun(hydra_cfg) else set()
     logged = {METRIC_PREFIX + k: v for k, v in final_metrics(trainer, cfg, metrics).items()}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):

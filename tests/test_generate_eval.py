@@ -417,8 +417,14 @@ def test_rlhf_eval_end_to_end(tiny_model_dir, other_dir, tmp_path, capsys):
     means = {"reward", "reference_reward", "gold_score", "reference_gold_score", "kl"}
     means |= {"response_length", "ended_frac"}
     expected_keys |= {f"{key}_std_error" for key in (*means, "win_rate")}
-    expected_keys |= {"win_rate_ci_low", "win_rate_ci_high"}
+    expected_keys |= {
+        f"{key}{end}"
+        for key in ("reward", "reference_reward", "gold_score", "reference_gold_score", "win_rate")
+        for end in ("_ci_low", "_ci_high")
+    }
     assert set(metrics) == expected_keys
+    rewards = [row["reward"] for row in rows]
+    assert (metrics["reward_ci_low"], metrics["reward_ci_high"]) == bootstrap_ci(rewards)
     assert metrics["win_rate_ci_low"] <= metrics["win_rate"] <= metrics["win_rate_ci_high"]
     assert result["settings"]["confidence"] == 0.95
     assert result["settings"]["bootstrap_resamples"] == 1000
@@ -447,6 +453,71 @@ def test_rlhf_eval_gives_the_prompt_columns_to_the_rewards(tiny_model_dir, tmp_p
     assert "takes 'answer', which no column of the prompt data fills" in capsys.readouterr().err
 
 
+def test_rlhf_eval_without_a_reference(tiny_model_dir, tmp_path):
+    out, samples_file = tmp_path / "eval.json", tmp_path / "samples.jsonl"
+    argv = [str(tiny_model_dir), "--prompts", "shipped:sentiment/data/tiny_prompts.jsonl"]
+    argv += ["--reference", "none", "--reward", "token_fraction:e", "--num-prompts", "6"]
+    argv += ["--max-new-tokens", "4", "--output", str(out), "--samples", str(samples_file)]
+    eval_cli.main(argv)
+    metrics = json.loads(out.read_text())["metrics"]
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert set(rows[0]) == {"prompt", "response", "reward", "response_length"}
+    means = ("reward", "response_length", "ended_frac")
+    assert set(metrics) == {
+        *means,
+        *(f"{key}_std_error" for key in means),
+        "reward_ci_low",
+        "reward_ci_high",
+        "distinct_1",
+        "distinct_2",
+        "num_prompts",
+    }
+    lm, tok = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    prompts = read_prompts("shipped:sentiment/data/tiny_prompts.jsonl")[:6]
+    gen = GenerationConfig(max_new_tokens=4)
+    responses = generate_texts(lm, tok, prompts, gen, seed=0)
+    assert [row["response"] for row in rows] == responses  # what a reference run samples too
+    scores = TokenFractionReward("e")(prompts, responses)
+    assert metrics["reward"] == pytest.approx(scores.mean().item())
+    assert metrics["reward_std_error"] == pytest.approx(std_error(scores))
+
+
+def test_rlhf_eval_scores_the_held_out_problems_of_a_prompt_config(tiny_model_dir, tmp_path):
+    """--data: the data module's held-out prompts and columns; the verifier's accuracy."""
+    from rlhf_lightning.data import ReasoningGymPrompts
+
+    out, samples_file = tmp_path / "eval.json", tmp_path / "samples.jsonl"
+    argv = [str(tiny_model_dir), "--reference", "none", "--reward", "reasoning_gym"]
+    argv += ["--data", "reasoning_gym_chain_sum", "eval_size=12", "train_size=4"]
+    argv += ["max_prompt_length=400"]
+    argv += ["--max-new-tokens", "3", "--output", str(out), "--samples", str(samples_file)]
+    eval_cli.main(argv)
+    metrics = json.loads(out.read_text())["metrics"]
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    tok = load_tokenizer(tiny_model_dir)
+    module = ReasoningGymPrompts(
+        "chain_sum",
+        tok,
+        max_prompt_length=400,
+        batch_size=1,
+        eval_batch_size=1,
+        seed=0,
+        train_size=4,
+        eval_size=12,
+        train_seed=1,
+        eval_seed=1000000,
+        difficulty={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1},
+    )
+    module.setup()
+    assert [row["prompt"] for row in rows] == [item["prompt"] for item in module.eval_items]
+    right = [
+        float(row["response"].strip().split("\n")[0].strip() == item["columns"]["answer"])
+        for row, item in zip(rows, module.eval_items)
+    ]
+    assert [row["reward"] for row in rows] == right
+    assert metrics["num_prompts"] == 12 and metrics["reward"] == sum(right) / 12
+
+
 def test_rlhf_eval_errors(tiny_model_dir, tmp_path, capsys):
     base = [str(tiny_model_dir), "--prompts", "shipped:sentiment/data/tiny_prompts.jsonl"]
     with pytest.raises(SystemExit) as exit_info:
@@ -462,3 +533,9 @@ def test_rlhf_eval_errors(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_cli.main([*base, "--reference", str(tiny_model_dir), "--bootstrap-resamples", "0"])
     assert "--bootstrap-resamples must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main([str(tiny_model_dir), "--reference", "none", "--data", "no_such_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--data no_such_config: In 'config': Could not find 'data/prompts/no_such_config'" in err
+    assert "Loading weights" not in err  # before any model loads

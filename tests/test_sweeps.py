@@ -62,13 +62,18 @@ def test_run_hparams_are_the_overrides_then_the_task_table():
     )
     hparams = run_hparams(cfg, cfg.hydra)
     assert all(isinstance(v, (bool, int, float, str)) for v in hparams.values())
-    # The command line first, in its order (every override is a column), then the table.
-    assert list(hparams)[:4] == [
+    # The group, the command line in its order (every override is a column), then the table.
+    assert list(hparams)[:5] == [
+        "group",
         "task",
         "policy",
         "algorithm.kl.reward.coef",
         "data.prompts.batch_size",
     ]
+    assert (
+        hparams["group"]
+        == "algorithm.kl.reward.coef=0.1,data.prompts.batch_size=4,policy=tiny,task=ppo"
+    )
     assert hparams["task"] == "ppo" and hparams["policy"] == "tiny"  # a group: its choice
     assert hparams["algorithm.kl.reward.coef"] == 0.1 and hparams["data.prompts.batch_size"] == 4
     assert hparams["algorithm"] == "ppo" and hparams["reward"] == "vader"
@@ -87,7 +92,14 @@ def test_run_hparams_put_the_swept_keys_first():
     with open_dict(cfg.hydra):
         cfg.hydra.mode = "MULTIRUN"
         cfg.hydra.sweeper.params = {"seed": "1,2"}
-    assert list(run_hparams(cfg, cfg.hydra))[:3] == ["seed", "task", "algorithm.kl.reward.coef"]
+    hparams = run_hparams(cfg, cfg.hydra)
+    assert list(hparams)[:4] == ["group", "seed", "task", "algorithm.kl.reward.coef"]
+    assert hparams["group"] == "all runs"  # a seed sweep: one group
+    with open_dict(cfg.hydra):
+        cfg.hydra.sweeper.params = {"seed": "1,2", "algorithm.kl.reward.coef": "0.1,0.2"}
+    assert (
+        run_hparams(cfg, cfg.hydra)["group"] == "algorithm.kl.reward.coef=0.1"
+    )  # the seed left out
 
 
 def test_run_hparams_follow_the_task():
@@ -190,8 +202,9 @@ def test_final_hparams_reach_tensorboard_and_rlhf_compare(tmp_path, capsys, monk
     assert hparams["algorithm.kl.reward.coef"] == 0.0 and hparams["task"] == "ppo"
     assert hparams["trainer.precision"] == "32-true"  # what the trainer ran in, not "auto"
     # The HParams tab shows the swept key and the metrics first, without ticking boxes.
+    assert hparams["group"] == "algorithm.kl.reward.coef=0.0"
     differing, metrics = _columns_of(event_dir)
-    assert differing == {"algorithm.kl.reward.coef"}
+    assert differing == {"group", "algorithm.kl.reward.coef"}
     assert metrics == ["hparams/val/reward", "hparams/val/kl"]  # task.metric first
 
     rows = _csv_rows(capsys, str(tmp_path))
@@ -315,7 +328,7 @@ def test_ppo_kl_sweep_runs_are_compared_side_by_side(tmp_path, capsys):
         event_dir = tmp_path / "tb" / f"algorithm.kl.reward.coef={coef}" / "ppo"
         assert _hparams_of(event_dir)["algorithm.kl.reward.coef"] == coef
         differing, metrics = _columns_of(event_dir)
-        assert differing == {"algorithm.kl.reward.coef"}
+        assert differing == {"group", "algorithm.kl.reward.coef"}
         assert metrics[:3] == [f"hparams/val/{m}" for m in ("reward", "kl", "response_length")]
         assert (run / "policy" / "model.safetensors").is_file()
     rows = _csv_rows(capsys, str(tmp_path), "--metrics", "val/reward,hparams/val/kl")
@@ -334,6 +347,25 @@ def test_ppo_kl_sweep_runs_are_compared_side_by_side(tmp_path, capsys):
     assert len(lines) == 2 * 3  # 2 runs x (baseline + 2 evals)
     assert {ln.split(" | ")[0] for ln in lines} == {"| fixed β=0", "| fixed β=0.2"}
     assert (tmp_path / "plots" / "reward_vs_kl.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_seed_sweep_is_one_override_and_its_groups_show_in_compare_and_tensorboard(
+    tmp_path, capsys
+):
+    _multirun(tmp_path, *TINY_PPO, "algorithm.kl.reward.coef=0.0,0.2", "seed=0,1")
+    groups = _csv_rows(capsys, str(tmp_path), "--table", "groups", "--metrics", "val/reward")
+    assert [(g["group"], g["seeds"]) for g in groups] == [
+        ("algorithm.kl.reward.coef=0.0", "0 1"),
+        ("algorithm.kl.reward.coef=0.2", "0 1"),
+    ]
+    assert all(" [" in g["val/reward"] for g in groups)  # a mean and its interval
+    (pair,) = _csv_rows(capsys, str(tmp_path), "--table", "pairs", "--metrics", "val/reward")
+    assert pair["differ"] in ("yes", "no") and 0 <= float(pair["p"]) <= 1
+    for coef in (0.0, 0.2):
+        for seed in (0, 1):
+            event_dir = tmp_path / "tb" / f"algorithm.kl.reward.coef={coef},seed={seed}" / "ppo"
+            assert _hparams_of(event_dir)["group"] == f"algorithm.kl.reward.coef={coef}"
 
 
 @pytest.mark.slow

@@ -122,6 +122,10 @@ def test_bad_config_fails_before_any_model_loads(tmp_path):
     cfg = _cfg(tmp_path, "task=ppo", "reward=learned")
     with pytest.raises(ConfigError, match="reward.path"):
         run(cfg)
+    # The pipeline trains its own reward model: a verifier or a rule needs task=ppo.
+    cfg = _cfg(tmp_path, "data/prompts=reasoning_gym_chain_sum", "reward=reasoning_gym")
+    with pytest.raises(ConfigError, match=r"reward\._target_ is .*ReasoningGymReward.*task=ppo"):
+        run(cfg)
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -198,6 +202,13 @@ def test_ppo_under_ddp_with_two_cpu_processes(tmp_path):
     assert [len(batch) for batch in responses[0]] == [len(b) for b in responses[1]] == [8, 8]
     for iteration in (0, 1):
         assert responses[0][iteration] != responses[1][iteration]
+    # The last evaluation's per-prompt scores, both ranks' shards, in the prompts' order.
+    from hydra.utils import instantiate
+
+    rows = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    data = instantiate(_cfg(tmp_path).data.prompts, tokenizer=tokenizer_of("builtin:tiny"))
+    data.setup()
+    assert [row["prompt"] for row in rows] == [item["prompt"] for item in data.eval_items]
     # The exported policy is rank 0's final weights.
     from safetensors.torch import load_file
 

@@ -449,15 +449,16 @@ def target_gradient(row: Row, problem: TabularProblem, logits: torch.Tensor) -> 
 _MOMENTS: dict[str, list] = {}  # rows that differ only in their target share one computation
 
 
-def audit(row: Row) -> dict:
-    """The row's comparisons: on-policy, then after each ascent step."""
+def audit(row: Row, cfg=None) -> dict:
+    """The row's comparisons: on-policy, then after each ascent step (``cfg``: the row's config,
+    composed beforehand; default now)."""
     problem = row.problem.build()
     thetas = ascent_steps(problem, row.steps, STEP)
     start = time.perf_counter()
     key = repr(replace(row, table="", name="", theory="", expect="", target="", scale=1.0))
     if key not in _MOMENTS:
         _MOMENTS[key] = expected_update(
-            problem, row.config(), thetas, values=values_for(row, problem)
+            problem, cfg or row.config(), thetas, values=values_for(row, problem)
         )
     moments = _MOMENTS[key]
     b = row.group or row.batch
@@ -570,9 +571,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation
     args.out.mkdir(parents=True, exist_ok=True)
+    rows = all_rows()
+    configs = [row.config() for row in rows]  # composed up front: conf/ as it is at the start
     results = []
-    for row in all_rows():
-        results.append(audit(row))
+    for row, cfg in zip(rows, configs):
+        results.append(audit(row, cfg))
         r = results[-1]
         print(
             f"{r['table']:>10} {r['name']:<45} bias {r['on_policy']['direction_bias']:.2e} "

@@ -7,9 +7,16 @@ Example::
         --reward learned:outputs/rm/run/reward_model --gold vader --output eval.json
 
 The reference defaults to the checkpoint's base policy (``policy_source``, or ``--base``); for any
-other POLICY it must be given with ``--reference``. Prints a table of the metrics of
-`rlhf_lightning.evaluation.evaluate_policy` (value, standard error over prompts, and the bootstrap
-interval of the win rate) and, with ``--output``, writes them as JSON together with the settings.
+other POLICY it must be given with ``--reference`` (``none``: the policy alone). Prints a table of
+the metrics of `rlhf_lightning.evaluation.evaluate_policy` (value, standard error over prompts,
+and the bootstrap interval of the rewards, gold scores and win rate) and, with ``--output``,
+writes them as JSON together with the settings.
+
+The held-out prompts of a generated task (a prompt config, e.g. reasoning-gym's) are made by its
+data module, exactly as in training; the verifier's score is the accuracy::
+
+    rlhf-eval outputs/ppo/run/policy --reference none --data reasoning_gym eval_size=400 \\
+        --reward reasoning_gym --stop-token $'\\n' --max-new-tokens 16
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from rlhf_lightning.cli.generate import (
     model_inputs,
     resolve_device,
 )
+from rlhf_lightning.data.tokenize import ChatPrompt
 from rlhf_lightning.evaluation import (
     CHECKPOINT_SUFFIX,
     REWARD_SPEC_FORMS,
@@ -44,14 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"reward SPEC forms: {', '.join(REWARD_SPEC_FORMS)}",
     )
     parser.add_argument("policy", metavar="POLICY", help="exported dir, .ckpt, builtin, hub id")
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--prompts",
-        required=True,
         help="jsonl with a 'prompt' field (other fields reach the rewards as columns) or txt; "
         "shipped:... allowed",
     )
+    source.add_argument(
+        "--data",
+        nargs="+",
+        metavar="ARG",
+        help="CONFIG [KEY=VALUE ...]: the held-out prompts of a prompt config of "
+        "conf/data/prompts/ (e.g. reasoning_gym eval_size=400), made as rlhf-train makes them",
+    )
     parser.add_argument(
-        "--reference", help="reference model (default: the base policy of a .ckpt POLICY)"
+        "--reference",
+        help="reference model (default: the base policy of a .ckpt POLICY); 'none': evaluate "
+        "the policy alone (no KL, win rate or reference scores)",
     )
     parser.add_argument("--reward", default="vader", help="reward SPEC (default: vader)")
     parser.add_argument("--gold", help="gold reward SPEC, reported as gold_score")
@@ -73,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NO_REFERENCE = "none"
+
+
 def default_reference(args: argparse.Namespace) -> str:
     """``--reference``, else the base policy of a checkpoint POLICY."""
     if args.reference:
@@ -90,14 +110,47 @@ def default_reference(args: argparse.Namespace) -> str:
     )
 
 
+def compose_prompt_config(spec: list[str]):
+    """The ``data.prompts`` config of ``spec = [CONFIG, KEY=VALUE, ...]`` (a config of
+    conf/data/prompts/ and overrides of its keys), composed as rlhf-train composes it. Raises
+    ValueError for a config or override that does not compose."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlhf_lightning.cli.train import CONF_DIR
+
+    name, *overrides = spec
+    # "key=v", "+key=v", "~key" of data.prompts (the prefix after Hydra's + or ~)
+    keyed = [f"{o[: len(o) - len(o.lstrip('+~'))]}data.prompts.{o.lstrip('+~')}" for o in overrides]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", [f"data/prompts={name}", *keyed])
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ValueError(f"--data {' '.join(spec)}: {str(error).splitlines()[0]}") from None
+    return cfg.data.prompts
+
+
+def held_out_prompts(prompt_cfg, tokenizer, chat_template: bool):
+    """The held-out prompts of a composed prompt config, tokenised by its data module as in
+    training: ``(prompts, columns)``, each prompt a `ChatPrompt` holding the module's ids."""
+    from hydra.utils import instantiate
+
+    module = instantiate(prompt_cfg, tokenizer=tokenizer, batch_size=1, chat_template=chat_template)
+    module.setup()
+    items = module.eval_items
+    prompts = [ChatPrompt(item["prompt"], item["input_ids"]) for item in items]
+    columns = {name: [item["columns"][name] for item in items] for name in module.column_names}
+    return prompts, columns
+
+
 def run(args: argparse.Namespace) -> dict:
     """Evaluate; returns ``{"metrics": {...}, "settings": {...}, "samples": [a row a prompt]}``."""
     gen = generation_config_from(args, args.policy)
-    prompts, columns = read_prompt_rows(args.prompts)
-    prompts = prompts[: args.num_prompts]
-    columns = {name: values[: args.num_prompts] for name, values in columns.items()}
-    if not prompts:
-        raise ValueError(f"{args.prompts}: no prompts")
+    if args.prompts is not None:
+        prompts, columns = read_prompt_rows(args.prompts)
+    else:
+        prompt_cfg = compose_prompt_config(args.data)
     reward = reward_from_spec(args.reward)
     gold = reward_from_spec(args.gold) if args.gold else None
     judge = reward_from_spec(args.judge) if args.judge else None
@@ -105,20 +158,30 @@ def run(args: argparse.Namespace) -> dict:
 
     device = resolve_device(args.device)
     policy_lm, tokenizer = load_policy_for_inference(args.policy, args.base, args.dtype)
-    ref_lm, ref_tokenizer = load_policy_for_inference(reference, dtype=args.dtype)
-    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
-            f"the reference {reference!r} uses a different tokenizer from the policy; the KL "
-            "needs a reference with the policy's tokenizer"
-        )
+    if args.prompts is None:
+        prompts, columns = held_out_prompts(prompt_cfg, tokenizer, args.chat_template)
+    else:
+        prompts = model_inputs(tokenizer, prompts, args.chat_template)
+    prompts = prompts[: args.num_prompts]
+    columns = {name: values[: args.num_prompts] for name, values in columns.items()}
+    if not prompts:
+        raise ValueError(f"{args.prompts or ' '.join(args.data)}: no prompts")
+    ref_lm = None
+    if reference != NO_REFERENCE:
+        ref_lm, ref_tokenizer = load_policy_for_inference(reference, dtype=args.dtype)
+        if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                f"the reference {reference!r} uses a different tokenizer from the policy; the "
+                "KL needs a reference with the policy's tokenizer"
+            )
+        ref_lm.to(device)
     policy_lm.to(device)
-    ref_lm.to(device)
     samples: list[dict] = []
     metrics = evaluate_policy(
         policy_lm,
         ref_lm,
         tokenizer,
-        model_inputs(tokenizer, prompts, args.chat_template),
+        prompts,
         reward,
         gold=gold,
         judge=judge,

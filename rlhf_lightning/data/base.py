@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 class SplitDataModule(LightningDataModule):
     """Loads a train source and an eval source (or a seeded split of the train source) in `setup`.
 
-    Subclasses turn validated rows into items with `_make_items`. After `setup`, `train_items`
+    Subclasses turn validated rows into items with `_make_items`; one that makes its rows
+    itself (generated problems) overrides `_read_splits`. After `setup`, `train_items`
     and `eval_items` hold the items and `skipped` the number of dropped rows per reason.
     `max_train_rows` keeps a seeded random subset of that many training rows (in data order),
     e.g. to train weaker reward models on fewer pairs.
@@ -80,13 +81,7 @@ class SplitDataModule(LightningDataModule):
         if self.train_items is not None:
             return
         bad_rows = BadRows(self.on_bad_row)
-        train = self._load_source(self.path, self.split, bad_rows)
-        if self.eval_path is None:
-            train, evaluation = split_train_eval(
-                train, self.eval_fraction, self.seed, resolve_data_path(self.path), bad_rows
-            )
-        else:
-            evaluation = self._load_source(self.eval_path, self.eval_split, bad_rows)
+        train, evaluation = self._read_splits(bad_rows)
         if self.max_train_rows is not None and len(train) > self.max_train_rows:
             keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
             train = [train[i] for i in sorted(keep[: self.max_train_rows].tolist())]
@@ -94,6 +89,15 @@ class SplitDataModule(LightningDataModule):
         self.skipped = dict(bad_rows.counts)
         self.train_items, self.eval_items = train, evaluation
         log.info("%s: %d train, %d eval", self.what, len(train), len(evaluation))
+
+    def _read_splits(self, bad_rows: BadRows) -> tuple[list[dict], list[dict]]:
+        """The (train, eval) items: `path`, and `eval_path` or a seeded split of `path`."""
+        train = self._load_source(self.path, self.split, bad_rows)
+        if self.eval_path is None:
+            return split_train_eval(
+                train, self.eval_fraction, self.seed, resolve_data_path(self.path), bad_rows
+            )
+        return train, self._load_source(self.eval_path, self.eval_split, bad_rows)
 
     def _load_source(self, path: str, split: str, bad_rows: BadRows) -> list[dict]:
         source = resolve_data_path(path)

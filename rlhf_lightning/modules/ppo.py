@@ -127,6 +127,8 @@ class PPOModule(L.LightningModule):
         self.phase_seconds: dict[str, float] = {}
         # (prompt, response, reward[, gold]) of the first eval batch of the latest eval.
         self.val_samples: list[tuple] = []
+        # {prompt, reward[, gold_score]} of each eval prompt of this rank in the latest eval.
+        self.val_scores: list[dict] = []
 
     @property
     def ref_lm(self):
@@ -486,6 +488,7 @@ class PPOModule(L.LightningModule):
         self.phase = "eval"
         self._val_stats = Stats()
         self._val_error: str | None = None  # a reward's error on this rank, raised at the end
+        self.val_scores = []
 
     def validation_step(self, batch, batch_idx):
         """Sample on held-out prompts (fixed seed, training RNG untouched) and score them.
@@ -513,6 +516,11 @@ class PPOModule(L.LightningModule):
         stats.add_mean("val/ended_frac", rollout.ended.float())
         if gold is not None:
             stats.add_mean("val/gold_score", gold)
+        for i, prompt in enumerate(rollout.prompts):
+            row = {"prompt": prompt, "reward": scores[i].item()}
+            if gold is not None:
+                row["gold_score"] = gold[i].item()
+            self.val_scores.append(row)
         if batch_idx == 0:
             self.log_samples(
                 "val/samples",

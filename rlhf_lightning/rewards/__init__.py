@@ -10,11 +10,13 @@ from rlhf_lightning.rewards.base import (
 )
 from rlhf_lightning.rewards.model_rewards import ClassifierReward, LearnedReward
 from rlhf_lightning.rewards.rules import TokenFractionReward, VaderReward
+from rlhf_lightning.rewards.verifiers import ReasoningGymReward
 
 __all__ = [
     "CallableReward",
     "ClassifierReward",
     "LearnedReward",
+    "ReasoningGymReward",
     "RewardError",
     "RewardSource",
     "TokenFractionReward",

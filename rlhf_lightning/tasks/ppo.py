@@ -3,12 +3,14 @@
 Reads top to bottom: validate config -> tokenizer + prompts (validated, with the settings that
 need the tokenizer, before any model loads) -> callbacks -> trainer (the eval prompts checked
 against its ranks) -> reward sources -> policy, value head / critic, frozen reference -> module
--> (baseline eval) -> fit -> export with ``save_pretrained``.
+-> (baseline eval) -> fit -> the last evaluation's per-prompt scores (``heldout.jsonl``) ->
+export with ``save_pretrained``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -40,7 +42,7 @@ from rlhf_lightning.models.adapters import (
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import build_reward
 from rlhf_lightning.rollout.generation import resolve_stop_token_ids, save_sampling_settings
-from rlhf_lightning.stats import stop_together
+from rlhf_lightning.stats import gather_shards, stop_together
 from rlhf_lightning.strategies import gather_full_state_dict, is_sharded
 from rlhf_lightning.tasks.checkpoints import (
     ResumeCheckpoint,
@@ -219,6 +221,17 @@ def unsharded_lm(lm, full_state: dict, lora: dict | None):
     return merged_copy(plain) if lora is not None else plain.eval()
 
 
+HELDOUT_FILE = "heldout.jsonl"  # the last evaluation's score of each held-out prompt
+
+
+def write_heldout_scores(rows: list[dict], path: Path) -> None:
+    """One JSON line per held-out prompt of the last evaluation: ``prompt``, ``reward`` (and
+    ``gold_score``), in the prompts' order; what ``rlhf-compare --per-prompt
+    heldout.jsonl:reward`` reads for its seeds x prompts unit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
 def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
     """Run PPO; returns the final metrics, the baseline eval metrics and the export path."""
     ppo_cfg = validate_ppo_setup(cfg)
@@ -289,6 +302,9 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         "path": None,
     }
     log_final_hparams(trainer, cfg, {cfg.task.metric: result["metric"]})
+    heldout = gather_shards(module.val_scores)  # every rank: a collective
+    if trainer.is_global_zero and heldout:
+        write_heldout_scores(heldout, run_dir(cfg) / HELDOUT_FILE)
     full_state = gather_full_state_dict(module.policy) if is_sharded(module.policy) else None
     if trainer.is_global_zero:
         path = export_policy(module, tokenizer, run_dir(cfg) / "policy", full_state)
