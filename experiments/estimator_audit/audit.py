@@ -281,7 +281,9 @@ def preset_rows(problem: Problem = SEQUENCES, group: int = 3, steps: int = 2) ->
 
 def batch_size_rows(sizes: tuple[int, ...] = (2, 4, 6)) -> list[Row]:
     """The biases that come from the batch, on the bandit (every response one token, so no
-    length effect): whitening over the batch, and the group std of GRPO, by batch size."""
+    length effect): whitening over a batch of b, and GRPO's normalisation of a group of k. With
+    one group per batch the two are the same computation; they part with more prompts per
+    batch: whitening's statistics are the whole batch's, GRPO's stay each group's."""
     rows = []
     for b in sizes:
         rows.append(
@@ -289,7 +291,7 @@ def batch_size_rows(sizes: tuple[int, ...] = (2, 4, 6)) -> list[Row]:
                 "batch",
                 f"whitened over a batch of {b}",
                 "reinforce_pp",
-                "biased, shrinking with b",
+                "biased; vanishes as the batch grows",
                 "biased",
                 {**ALONE, "algorithm.whiten_advantages": True},
                 BANDIT,
@@ -301,7 +303,7 @@ def batch_size_rows(sizes: tuple[int, ...] = (2, 4, 6)) -> list[Row]:
                 "batch",
                 f"group mean and std, k={b}",
                 "grpo",
-                "biased at every k",
+                "biased; set by k, not the batch",
                 "biased",
                 {**ALONE, **K1_IN_REWARD},
                 BANDIT,
