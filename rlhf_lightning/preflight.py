@@ -80,10 +80,32 @@ def preflight(cfg: DictConfig) -> None:
     """Every check below, in the order a user would fix them."""
     check_interpolations(cfg)
     check_run_keys(cfg)
+    if OmegaConf.select(cfg, "task.name") == "pipeline":
+        check_learned_reward(cfg)
     check_trainer(cfg.trainer)
     check_targets(cfg)
     check_settings(cfg)
     check_rm_monitor(cfg)
+
+
+def check_learned_reward(cfg: DictConfig) -> None:
+    """The pipeline's PPO stage runs against the reward model it trains (``reward=learned``);
+    any other reward source (a rule, a verifier) needs no reward model: ``task=ppo``."""
+    from hydra.utils import get_class
+
+    from rlhf_lightning.rewards import LearnedReward
+
+    target = OmegaConf.select(cfg, "reward._target_")
+    try:
+        learned = issubclass(get_class(target), LearnedReward)
+    except Exception:  # not a class that imports: check_targets names reward._target_
+        return
+    if not learned:
+        raise invalid(
+            "reward",
+            f"task=pipeline trains a reward model and runs PPO against it (reward=learned), "
+            f"but reward._target_ is {target}; for PPO against this reward add task=ppo",
+        )
 
 
 def invalid(key: str, reason: str) -> ConfigError:

@@ -135,6 +135,11 @@ def check_arguments(
             f"{key}.{name}",
             f"unknown key: {_qualified_name(target)} takes {', '.join(parameters) or 'nothing'}",
         )
+        if isinstance(value, Mapping) and "_target_" in value:
+            # A nested node Hydra builds first (e.g. a reward's answer extractor): its own
+            # arguments are checked here; what it builds is known only once built.
+            check_target_node(value, f"{key}.{name}")
+            continue
         expected = hints.get(name, Any)
         if name in nullable:
             expected = expected | None

@@ -265,6 +265,7 @@ def test_reward_model_under_fsdp2_equals_ddp(tmp_path):
     rm = [
         "task=reward_model", "reward_backbone=tiny", "data/preferences=tiny", "rm.max_epochs=2",
         "rm.gradient_clip_val=0.05", "trainer.enable_progress_bar=false", "~logger",
+        "trainer.precision=32-true",  # the sharding is compared, on any CPU
     ]  # fmt: skip
     for trainer in ("ddp_cpu", "fsdp2_cpu"):
         proc = _cli(tmp_path / trainer, *rm, f"trainer={trainer}")

@@ -29,6 +29,7 @@ MAIN_JOB_PPO = [
     "task.eval_every=1",
     "~logger",
     "trainer.enable_progress_bar=false",
+    "trainer.precision=32-true",  # the recorded numbers' precision, whatever this CPU has
 ]
 
 # fc0d8e9: rlhf-train task=ppo policy=tiny reward=token_fraction data/prompts=tiny

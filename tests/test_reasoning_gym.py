@@ -15,6 +15,7 @@ from rlhf_lightning.config import ConfigError
 from rlhf_lightning.data import ReasoningGymPrompts
 from rlhf_lightning.data.reasoning_gym import ITEM_COLUMN
 from rlhf_lightning.data.tokenize import render_chat
+from rlhf_lightning.errors import UserError
 from rlhf_lightning.models.tiny import build_char_tokenizer
 from rlhf_lightning.rewards import RewardError
 from rlhf_lightning.rewards.verifiers import (
@@ -157,14 +158,42 @@ def test_shipped_configs_compose_and_build(tokenizer):
         ({"difficulty": {"min_term": 2}}, r"data\.prompts\.difficulty: chain_sum rejects"),
         ({"difficulty": {"min_terms": 5, "max_terms": 2}}, r"data\.prompts\.difficulty"),
         ({"difficulty": {"seed": 3}}, r"seed and size are set by"),
-        ({"eval_seed": 1}, r"data\.prompts\.eval_seed: must differ"),
-        ({"train_size": 0}, r"data\.prompts\.train_size: must be >= 1"),
-        ({"shots": -1}, r"data\.prompts\.shots: must be >= 0"),
+        ({"eval_seed": 1}, r"^eval_seed: must differ"),
+        ({"train_size": 0}, r"^train_size: must be >= 1"),
+        ({"shots": -1}, r"^shots: must be >= 0"),
     ],
 )
 def test_bad_settings_fail_at_construction_naming_the_key(tokenizer, overrides, message):
-    with pytest.raises(ConfigError, match=message):
+    """Built directly, a setting's error names the argument; through the config, the preflight
+    names it by its key first (below)."""
+    with pytest.raises(UserError, match=message):
         chain_sum(tokenizer, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.prompts.train_size=0", "data.prompts.train_size"),
+        ("data.prompts.shots=-1", "data.prompts.shots"),
+        ("data.prompts.eval_seed=${data.prompts.train_seed}", "data.prompts.eval_seed"),
+    ],
+)
+def test_the_preflight_names_a_bad_setting_by_its_key(override, key):
+    from rlhf_lightning.cli.train import CONF_DIR
+    from rlhf_lightning.preflight import preflight
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "task=ppo",
+                "paths.output_dir=/tmp/unused",
+                "data/prompts=reasoning_gym_chain_sum",
+                override,
+            ],
+        )
+    with pytest.raises(ConfigError, match=f"^invalid config: {key.replace('.', '[.]')}: "):
+        preflight(cfg)
 
 
 def test_too_few_distinct_problems_is_a_config_error(tokenizer):

@@ -62,8 +62,18 @@ def main(argv=None) -> dict:
     p.add_argument("paths", type=Path, nargs="+")
     p.add_argument("--variance", type=Path, default=None, help="grad_variance.py's JSON")
     p.add_argument("--out", type=Path, default=None, help="default: FIRST_PATH/plots")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="a ladder.json of earlier runs: its presets not among PATHS' runs are kept",
+    )
     args = p.parse_args(argv)
     runs = {name: summarize(d) for name, d in runs_under(args.paths).items()}
+    if args.keep:
+        kept = json.loads(args.keep.read_text())
+        runs.update({name: r for name, r in kept.items() if name not in runs})
+        runs = dict(sorted(runs.items(), key=lambda kv: ORDER.index(kv[0])))
     variance = {}
     if args.variance:
         variance = {r["preset"]: r for r in json.loads(args.variance.read_text())["results"]}

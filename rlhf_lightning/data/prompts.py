@@ -100,7 +100,7 @@ class PromptDataModule(SplitDataModule):
         num_workers: int = 0,
         chat_template: bool = False,
     ) -> None:
-        self.check_settings(locals())
+        PromptDataModule.check_settings(locals())  # this class's arguments (not a subclass's)
         super().__init__(
             path=path,
             tokenizer=tokenizer,

@@ -38,12 +38,16 @@ of the item, from which the reward regenerates the exact entry its verifier need
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from rlhf_lightning.config import ConfigError
 from rlhf_lightning.data.prompts import PromptDataModule
 from rlhf_lightning.data.validation import BadRows, SourceRow
+from rlhf_lightning.errors import require
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +162,7 @@ class ReasoningGymPrompts(PromptDataModule):
             num_workers=num_workers,
             chat_template=chat_template,
         )
-        for key, value, low in (("train_size", train_size, 1), ("eval_size", eval_size, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"invalid config: data.prompts.{key}: must be >= 1, got {value}")
-        if not isinstance(shots, int) or shots < 0:
-            raise ConfigError(f"invalid config: data.prompts.shots: must be >= 0, got {shots}")
-        if train_seed == eval_seed:
-            raise ConfigError(
-                f"invalid config: data.prompts.eval_seed: must differ from train_seed "
-                f"({train_seed}): the held-out problems come from their own seed"
-            )
+        self.check_settings(locals())
         self.generator = generator
         self.difficulty = dict(difficulty or {})
         create_generator(generator, self.difficulty, eval_seed)  # fails now, not in setup
@@ -178,6 +173,24 @@ class ReasoningGymPrompts(PromptDataModule):
         self.shots = shots
         self.instruction = instruction
         self.examples: list[dict] = []  # the worked examples, after setup
+
+    @staticmethod
+    def check_settings(settings: Mapping[str, Any]) -> None:
+        """Raise `FieldError` for a setting that cannot work: this class's own, and those it
+        passes on to `PromptDataModule` (its other arguments at their defaults)."""
+        for key in ("train_size", "eval_size"):
+            require(settings[key] >= 1, key, f"must be >= 1, got {settings[key]}")
+        require(settings["shots"] >= 0, "shots", f"must be >= 0, got {settings['shots']}")
+        require(
+            settings["train_seed"] != settings["eval_seed"],
+            "eval_seed",
+            f"must differ from train_seed ({settings['train_seed']}): the held-out problems come "
+            "from their own seed",
+        )
+        parameters = inspect.signature(PromptDataModule.__init__).parameters
+        inherited = {n: p.default for n, p in parameters.items() if p.default is not p.empty}
+        inherited.update({n: v for n, v in settings.items() if n in parameters})
+        PromptDataModule.check_settings(inherited)
 
     def _read_splits(self, bad_rows: BadRows) -> tuple[list[dict], list[dict]]:
         taken: set[str] = set()

@@ -20,14 +20,13 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from hydra.utils import get_class
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rlhf_lightning.config import ConfigError, rm_config_from
 from rlhf_lightning.models._util import honour_umask
 from rlhf_lightning.models.loading import check_cache_writable
-from rlhf_lightning.rewards import LearnedReward
+from rlhf_lightning.preflight import check_learned_reward
 from rlhf_lightning.tasks.checkpoints import refuse_changed_settings, run_settings
 from rlhf_lightning.tasks.common import checkpoint_dir, run_dir, write_atomically
 from rlhf_lightning.tasks.ppo import load_prompts, train_ppo, validate_ppo_setup
@@ -93,18 +92,6 @@ def check_resume(cfg: DictConfig) -> bool:
     if value == "last" and not started:
         log.warning("nothing to resume in %s: the pipeline starts from the beginning", run_dir(cfg))
     return value == "last"
-
-
-def check_learned_reward(cfg: DictConfig) -> None:
-    """The pipeline's PPO stage runs against the reward model it trains (``reward=learned``);
-    any other reward source (a rule, a verifier) needs no reward model: ``task=ppo``."""
-    target = OmegaConf.select(cfg, "reward._target_")
-    if target is None or not issubclass(get_class(target), LearnedReward):
-        raise ConfigError(
-            f"invalid config: reward: task=pipeline trains a reward model and runs PPO against "
-            f"it (reward=learned), but reward._target_ is {target}; for PPO against this "
-            "reward add task=ppo"
-        )
 
 
 def run_stage(cfg: DictConfig, stage: str, train: Callable[..., dict], resuming: bool) -> dict:
