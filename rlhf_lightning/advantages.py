@@ -5,7 +5,7 @@ Token rewards (Ziegler et al. 2019; Huang et al. 2024, "The N+ implementation de
 PPO"): every response token gets ``-kl_coef * KL_t`` (when the KL is in the reward); the sequence
 score of the reward source is added at the last real token. The sequence return is their sum.
 
-The policy-gradient ladder of the seed slides (``004_f10ad3a5f684abf0.txt``), one estimator per
+The policy-gradient ladder (REINFORCE -> rewards-to-go -> baseline -> GAE), one estimator per
 rung, each weighting ``grad log pi(y_t | s_t)``:
 
 - :class:`SequenceReturn` (REINFORCE, Williams 1992): the whole sequence's return ``R`` at every

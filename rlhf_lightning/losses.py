@@ -53,8 +53,8 @@ distribution sampled from differs from the trained one: per token (:class:`Trunc
 (:class:`SequenceTruncatedIS`, :class:`SequenceMaskedIS`, the latter also on their geometric
 mean).
 
-Bradley-Terry preference loss for reward models (Ouyang et al. 2022; the reward-model slides of
-the seed ``004_f10ad3a5f684abf0.txt``): ``-log sigmoid(r_chosen - r_rejected - margin)``.
+Bradley-Terry preference loss for reward models (Ouyang et al. 2022, "Training language models
+to follow instructions with human feedback"): ``-log sigmoid(r_chosen - r_rejected - margin)``.
 
 Padded positions may hold NaN or inf: they are zeroed with ``torch.where`` before any arithmetic,
 so they reach neither a loss nor its gradient.
@@ -82,6 +82,17 @@ def _masked_inputs(mask: Tensor, **tensors: Tensor) -> tuple[Tensor, ...]:
             )
     keep = as_bool_mask(mask, first.shape)
     return keep, *(zero_masked(tensor, keep) for tensor in tensors.values())
+
+
+def _policy_inputs(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A policy loss's checked inputs: (keep, logprobs, advantages, log_ratio = logprobs -
+    old_logprobs), each (B, T), 0 on padding; the old logprobs carry no gradient."""
+    keep, logprobs, old_logprobs, advantages = _masked_inputs(
+        mask, logprobs=logprobs, old_logprobs=old_logprobs.detach(), advantages=advantages
+    )
+    return keep, logprobs, advantages, zero_masked(logprobs - old_logprobs, keep)
 
 
 @dataclass(frozen=True)
@@ -113,10 +124,7 @@ def vanilla_policy_gradient_loss(
     (B, T), no grad; mask: (B, T) bool or 0/1. The gradient is ``-A_t * ratio_t * grad logp_t``:
     the plain ``-A_t * grad logp_t`` while the policy has not moved.
     """
-    keep, logprobs, old_logprobs, advantages = _masked_inputs(
-        mask, logprobs=logprobs, old_logprobs=old_logprobs.detach(), advantages=advantages
-    )
-    log_ratio = zero_masked(logprobs - old_logprobs, keep)
+    keep, logprobs, advantages, log_ratio = _policy_inputs(logprobs, old_logprobs, advantages, mask)
     return _output(-advantages * torch.exp(log_ratio), log_ratio, torch.zeros_like(keep), keep)
 
 
@@ -130,10 +138,7 @@ def sequence_ratio_policy_gradient_loss(
     ``pi_old``, ``E[rho * f(y)] = E_pi[f(y)]``, so the expected update equals the on-policy one
     at the current policy, for any horizon. ``ratio`` in the diagnostics is the per-token one.
     """
-    keep, logprobs, old_logprobs, advantages = _masked_inputs(
-        mask, logprobs=logprobs, old_logprobs=old_logprobs.detach(), advantages=advantages
-    )
-    log_ratio = zero_masked(logprobs - old_logprobs, keep)
+    keep, logprobs, advantages, log_ratio = _policy_inputs(logprobs, old_logprobs, advantages, mask)
     rho = torch.exp(log_ratio.sum(dim=1, keepdim=True)).detach()  # (B, 1)
     score = torch.exp(logprobs - logprobs.detach())  # 1, with the gradient of logp
     return _output(-advantages * rho * score, log_ratio, torch.zeros_like(keep), keep)
@@ -157,10 +162,7 @@ def clipped_policy_loss(
         raise ValueError(f"clip_low and clip_high must be > 0, got {clip_low}, {clip_high}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
-    keep, logprobs, old_logprobs, advantages = _masked_inputs(
-        mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages
-    )
-    log_ratio = logprobs - old_logprobs
+    keep, logprobs, advantages, log_ratio = _policy_inputs(logprobs, old_logprobs, advantages, mask)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -198,10 +200,7 @@ def gspo_policy_loss(
     gradient is cut; ``log_ratio`` and ``ratio`` in the diagnostics are the per-token ones.
     """
     _check_clip_bounds(clip_low, clip_high)
-    keep, logprobs, old_logprobs, advantages = _masked_inputs(
-        mask, logprobs=logprobs, old_logprobs=old_logprobs.detach(), advantages=advantages
-    )
-    log_ratio = zero_masked(logprobs - old_logprobs, keep)
+    keep, logprobs, advantages, log_ratio = _policy_inputs(logprobs, old_logprobs, advantages, mask)
     lengths = keep.sum(dim=1, keepdim=True).clamp(min=1)
     sequence_log_ratio = (log_ratio.sum(dim=1, keepdim=True) / lengths).detach()  # (B, 1)
     ratio = torch.exp(sequence_log_ratio + logprobs - logprobs.detach())  # value s_i
@@ -228,10 +227,7 @@ def cispo_policy_loss(
     ``clip_low = 1`` puts the lower bound at 0: no lower bound.
     """
     _check_clip_bounds(clip_low, clip_high, max_low=1.0)
-    keep, logprobs, old_logprobs, advantages = _masked_inputs(
-        mask, logprobs=logprobs, old_logprobs=old_logprobs.detach(), advantages=advantages
-    )
-    log_ratio = zero_masked(logprobs - old_logprobs, keep)
+    keep, logprobs, advantages, log_ratio = _policy_inputs(logprobs, old_logprobs, advantages, mask)
     ratio = torch.exp(log_ratio.detach())
     weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss = -weight * advantages * logprobs
