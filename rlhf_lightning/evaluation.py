@@ -41,6 +41,7 @@ from rlhf_lightning.config import GenerationConfig
 from rlhf_lightning.data.loading import resolve_data_path
 from rlhf_lightning.data.padding import pad_token_ids, require_pad_token_id
 from rlhf_lightning.data.tokenize import encode_prompts
+from rlhf_lightning.kl import sequence_kl
 from rlhf_lightning.models import load_causal_lm, load_tokenizer
 from rlhf_lightning.models.adapters import inject_lora, merged_copy
 from rlhf_lightning.rewards import (
@@ -53,7 +54,7 @@ from rlhf_lightning.rewards import (
     VaderReward,
 )
 from rlhf_lightning.rewards.verifiers import EXTRACTORS
-from rlhf_lightning.rollout.experience import reference_logprobs
+from rlhf_lightning.rollout.experience import response_logprobs
 from rlhf_lightning.rollout.generation import Rollout, resolve_stop_token_ids, sample_responses
 
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -354,25 +355,13 @@ def bootstrap_ci(
     return low.item(), high.item()
 
 
-@torch.no_grad()
-def sequence_kl(policy_lm, ref_lm, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """k1 estimate of KL(policy || ref) per sequence of the policy's own samples.
-
-    rollout: B responses sampled from ``policy_lm``; both models must share the tokenizer.
-    Returns (B,) float32 on the CPU: ``sum_t logp_policy(y_t) - logp_ref(y_t)`` over the real
-    response tokens, logits divided by ``temperature``.
-    """
-    P = rollout.query_ids.shape[1]
-    input_ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)  # (B, P + R)
-    mask = torch.cat([rollout.query_mask, rollout.response_mask.to(rollout.query_mask.dtype)], 1)
-    logps = []
-    for lm in (policy_lm, ref_lm):
-        device = _device(lm)
-        logps.append(
-            reference_logprobs(lm, input_ids.to(device), mask.to(device), P, temperature).cpu()
-        )  # (B, R)
-    per_token = torch.where(rollout.response_mask.cpu(), logps[0] - logps[1], 0.0)
-    return per_token.sum(dim=1)
+def policy_reference_kl(policy_lm, ref_lm, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """(B,) k1 KL(policy || ref) of each of the policy's own samples in ``rollout``, on the CPU."""
+    return sequence_kl(
+        response_logprobs(policy_lm, rollout, temperature),
+        response_logprobs(ref_lm, rollout, temperature),
+        rollout.response_mask.cpu(),
+    )
 
 
 def evaluate_policy(
@@ -426,7 +415,7 @@ def evaluate_policy(
             ref_judged = judge(prompts, ref_responses, **columns)
         per_prompt["reference_reward"] = ref_scores
         per_prompt["kl"] = torch.cat(
-            [sequence_kl(policy_lm, ref_lm, r, gen.temperature) for r in rollouts]
+            [policy_reference_kl(policy_lm, ref_lm, r, gen.temperature) for r in rollouts]
         )
     per_prompt["response_length"] = torch.cat(
         [r.response_mask.sum(dim=1).cpu().float() for r in rollouts]

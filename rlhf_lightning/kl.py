@@ -136,6 +136,14 @@ class K3Plus(KLEstimator):
 KL_ESTIMATORS: dict[str, type[KLEstimator]] = {c.name: c for c in (K1, Abs, K2, K3, K3Plus)}
 
 
+def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """The k1 estimate of KL(pi || pi_ref) per sequence: ``sum_t logp_t - ref_logp_t`` over the
+    real tokens. logprobs, ref_logprobs: (B, T) of the tokens sampled from pi; mask: (B, T)
+    bool or 0/1. Returns (B,); padded positions (which may hold anything) count 0."""
+    keep = mask.bool()
+    return torch.where(keep, logprobs - ref_logprobs, torch.zeros_like(logprobs)).sum(dim=1)
+
+
 def kl_estimator(spec: str | KLEstimator) -> KLEstimator:
     """The estimator named ``spec`` (a key of ``KL_ESTIMATORS``), or ``spec`` itself."""
     if isinstance(spec, KLEstimator):

@@ -17,11 +17,11 @@ from rlhf_lightning.evaluation import (
     evaluate_policy,
     generate_texts,
     load_policy_for_inference,
+    policy_reference_kl,
     read_prompt_rows,
     read_prompts,
     reward_from_spec,
     sample_rollouts,
-    sequence_kl,
     std_error,
     win_rate,
     wins,
@@ -84,11 +84,11 @@ def test_generation_is_deterministic_for_a_seed_and_respects_max_new_tokens(tiny
     assert all(len(text) <= 6 for text in first)  # one character per token, specials dropped
 
 
-def test_sequence_kl_matches_unpadded_forward_passes(tiny, other_dir):
+def test_policy_reference_kl_matches_unpadded_forward_passes(tiny, other_dir):
     lm, tok = tiny
     other = load_causal_lm(other_dir)
     (rollout,) = sample_rollouts(lm, tok, PROMPTS, GEN, batch_size=3, seed=0)
-    kl = sequence_kl(lm, other, rollout, GEN.temperature)
+    kl = policy_reference_kl(lm, other, rollout, GEN.temperature)
     assert kl.shape == (3,)
     for i, prompt in enumerate(PROMPTS):  # naive: each sequence alone, no padding
         prompt_ids = tok(prompt)["input_ids"]
@@ -101,7 +101,7 @@ def test_sequence_kl_matches_unpadded_forward_passes(tiny, other_dir):
                 expected += sign * logp[t - 1, ids[0, t]].item()
         assert kl[i].item() == pytest.approx(expected, abs=1e-4)
     assert kl.mean() > 0
-    assert sequence_kl(lm, lm, rollout, GEN.temperature).abs().max() < 1e-5
+    assert policy_reference_kl(lm, lm, rollout, GEN.temperature).abs().max() < 1e-5
 
 
 def test_evaluate_policy_against_itself(tiny):

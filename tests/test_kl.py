@@ -15,6 +15,7 @@ from rlhf_lightning.kl import (
     FixedKLController,
     kl_estimator,
     kl_penalty,
+    sequence_kl,
 )
 
 # log-ratios d = logp - logp_ref of +1 and -1
@@ -244,3 +245,10 @@ def test_the_clamped_estimate_is_the_estimate_clamped(kind, clamp):
     d = torch.linspace(-60, 60, 2401, dtype=torch.float64)
     expected = kl_penalty(d, torch.zeros_like(d), kind).clamp(-clamp, clamp)
     torch.testing.assert_close(kl_penalty(d, torch.zeros_like(d), kind, clamp=clamp), expected)
+
+
+def test_sequence_kl_sums_the_real_tokens_log_ratio_and_ignores_padding():
+    logprobs = torch.tensor([[-1.0, -2.0, float("nan")], [-0.5, float("inf"), -3.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0], [-0.25, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert sequence_kl(logprobs, ref, mask).tolist() == pytest.approx([0.5 - 1.0, -0.25])

@@ -391,13 +391,15 @@ def test_left_padded_prompts_get_the_logprobs_of_their_row_alone(temperature):
 
 
 def test_sequence_kl_sums_each_rows_token_kl():
-    from rlhf_lightning.rollout.experience import sequence_kl
+    from rlhf_lightning.kl import sequence_kl
 
     module = tiny_ppo_module(tiny_config(generation__stop_token="a"))
     perturb_reference(module)
     _, exp = rollout_and_experience(module, n=4, kl_coef=0.1)
     expected = [sum(exp.kl[b][exp.response_mask[b]].tolist()) for b in range(4)]
-    assert sequence_kl(exp).tolist() == pytest.approx(expected, rel=1e-5)
+    assert sequence_kl(
+        exp.old_logprobs, exp.ref_logprobs, exp.response_mask
+    ).tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_one_sequence_minibatch_is_its_own_mean():

@@ -49,13 +49,13 @@ from torch.profiler import record_function
 
 from rlhf_lightning.config import RLConfig
 from rlhf_lightning.errors import CheckpointError, NonFiniteError, UserError
-from rlhf_lightning.evaluation import sequence_kl as eval_sequence_kl
 from rlhf_lightning.hardware import resolve_sampling_dtype
+from rlhf_lightning.kl import sequence_kl
 from rlhf_lightning.losses import explained_variance
 from rlhf_lightning.objective import Objective
 from rlhf_lightning.optim import trainer_precision
 from rlhf_lightning.rewards import RewardError
-from rlhf_lightning.rollout.experience import Experience, make_experience, sequence_kl
+from rlhf_lightning.rollout.experience import Experience, make_experience, response_logprobs
 from rlhf_lightning.rollout.generation import (
     Rollout,
     concat_rollouts,
@@ -420,7 +420,7 @@ class PPOModule(L.LightningModule):
         alg = self.cfg.algorithm
         stats = Stats()
         mask = exp.response_mask
-        seq_kl = sequence_kl(exp)
+        seq_kl = sequence_kl(exp.old_logprobs, exp.ref_logprobs, exp.response_mask)
         non_score = -kl_coef * seq_kl
         stats.add_mean("objective/score", exp.scores)
         stats.add_mean("objective/raw_score", raw_scores)
@@ -480,7 +480,7 @@ class PPOModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(exp))
         every = self.cfg.cadence.sample_table_every
         if every and (iteration + 1) % every == 0:
-            kl = sequence_kl(exp).tolist()
+            kl = sequence_kl(exp.old_logprobs, exp.ref_logprobs, exp.response_mask).tolist()
             self.log_samples("train/samples", exp.prompts, exp.responses, exp.scores.tolist(), kl)
 
     # ------------------------------------------------------------------------------------ eval
@@ -508,7 +508,11 @@ class PPOModule(L.LightningModule):
             return
         T = self.cfg.generation.temperature
         with self.full_weights():
-            seq_kl = eval_sequence_kl(self.policy.lm, self.ref_lm, rollout, T)
+            seq_kl = sequence_kl(
+                response_logprobs(self.policy.lm, rollout, T),
+                response_logprobs(self.ref_lm, rollout, T),
+                rollout.response_mask.cpu(),
+            )
         stats = self._val_stats
         stats.add_mean("val/reward", scores)
         stats.add_mean("val/kl", seq_kl)

@@ -151,6 +151,17 @@ def reference_logprobs(
     return logprobs_from_logits(logits[:, :-1], input_ids[:, prompt_len:], temperature)
 
 
+@torch.no_grad()
+def response_logprobs(lm, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """Logprobs of a rollout's response tokens under ``lm`` (which shares the tokenizer that
+    sampled it), logits divided by ``temperature``: (B, R) float32 on the CPU, padding included."""
+    device = next(lm.parameters()).device
+    P = rollout.query_ids.shape[1]
+    input_ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)  # (B, P + R)
+    mask = torch.cat([rollout.query_mask, rollout.response_mask.to(rollout.query_mask.dtype)], 1)
+    return reference_logprobs(lm, input_ids.to(device), mask.to(device), P, temperature).cpu()
+
+
 def overlong_penalty(lengths: torch.Tensor, max_length: int, cache: int) -> torch.Tensor:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 for a response of at most
     ``max_length - cache`` tokens, then linear down to -1 at ``max_length`` tokens (the longest a
@@ -341,8 +352,3 @@ def make_experience(
         if alg.mask_truncated:
             exp.in_loss = rollout.ended.to(mask.device)
         return exp
-
-
-def sequence_kl(exp: Experience) -> torch.Tensor:
-    """(B,) KL estimate per sequence: the per-token log-ratio (k1) summed over the response."""
-    return torch.where(exp.response_mask, exp.kl, torch.zeros_like(exp.kl)).sum(dim=1)
