@@ -13,10 +13,10 @@ the CSV logger). A sweep job records the directories it logs to outside its run 
 
 HParams (:func:`log_final_hparams`). Each task ends by logging the hyper-parameters that matter
 (:func:`run_hparams`: the run's ``group``, which names its setting without the seed as
-``rlhf-compare`` groups runs, the keys the sweep varies, the command line's overrides, then the
-task's curated keys in ``TASK_HPARAMS``) with the run's final metrics, declared as the columns
-of TensorBoard's HParams tab (``group`` and the swept keys marked as differing, so that they are
-shown first).
+``rlhf-compare`` groups runs, the keys the sweep varies, the command line's overrides, the
+chosen config of each group, then every value of the task's ``TASK_SECTIONS``) with the run's
+final metrics, declared as the columns of TensorBoard's HParams tab (``group`` and the swept
+keys marked as differing, so that they are shown first).
 
 Samples (:func:`log_samples`): a Markdown table in TensorBoard, a table in W&B, JSON lines in the
 run's log dir for the other loggers.
@@ -39,61 +39,31 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # Hyper-parameters logged for each task after the swept keys and the command-line overrides:
-# dotted config keys. A config group (``algorithm``, ``policy``) gives the name of the chosen
-# config; a ``._target_`` the class name; a key missing from the config is skipped. TensorBoard's
-# HParams tab lists the swept keys, then the others by name; it shows the first five.
-PPO_HPARAMS = (
-    "task",
-    "algorithm",
-    "algorithm.kl.reward.coef",
-    "algorithm.kl.reward.estimator",
-    "algorithm.kl.reward.controller._target_",
-    "algorithm.kl.reward.controller.target",
-    "algorithm.kl.loss.coef",
-    "algorithm.kl.loss.estimator",
-    "algorithm.kl.allow_biased_gradient",
-    "algorithm.advantage._target_",
-    "algorithm.policy_loss._target_",
-    "algorithm.policy_loss.clip_low",
-    "algorithm.loss_aggregation._target_",
-    "algorithm.value_model._target_",
-    "algorithm.value_model.coef",
-    "algorithm.value_model.lr",
-    "algorithm.optimizer.lr",
-    "algorithm.ent_coef",
-    "algorithm.epochs",
-    "algorithm.samples_per_prompt",
-    "budget",
-    "budget.num_iterations",
-    "budget.rollout_batch_size",
-    "generation.temperature",
-    "generation.max_new_tokens",
-    "policy",
-    "peft",
-    "reward",
-    "gold_reward._target_",
-    "data/prompts",
-    "seed",
-    "trainer.precision",
-)
-RM_HPARAMS = (
-    "task",
-    "reward_backbone",
-    "rm.lr",
-    "rm.max_epochs",
-    "rm.weight_decay",
-    "rm.warmup_ratio",
-    "data.preferences.max_length",
-    "data.preferences.batch_size",
-    "data/preferences",
-    "seed",
-    "trainer.precision",
-)
-TASK_HPARAMS = {
-    "ppo": PPO_HPARAMS,
-    "reward_model": RM_HPARAMS,
-    "pipeline": tuple(dict.fromkeys((*PPO_HPARAMS, *RM_HPARAMS))),
+# the chosen config of each of the task's config groups (``algorithm``, ``algorithm/advantage``,
+# ``policy``: a name in ``TASK_GROUPS`` covers its subgroups), then every value under the task's
+# sections (a ``_target_`` as its class name, a null node as "null"), then ``ALWAYS_HPARAMS``.
+# TensorBoard's HParams tab lists the swept keys, then the others by name; it shows the first 5.
+TASK_GROUPS = {
+    "ppo": (
+        "task",
+        "trainer",
+        "policy",
+        "peft",
+        "reward",
+        "algorithm",
+        "budget",
+        "generation",
+        "data/prompts",
+    ),
+    "reward_model": ("task", "trainer", "reward_backbone", "rm", "data/preferences"),
 }
+TASK_GROUPS["pipeline"] = tuple(dict.fromkeys(TASK_GROUPS["ppo"] + TASK_GROUPS["reward_model"]))
+TASK_SECTIONS = {
+    "ppo": ("algorithm", "budget", "generation", "data.prompts", "gold_reward"),
+    "reward_model": ("rm", "data.preferences"),
+}
+TASK_SECTIONS["pipeline"] = TASK_SECTIONS["ppo"] + TASK_SECTIONS["reward_model"]
+ALWAYS_HPARAMS = ("seed", "trainer.precision")
 # Final metrics declared as HParams columns after the task's metric (``task.metric``) and before
 # every other ``val/*`` one. TensorBoard shows the first five without ticking boxes.
 METRIC_COLUMNS = {
@@ -315,13 +285,43 @@ def _hparam_value(cfg: DictConfig, key: str, choices: Mapping, raw: Mapping[str,
     return value
 
 
+def config_values(cfg: DictConfig, section: str) -> dict[str, Any]:
+    """Every value under ``section`` of ``cfg`` as ``{dotted.key: value}``, depth first in the
+    config's order: a ``_target_`` as its class name, a null node as None, a list as a list;
+    ``_partial_`` flags and values that do not resolve here left out. {} without the section."""
+    node = OmegaConf.select(cfg, section, default=_SKIP)
+    if node is _SKIP:
+        return {}
+    if not isinstance(node, DictConfig):
+        return {section: _plain(node)}
+    values: dict[str, Any] = {}
+    for name in node:
+        key = f"{section}.{name}"
+        if name == "_partial_":
+            continue
+        child = node._get_node(name)
+        if isinstance(child, DictConfig) and not child._is_none():
+            values.update(config_values(cfg, key))
+            continue
+        value = _hparam_value(cfg, key, {}, {})
+        if value is not _SKIP:
+            values[key] = value
+    return values
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
+
+
 def run_hparams(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> dict[str, Any]:
     """The hyper-parameters of a run, as one flat ``{dotted.key: scalar}`` dict, in this order:
     ``group`` (with ``hydra_cfg``: :func:`group_name` of the keys its sweep varies, or outside a
     sweep of its command-line overrides, the seed left out: the runs of a seed sweep share it),
     the keys its sweep varies, its command-line overrides (but the keys Hydra's
-    ``override_dirname`` excludes), then ``TASK_HPARAMS[task]``. ``hydra_cfg`` (the job's Hydra
-    config) gives the swept keys, the overrides and the chosen config of each group."""
+    ``override_dirname`` excludes), the chosen config of each group, then
+    :func:`config_values` of each of ``TASK_SECTIONS[task]`` and ``ALWAYS_HPARAMS``.
+    ``hydra_cfg`` (the job's Hydra config) gives the swept keys, the overrides and the chosen
+    config of each group."""
     task = OmegaConf.select(cfg, "task.name")
     keys: list[str] = []
     choices: Mapping = {}
@@ -337,8 +337,18 @@ def run_hparams(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> dict[st
         keys += [key for key in raw if key not in excluded]
         grouped = swept_keys(hydra_cfg) if _is_multirun(hydra_cfg) else keys
         group = {"group": group_name({key: raw.get(key) for key in grouped})}
-    keys += TASK_HPARAMS.get(task, TASK_HPARAMS["pipeline"])
+    groups = TASK_GROUPS.get(task, TASK_GROUPS["pipeline"])
+    keys += [
+        g
+        for g, v in choices.items()
+        if v is not None and (g in groups or g.split("/")[0] in groups)
+    ]
     values = {key: _hparam_value(cfg, key, choices, raw) for key in dict.fromkeys(keys)}
+    for section in TASK_SECTIONS.get(task, TASK_SECTIONS["pipeline"]):
+        for key, value in config_values(cfg, section).items():
+            values.setdefault(key, value)
+    for key in ALWAYS_HPARAMS:
+        values.setdefault(key, _hparam_value(cfg, key, choices, raw))
     return group | {key: _scalar(v) for key, v in values.items() if v is not _SKIP}
 
 

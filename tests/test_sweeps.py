@@ -15,7 +15,7 @@ from omegaconf import OmegaConf, open_dict
 
 from rlhf_lightning.cli import compare
 from rlhf_lightning.cli.train import CONF_DIR
-from rlhf_lightning.tracking import run_hparams, run_name
+from rlhf_lightning.tracking import ALWAYS_HPARAMS, run_hparams, run_name
 
 TINY_PPO = ["experiment=tiny_smoke", "task=ppo", "reward=token_fraction"]
 
@@ -56,7 +56,7 @@ def _csv_rows(capsys, *argv: str) -> list[dict]:
 # run_hparams -----------------------------------------------------------------------------------
 
 
-def test_run_hparams_are_the_overrides_then_the_task_table():
+def test_run_hparams_are_the_overrides_then_the_config_groups_then_every_task_value():
     cfg = _compose(
         "task=ppo", "policy=tiny", "algorithm.kl.reward.coef=0.1", "data.prompts.batch_size=4"
     )
@@ -80,11 +80,16 @@ def test_run_hparams_are_the_overrides_then_the_task_table():
     assert hparams["algorithm.kl.reward.estimator"] == "k1"
     assert hparams["generation.temperature"] == 0.7 and hparams["seed"] == 42
     assert hparams["algorithm.samples_per_prompt"] == 1
-    assert (
-        "algorithm.kl.reward.controller.target" not in hparams
-    )  # a key the config lacks is skipped
-    assert "gold_reward._target_" not in hparams  # gold_reward: null
-    assert "task.eval_every" not in hparams and len(hparams) < 35  # the table, not all
+    assert hparams["algorithm/advantage"] == "gae" and hparams["generation"] == "default"
+    # Every value of the algorithm is a column, a component by its class name, a null as "null".
+    assert hparams["algorithm.advantage._target_"] == "GAE"
+    assert hparams["algorithm.policy_loss.clip_low"] == hparams["algorithm.policy_loss.clip_high"]
+    assert hparams["algorithm.kl.loss"] == "null" and hparams["gold_reward"] == "null"
+    assert "algorithm.optimizer._partial_" not in hparams
+    leaves = [k for k in OmegaConf.to_container(cfg.algorithm.policy_loss) if k != "_target_"]
+    assert all(f"algorithm.policy_loss.{k}" in hparams for k in leaves)
+    assert "algorithm.kl.reward.controller.target" not in hparams  # not in this config
+    assert not any(k.startswith(("task.", "rm.", "hydra", "paths", "logger")) for k in hparams)
 
 
 def test_run_hparams_put_the_swept_keys_first():
@@ -104,21 +109,15 @@ def test_run_hparams_put_the_swept_keys_first():
 
 def test_run_hparams_follow_the_task():
     # Without Hydra's config: no chosen configs (task, reward_backbone), only values.
-    assert run_hparams(_compose("task=reward_model")) == {
-        "rm.lr": 5.0e-5,
-        "rm.max_epochs": 2,
-        "rm.weight_decay": 0.01,
-        "rm.warmup_ratio": 0.1,
-        "data.preferences.max_length": 96,
-        "data.preferences.batch_size": 32,
-        "seed": 42,
-        "trainer.precision": "auto",
-    }
+    rm = run_hparams(_compose("task=reward_model"))
+    assert list(rm)[:2] == ["rm.max_epochs", "rm.lr"] and tuple(rm)[-2:] == ALWAYS_HPARAMS
+    assert rm["rm.lr"] == 5.0e-5 and rm["data.preferences.max_length"] == 96
+    assert rm["data.preferences._target_"] == "PreferenceDataModule"
     cfg = _compose("task=reward_model")
     rm = run_hparams(cfg, cfg.hydra)
     assert rm["task"] == "reward_model" and rm["reward_backbone"] == "minilm"
     assert rm["data/preferences"] == "sentiment"
-    assert not any(k.startswith(("algorithm", "policy")) for k in rm)
+    assert not any(k.startswith(("algorithm", "policy", "generation")) for k in rm)
     cfg = _compose("task=pipeline")
     pipeline = run_hparams(cfg, cfg.hydra)
     assert pipeline["rm.lr"] == 5.0e-5 and pipeline["algorithm.kl.reward.coef"] == 0.05
