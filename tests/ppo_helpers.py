@@ -10,15 +10,17 @@ import copy
 import dataclasses
 
 import lightning as L
-from hydra import compose, initialize_config_dir
+import torch
 from omegaconf import OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.config import RLConfig, rl_config_from
 from rlhf_lightning.models import load_causal_lm, load_tokenizer
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import TokenFractionReward, build_reward
+from rlhf_lightning.rollout.experience import make_experience
+from rlhf_lightning.rollout.generation import sample_responses
+from tests.conftest import compose_config
 
 TINY = {
     "budget.num_iterations": 2,
@@ -39,11 +41,7 @@ def tiny_config(preset: str = "ppo", kl_coef: float = 0.0, **overrides) -> RLCon
     """The ``preset``'s config sized for the tiny model, its KL terms (in the rewards, in the
     loss: whichever the preset has) at ``kl_coef``; ``overrides`` by dotted key, written with
     ``__`` for dots (``algorithm__kl__reward__estimator="k3"``)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=["task=ppo", f"algorithm={preset}", "algorithm/lr_schedule=constant"],
-        )
+    cfg = compose_config(["task=ppo", f"algorithm={preset}", "algorithm/lr_schedule=constant"])
     values = dict(TINY)
     if OmegaConf.select(cfg, "algorithm.value_model.lr") is not None:
         values["algorithm.value_model.lr"] = 3e-3
@@ -76,6 +74,14 @@ def set_kl_coef(module: PPOModule, beta: float) -> None:
         term.controller.value = beta
 
 
+def perturb_reference(module, scale: float = 0.05, seed: int = 1) -> None:
+    """Move the frozen reference away from the policy (a deep copy): the KL is then not 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.ref_lm.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
 def prompt_batch(tokenizer, n: int) -> dict:
     prompts = [f"p{i}:" for i in range(n)]
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
@@ -84,6 +90,38 @@ def prompt_batch(tokenizer, n: int) -> dict:
         "attention_mask": enc["attention_mask"],
         "prompts": prompts,
     }
+
+
+def sample_prompts(module: PPOModule, n: int = 16, seed: int = 0, prompts=None, **kwargs):
+    """A rollout of ``module``'s policy from ``prompts`` (default: ``n`` prompts of one length),
+    sampled after ``torch.manual_seed(seed)``; ``kwargs`` go to ``sample_responses``."""
+    torch.manual_seed(seed)
+    if prompts is None:
+        batch = prompt_batch(module.tokenizer, n)
+    else:
+        batch = {**module.tokenizer(prompts, return_tensors="pt", padding=True), "prompts": prompts}
+    return sample_responses(
+        module.policy.lm,
+        module.tokenizer,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["prompts"],
+        module.cfg.generation,
+        module.stop_token_ids,
+        **kwargs,
+    )
+
+
+def rollout_and_experience(
+    module: PPOModule, n: int = 16, seed: int = 0, kl_coef: float | None = None, prompts=None
+):
+    """:func:`sample_prompts`, scored by the module's reward, and its experience (with the KL
+    coefficient set to ``kl_coef`` first, when given)."""
+    rollout = sample_prompts(module, n, seed, prompts)
+    scores = module.reward(rollout.prompts, rollout.responses)
+    if kl_coef is not None:
+        set_kl_coef(module, kl_coef)
+    return rollout, make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg)
 
 
 def fixed_prompt_loader(tokenizer, n: int) -> DataLoader:

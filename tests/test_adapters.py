@@ -6,10 +6,9 @@ import copy
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
-from rlhf_lightning.cli.train import CONF_DIR, run
+from rlhf_lightning.cli.train import run
 from rlhf_lightning.config import ConfigError, PolicyOptions, policy_options_from
 from rlhf_lightning.evaluation import load_policy_for_inference
 from rlhf_lightning.models import PolicyWithValueHead, load_causal_lm, load_tokenizer
@@ -24,6 +23,7 @@ from rlhf_lightning.models.adapters import (
 )
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import TokenFractionReward
+from tests.conftest import compose_config
 from tests.ppo_helpers import fit, tiny_config
 
 
@@ -112,12 +112,9 @@ def test_ppo_with_lora_moves_the_policy_and_never_the_reference():
 def _tiny_cfg(tmp_path, *overrides):
     from tests.test_tasks import TINY
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[f"paths.output_dir={tmp_path}", *TINY, "task=ppo", "reward=token_fraction",
-                       "~logger", "task.eval_every=0", *overrides],
-        )  # fmt: skip
+    return compose_config([f"paths.output_dir={tmp_path}", *TINY, "task=ppo",
+                           "reward=token_fraction", "~logger", "task.eval_every=0",
+                           *overrides])  # fmt: skip
 
 
 @pytest.mark.slow

@@ -105,16 +105,24 @@ def test_gae_hand_values():
     torch.testing.assert_close(returns, torch.tensor([[0.92, 1.0, 0.0]]))
 
 
+def assert_rows_close(batch: torch.Tensor, lengths, expected: list[list[float]]) -> None:
+    """Row ``b``'s real tokens (its first ``lengths[b]``) of a (B, T) batch equal expected[b]."""
+    for b, row in enumerate(expected):
+        torch.testing.assert_close(batch[b, : lengths[b]].tolist(), row)
+
+
 @settings(max_examples=50, deadline=None)
 @given(padded_batches(), unit_interval, unit_interval)
 def test_gae_matches_the_reference(batch, gamma, lam):
     rewards, values, mask, lengths = batch
     advantages, returns = gae(rewards, values, mask, gamma, lam)
     assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all()
-    for b, row in enumerate(zip(rows(rewards, lengths), rows(values, lengths))):
-        expected_adv, expected_ret = reference_gae(*row, gamma, lam)
-        torch.testing.assert_close(advantages[b, : lengths[b]].tolist(), expected_adv)
-        torch.testing.assert_close(returns[b, : lengths[b]].tolist(), expected_ret)
+    expected = [
+        reference_gae(*row, gamma, lam)
+        for row in zip(rows(rewards, lengths), rows(values, lengths))
+    ]
+    assert_rows_close(advantages, lengths, [adv for adv, _ in expected])
+    assert_rows_close(returns, lengths, [ret for _, ret in expected])
 
 
 @settings(max_examples=50, deadline=None)
@@ -122,13 +130,10 @@ def test_gae_matches_the_reference(batch, gamma, lam):
 def test_gae_with_lambda_one_is_discounted_return_minus_value(batch, gamma):
     rewards, values, mask, lengths = batch
     advantages, returns = gae(rewards, values, mask, gamma, lam=1.0)
-    for b, (row_rewards, row_values) in enumerate(
-        zip(rows(rewards, lengths), rows(values, lengths))
-    ):
-        to_go = reference_rewards_to_go(row_rewards, gamma)
-        expected = [g - v for g, v in zip(to_go, row_values)]
-        torch.testing.assert_close(advantages[b, : lengths[b]].tolist(), expected)
-        torch.testing.assert_close(returns[b, : lengths[b]].tolist(), to_go)
+    to_go = [reference_rewards_to_go(row, gamma) for row in rows(rewards, lengths)]
+    minus_value = [[g - v for g, v in zip(*row)] for row in zip(to_go, rows(values, lengths))]
+    assert_rows_close(advantages, lengths, minus_value)
+    assert_rows_close(returns, lengths, to_go)
 
 
 @settings(max_examples=50, deadline=None)

@@ -8,13 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from experiments.arithmetic.reward import first_number, first_number_correct
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.models import load_tokenizer
 from rlhf_lightning.rewards import build_reward
+from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "experiments" / "arithmetic" / "data"
@@ -78,8 +77,7 @@ def test_shipped_preference_pairs_choose_the_right_answer_over_a_wrong_one():
 def test_experiment_config_gives_the_reward_the_answer_column():
     """The composed experiment: its prompt data carries `answer`, and its reward, built as PPO
     builds it, scores the right answers 1 and wrong ones 0."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=arithmetic"])
+    cfg = compose_config(["experiment=arithmetic"])
     assert cfg.task.name == "ppo" and cfg.policy.name_or_path == "builtin:smollm2"
     tokenizer = load_tokenizer(cfg.policy.name_or_path, padding_side="left")
     datamodule = instantiate(cfg.data.prompts, tokenizer=tokenizer)

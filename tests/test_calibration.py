@@ -5,7 +5,6 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from rlhf_lightning.calibration import (
@@ -13,11 +12,11 @@ from rlhf_lightning.calibration import (
     expected_calibration_error,
     reliability_table,
 )
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.config import rm_config_from
 from rlhf_lightning.models import ScalarRewardModel, load_tokenizer
 from rlhf_lightning.models.reward_model import score_pairs
 from rlhf_lightning.modules.reward_model import RewardModelModule
+from tests.conftest import compose_config
 
 
 def _margins(probabilities: list[float]) -> torch.Tensor:
@@ -88,8 +87,7 @@ def test_validation_logs_the_ece_of_all_held_out_pairs(tmp_path):
         "data/preferences=tiny",
         "data.preferences.eval_batch_size=8",
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     tokenizer = load_tokenizer(cfg.reward_backbone.name_or_path, padding_side="right")
     datamodule = instantiate(cfg.data.preferences, tokenizer=tokenizer)
     datamodule.setup("fit")

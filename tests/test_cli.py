@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
@@ -24,6 +23,7 @@ from rlhf_lightning.cli.train import (
     user_error_message,
 )
 from rlhf_lightning.config import ConfigError
+from tests.conftest import compose_config
 
 TINY_PPO = ["task=ppo", "policy=tiny", "reward=token_fraction", "data/prompts=tiny"]
 
@@ -51,8 +51,7 @@ def _assert_one_error_line(proc: subprocess.CompletedProcess, *expected: str) ->
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*TINY_PPO, *overrides])
+    return compose_config([*TINY_PPO, *overrides])
 
 
 def fails_inside(**kwargs):

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.config import ConfigError, rl_config_from, rm_config_from
+from tests.conftest import compose_config
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
 
 
 def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["task=ppo", "budget=cpu", *overrides])
+    return compose_config(["task=ppo", "budget=cpu", *overrides])
 
 
 # (command-line overrides, the key the message must name)

@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.config import ConfigError
 from rlhf_lightning.preflight import preflight
+from tests.conftest import compose_config
 
 TASKS = ("pipeline", "reward_model", "ppo")
 
@@ -124,10 +123,7 @@ def is_listed(key: str, value: Any) -> bool:
 
 
 def composed(task: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(
-            "config", overrides=[f"task={task}", "paths.output_dir=/tmp/unused", *overrides]
-        )
+    return compose_config([f"task={task}", "paths.output_dir=/tmp/unused", *overrides])
 
 
 def unexpected_outcomes(cfg) -> list[str]:

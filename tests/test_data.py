@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -121,44 +122,45 @@ def test_jsonl_line_that_is_not_an_object(tokenizer, tmp_path):
         prompts_module(tokenizer, path).setup()
 
 
-def test_invalid_utf8_names_line(tokenizer, tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "\xff"}\n')
-    with pytest.raises(DataValidationError, match=r"p\.jsonl, line 3: invalid UTF-8"):
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "p.jsonl",
+            b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "\xff"}\n',
+            r"line 3: invalid UTF-8",
+        ),
+        ("p.json", b'[\n{"prompt": "a"},\n{"prompt": ', r"row 2 \(line 3\): invalid JSON"),
+        # The quoted field spans two lines, so row 2 starts on line 3 and row 3 on line 5.
+        (
+            "p.csv",
+            b'prompt,label\na,1\n"b\nb",2\nc,3,extra\n',
+            r"row 3 \(line 5\): expected 2 fields",
+        ),
+    ],
+)
+def test_malformed_file_names_its_row_and_line(tokenizer, tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataValidationError, match=re.escape(name) + ", " + message):
         prompts_module(tokenizer, str(path)).setup()
 
 
-def test_truncated_json_array_names_line(tokenizer, tmp_path):
-    path = tmp_path / "p.json"
-    path.write_text('[\n{"prompt": "a"},\n{"prompt": ', encoding="utf-8")
-    with pytest.raises(DataValidationError, match=r"p\.json, row 2 \(line 3\): invalid JSON"):
-        prompts_module(tokenizer, str(path)).setup()
-
-
-def test_json_array_is_read(tokenizer, tmp_path):
-    path = tmp_path / "p.json"
-    path.write_text(json.dumps([{"prompt": f"q{i}"} for i in range(4)]), encoding="utf-8")
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("p.json", json.dumps([{"prompt": f"q{i}"} for i in range(4)]), ["q0", "q1", "q2", "q3"]),
+        ("p.csv", 'prompt,label\na,1\n"b\nb",2\n\nc,3\nd,4\n', ["a", "b\nb", "c", "d"]),
+    ],
+)
+def test_json_arrays_and_csv_rows_with_multiline_fields_are_read(
+    tokenizer, tmp_path, name, content, expected
+):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
     module = prompts_module(tokenizer, str(path))
     module.setup()
-    all_prompts = [item["prompt"] for item in module.train_items + module.eval_items]
-    assert sorted(all_prompts) == ["q0", "q1", "q2", "q3"]
-
-
-def test_ragged_csv_row_names_row_and_line(tokenizer, tmp_path):
-    path = tmp_path / "p.csv"
-    # The quoted field spans two lines, so row 2 starts on line 3 and row 3 on line 5.
-    path.write_text('prompt,label\na,1\n"b\nb",2\nc,3,extra\n', encoding="utf-8")
-    with pytest.raises(DataValidationError, match=r"p\.csv, row 3 \(line 5\): expected 2 fields"):
-        prompts_module(tokenizer, str(path)).setup()
-
-
-def test_csv_rows_and_multiline_fields(tokenizer, tmp_path):
-    path = tmp_path / "p.csv"
-    path.write_text('prompt,label\na,1\n"b\nb",2\n\nc,3\nd,4\n', encoding="utf-8")
-    module = prompts_module(tokenizer, str(path))
-    module.setup()
-    all_prompts = [item["prompt"] for item in module.train_items + module.eval_items]
-    assert sorted(all_prompts) == ["a", "b\nb", "c", "d"]
+    assert sorted(item["prompt"] for item in module.train_items + module.eval_items) == expected
 
 
 def test_missing_column_lists_found_columns(tokenizer, tmp_path):

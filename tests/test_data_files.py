@@ -10,15 +10,9 @@ from pathlib import Path
 import pytest
 
 from rlhf_lightning.data import DataValidationError, PreferenceDataModule, PromptDataModule
-from rlhf_lightning.models.tiny import build_char_tokenizer
 
 DEEP = "[" * 100_000 + "]" * 100_000  # far past Python's recursion limit
 LONG_INT = "1" * (sys.get_int_max_str_digits() + 1)  # int() refuses this many digits
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
 
 
 def prompts_module(tokenizer, path, **overrides) -> PromptDataModule:

@@ -39,13 +39,7 @@ EXACT = 1e-6  # float32 arithmetic in the code under test: ~3e-7 is the noise fl
 BIASED = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds synchronisation (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def test_the_enumeration_is_a_distribution_and_the_lm_computes_the_table():

@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from rlhf_lightning import hardware
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.hardware import Bf16Support, resolve_precision, resolve_sampling_dtype
 from rlhf_lightning.tasks.common import trainer_precision_from
+from tests.conftest import compose_config
 
 
 @pytest.fixture
@@ -32,8 +31,7 @@ def cpu_bf16(monkeypatch):
 
 
 def _cfg(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 @pytest.mark.parametrize(

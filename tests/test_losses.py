@@ -667,19 +667,17 @@ def _seq_is_inputs():
     return torch.where(SEQ_IS_MASK, old, math.nan), torch.where(SEQ_IS_MASK, sampler, math.inf)
 
 
+# The rows _seq_is_inputs' sequence ratios put outside [0.5, 2]: each real token of rows 1 and 3.
+SEQ_IS_CUT = [[0, 0, 0], [1, 1, 0], [0, 0, 0], [1, 1, 1], [0, 0, 0]]
+
+
 def test_sequence_truncated_is_weights_every_token_by_the_sequence_ratio():
     from rlhf_lightning.losses import SequenceTruncatedIS
 
     weights, cut = SequenceTruncatedIS(cap=2.0)(*_seq_is_inputs(), SEQ_IS_MASK)
     expected = [[1.0, 1.0, 0.0], [2.0, 2.0, 0.0], [0.5, 0.0, 0.0], [2.0, 2.0, 2.0], [0, 0, 0]]
     torch.testing.assert_close(weights, torch.tensor(expected))
-    assert cut.tolist() == [
-        [False, False, False],
-        [True, True, False],
-        [False, False, False],
-        [True, True, True],
-        [False, False, False],
-    ]
+    assert cut.tolist() == SEQ_IS_CUT
     assert not weights.requires_grad
     # A product equal to the cap (4, in powers of 2: exact) is the cap, and not counted as cut.
     weights, cut = SequenceTruncatedIS(cap=4.0)(*_seq_is_inputs(), SEQ_IS_MASK)
@@ -693,13 +691,7 @@ def test_sequence_masked_is_drops_whole_sequences_on_the_product_or_geometric_me
     weights, cut = SequenceMaskedIS(low=0.5, high=2.0)(old, sampler, SEQ_IS_MASK)
     kept = [[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]]  # row 2 at the bound: kept
     assert weights.tolist() == kept
-    assert cut.tolist() == [
-        [False, False, False],
-        [True, True, False],
-        [False, False, False],
-        [True, True, True],
-        [False, False, False],
-    ]
+    assert cut.tolist() == SEQ_IS_CUT
     weights, cut = SequenceMaskedIS(low=0.5, high=1.8, geometric=True)(old, sampler, SEQ_IS_MASK)
     assert weights.tolist() == [[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]]
     assert cut[1].tolist() == [True, True, False] and not cut[3].any()

@@ -10,11 +10,10 @@ score, losses and gradient norm; it takes minutes, so it is not part of the suit
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.tasks.ppo import train_ppo
+from tests.conftest import compose_config
 
 MAIN_JOB_PPO = [
     "task=ppo",
@@ -80,8 +79,7 @@ RECORDED_MOVING = {
     ids=["main", "moving"],
 )
 def test_main_job_ppo_numbers_are_unchanged(tmp_path, overrides, recorded):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*MAIN_JOB_PPO, *overrides])
+    cfg = compose_config([*MAIN_JOB_PPO, *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     final = train_ppo(cfg)["final"]

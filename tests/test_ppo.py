@@ -13,12 +13,15 @@ import torch
 from rlhf_lightning.kl import AdaptiveKLController
 from rlhf_lightning.modules.ppo import padding_stats
 from rlhf_lightning.rollout.experience import make_experience
-from rlhf_lightning.rollout.generation import Rollout, sample_responses
+from rlhf_lightning.rollout.generation import Rollout
 from rlhf_lightning.stats import Stats
 from tests.ppo_helpers import (
     fit,
+    perturb_reference,
     prompt_batch,
     replace_cfg,
+    rollout_and_experience,
+    sample_prompts,
     set_kl_coef,
     tiny_config,
     tiny_ppo_module,
@@ -26,21 +29,7 @@ from tests.ppo_helpers import (
 
 
 def _experience(module, n=16, seed=0, kl_coef=None):
-    torch.manual_seed(seed)
-    batch = prompt_batch(module.tokenizer, n)
-    rollout = sample_responses(
-        module.policy.lm,
-        module.tokenizer,
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["prompts"],
-        module.cfg.generation,
-        module.stop_token_ids,
-    )
-    scores = module.reward(rollout.prompts, rollout.responses)
-    if kl_coef is not None:
-        set_kl_coef(module, kl_coef)
-    return make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg)
+    return rollout_and_experience(module, n, seed, kl_coef)[1]
 
 
 def _grads(module) -> dict[str, torch.Tensor]:
@@ -204,7 +193,7 @@ def test_kl_coefficient_zero_gives_only_the_score_at_the_last_real_token():
     torch.testing.assert_close(exp.rewards, expected)
     # With a reference that differs and a coefficient, every real token gets -0.5 * KL_t (k1,
     # from a naive full forward of both models); padding still gets nothing.
-    from tests.test_ppo_update import naive_logprobs, perturb_reference
+    from tests.test_ppo_update import naive_logprobs
 
     perturb_reference(module)
     set_kl_coef(module, 0.5)
@@ -286,8 +275,6 @@ def test_ppo_learns_a_toy_reward_and_a_large_kl_coefficient_holds_it_back():
 def _adaptive_kl_module(cfg):
     """A module whose reference differs from the policy, with an adaptive KL coefficient that
     rises every iteration (the KL is above its tiny target)."""
-    from tests.test_ppo_update import perturb_reference
-
     module = tiny_ppo_module(cfg)
     perturb_reference(module)
     module.cfg.algorithm.kl.reward.controller = AdaptiveKLController(0.1, target=1e-4, horizon=50.0)
@@ -521,9 +508,7 @@ def test_sampler_old_logprobs_are_the_full_tempered_softmax_when_sampling_is_res
         **reshape,
     )
     module = tiny_ppo_module(cfg)
-    with torch.no_grad():  # a reference that differs, so the KL is not 0
-        for p in module.ref_lm.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_reference(module)  # a reference that differs, so the KL is not 0
     sampled = _experience(module, kl_coef=0.05)
     replace_cfg(module, "algorithm", old_logprobs="recompute")
     recomputed = _experience(module, kl_coef=0.05)
@@ -540,18 +525,7 @@ def test_sampler_old_logprobs_are_the_full_tempered_softmax_when_sampling_is_res
 def test_generation_hidden_states_give_the_forward_values():
     module = tiny_ppo_module(tiny_config(generation__stop_token="a"))
     torch.nn.init.normal_(module.policy.value_head.weight)
-    torch.manual_seed(0)
-    batch = prompt_batch(module.tokenizer, 6)
-    rollout = sample_responses(
-        module.policy.lm,
-        module.tokenizer,
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["prompts"],
-        module.cfg.generation,
-        module.stop_token_ids,
-        keep_hidden=True,
-    )
+    rollout = sample_prompts(module, 6, keep_hidden=True)
     ids = torch.cat([rollout.query_ids, rollout.response_ids], 1)
     mask = torch.cat([rollout.query_mask, rollout.response_mask.long()], 1)
     _, expected = module.policy(ids, mask, response_start=rollout.query_ids.shape[1])

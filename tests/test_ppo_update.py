@@ -20,49 +20,17 @@ import torch
 from rlhf_lightning.kl import AdaptiveKLController
 from rlhf_lightning.models.masking import position_ids_from_mask
 from rlhf_lightning.rollout.experience import make_experience
-from rlhf_lightning.rollout.generation import Rollout, sample_responses
+from rlhf_lightning.rollout.generation import Rollout
 from rlhf_lightning.stats import Stats
 from tests.ppo_helpers import (
     fit,
+    perturb_reference,
     prompt_batch,
     replace_cfg,
-    set_kl_coef,
+    rollout_and_experience,
     tiny_config,
     tiny_ppo_module,
 )
-
-
-def perturb_reference(module, scale: float = 0.05, seed: int = 1) -> None:
-    """Move the frozen reference away from the policy (a deep copy): the KL is then not 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.ref_lm.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-
-
-def rollout_and_experience(
-    module, n: int = 16, seed: int = 0, kl_coef: float | None = None, prompts=None
-):
-    """Sample from ``prompts`` (default: ``n`` prompts of one length) and make the experience."""
-    torch.manual_seed(seed)
-    if prompts is None:
-        batch = prompt_batch(module.tokenizer, n)
-    else:
-        batch = {**module.tokenizer(prompts, return_tensors="pt", padding=True), "prompts": prompts}
-    rollout = sample_responses(
-        module.policy.lm,
-        module.tokenizer,
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["prompts"],
-        module.cfg.generation,
-        module.stop_token_ids,
-    )
-    scores = module.reward(rollout.prompts, rollout.responses)
-    if kl_coef is not None:
-        set_kl_coef(module, kl_coef)
-    exp = make_experience(module.policy, module.ref_lm, rollout, scores, module.cfg)
-    return rollout, exp
 
 
 @torch.no_grad()

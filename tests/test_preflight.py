@@ -9,11 +9,9 @@ import sys
 
 import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.config import ConfigError, rm_config_from
 from rlhf_lightning.preflight import (
     RM_METRICS,
@@ -24,13 +22,11 @@ from rlhf_lightning.preflight import (
     check_trainer,
     preflight,
 )
+from tests.conftest import compose_config
 
 
 def _cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(
-            "config", overrides=["paths.output_dir=/tmp/unused", "policy=tiny", *overrides]
-        )
+    return compose_config(["paths.output_dir=/tmp/unused", "policy=tiny", *overrides])
 
 
 def _trainer(**values):

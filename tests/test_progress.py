@@ -9,13 +9,12 @@ import time
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, TensorDataset
 
 from rlhf_lightning.callbacks import ProgressLine
 from rlhf_lightning.callbacks.progress import eta_s, format_duration, status_line
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.tasks.common import build_trainer
+from tests.conftest import compose_config
 
 PHASES = ("sampling", "scoring", "experience", "update")
 
@@ -135,15 +134,13 @@ def test_validate_outside_fit_writes_one_eval_line():
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_build_trainer_installs_the_line_when_the_progress_bar_is_enabled(tmp_path, enabled):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"paths.output_dir={tmp_path}",
-                f"trainer.enable_progress_bar={str(enabled).lower()}",
-                "~logger",
-            ],
-        )
+    cfg = compose_config(
+        [
+            f"paths.output_dir={tmp_path}",
+            f"trainer.enable_progress_bar={str(enabled).lower()}",
+            "~logger",
+        ]
+    )
     trainer = build_trainer(cfg, callbacks=[])
     if enabled:
         assert isinstance(trainer.progress_bar_callback, ProgressLine)

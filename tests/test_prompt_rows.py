@@ -11,15 +11,9 @@ from omegaconf import OmegaConf
 
 from rlhf_lightning.data import DataValidationError, PromptDataModule
 from rlhf_lightning.data.tokenize import render_chat
-from rlhf_lightning.models.tiny import build_char_tokenizer
 from rlhf_lightning.rewards import CallableReward
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def tokenizer():
-    return build_char_tokenizer()  # has a minimal ChatML chat template
 
 
 def write_jsonl(path: Path, rows: list) -> str:

@@ -4,11 +4,9 @@ reward (right, wrong, malformed and empty answers). Tiny character tokenizer, no
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import reasoning_gym
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from rlhf_lightning.config import ConfigError
@@ -24,14 +22,9 @@ from rlhf_lightning.rewards.verifiers import (
     first_line,
     last_number,
 )
+from tests.conftest import compose_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 CHAIN_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
-
-
-@pytest.fixture
-def tokenizer():
-    return build_char_tokenizer()
 
 
 def chain_sum(tokenizer, **overrides) -> ReasoningGymPrompts:
@@ -131,21 +124,19 @@ def test_chat_template_turns_the_examples_into_turns(tokenizer):
 
 
 def test_shipped_configs_compose_and_build(tokenizer):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        for name in ("reasoning_gym_chain_sum", "reasoning_gym_basic_arithmetic"):
-            cfg = compose(
-                "config",
-                [
-                    f"data/prompts={name}",
-                    "data.prompts.train_size=8",
-                    "data.prompts.eval_size=4",
-                    "data.prompts.max_prompt_length=1000",
-                ],
-            )
-            module = instantiate(cfg.data.prompts, tokenizer=tokenizer, batch_size=4)
-            module.setup()
-            assert len(module.train_items) == 8 and len(module.eval_items) == 4
-            assert module.generator == cfg.data.prompts.generator
+    for name in ("reasoning_gym_chain_sum", "reasoning_gym_basic_arithmetic"):
+        cfg = compose_config(
+            [
+                f"data/prompts={name}",
+                "data.prompts.train_size=8",
+                "data.prompts.eval_size=4",
+                "data.prompts.max_prompt_length=1000",
+            ]
+        )
+        module = instantiate(cfg.data.prompts, tokenizer=tokenizer, batch_size=4)
+        module.setup()
+        assert len(module.train_items) == 8 and len(module.eval_items) == 4
+        assert module.generator == cfg.data.prompts.generator
 
 
 @pytest.mark.parametrize(
@@ -179,19 +170,16 @@ def test_bad_settings_fail_at_construction_naming_the_key(tokenizer, overrides, 
     ],
 )
 def test_the_preflight_names_a_bad_setting_by_its_key(override, key):
-    from rlhf_lightning.cli.train import CONF_DIR
     from rlhf_lightning.preflight import preflight
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                "task=ppo",
-                "paths.output_dir=/tmp/unused",
-                "data/prompts=reasoning_gym_chain_sum",
-                override,
-            ],
-        )
+    cfg = compose_config(
+        [
+            "task=ppo",
+            "paths.output_dir=/tmp/unused",
+            "data/prompts=reasoning_gym_chain_sum",
+            override,
+        ]
+    )
     with pytest.raises(ConfigError, match=f"^invalid config: {key.replace('.', '[.]')}: "):
         preflight(cfg)
 
@@ -331,8 +319,7 @@ def test_grpo_on_a_reasoning_gym_task_writes_each_held_out_score(tmp_path):
         "trainer.enable_progress_bar=false",
         "~logger",
     ]
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides)
+    cfg = compose_config(overrides)
     metric = run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
     module = instantiate(cfg.data.prompts, tokenizer=build_char_tokenizer(), batch_size=2)

@@ -14,9 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.errors import CheckpointError
 from rlhf_lightning.models._util import umask
 from rlhf_lightning.models.loading import CacheError
@@ -26,20 +24,14 @@ from rlhf_lightning.tasks import pipeline
 from rlhf_lightning.tasks.checkpoints import RECORD_KEY, ResumeCheckpoint
 from rlhf_lightning.tasks.ppo import train_ppo
 from rlhf_lightning.tasks.reward_model import train_reward_model
+from tests.conftest import TINY_BUDGET, TINY_MODELS, compose_config
 
 TINY = [
-    "policy=tiny",
-    "reward_backbone=tiny",
-    "data/prompts=tiny",
-    "data/preferences=tiny",
-    "trainer.enable_progress_bar=false",
+    *TINY_MODELS,
+    *TINY_BUDGET,
     "~logger",
     "rm.max_epochs=1",
     "rm.lr=3e-3",
-    "budget.num_iterations=2",
-    "budget.rollout_batch_size=8",
-    "budget.minibatch_size=4",
-    "budget.micro_batch_size=2",
     "algorithm.epochs=1",
     "generation.max_new_tokens=6",
 ]
@@ -49,8 +41,7 @@ RM = ["task=reward_model"]
 
 
 def _cfg(run_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={run_dir}", *TINY, *overrides])
+    return compose_config([f"paths.output_dir={run_dir}", *TINY, *overrides])
 
 
 def _state(path: Path) -> dict:

@@ -8,15 +8,14 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.data.validation import DataValidationError
 from rlhf_lightning.models import ScalarRewardModel, load_reward_tokenizer
 from rlhf_lightning.models.reward_model import score_pairs
 from rlhf_lightning.modules.reward_model import fit_normalization
 from rlhf_lightning.rewards import LearnedReward
 from rlhf_lightning.tasks.reward_model import train_reward_model
+from tests.conftest import compose_config
 
 TINY_RM = [
     "task=reward_model",
@@ -29,8 +28,7 @@ TINY_RM = [
 
 
 def _cfg(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={tmp_path}", *TINY_RM, *overrides])
+    return compose_config([f"paths.output_dir={tmp_path}", *TINY_RM, *overrides])
 
 
 @pytest.fixture(scope="module")

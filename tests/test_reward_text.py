@@ -18,20 +18,6 @@ from rlhf_lightning.models.tiny import build_char_tokenizer
 from rlhf_lightning.rewards import LearnedReward
 from tests.test_tokenize import char_ids, write_jsonl
 
-
-@pytest.fixture
-def bos_tokenizer():
-    """The tiny tokenizer adding <|im_start|> (1) before and <|im_end|> (2) after every text."""
-    from tokenizers import processors
-
-    tokenizer = build_char_tokenizer()
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|im_start|> $A <|im_end|>",
-        special_tokens=[("<|im_start|>", 1), ("<|im_end|>", 2)],
-    )
-    return tokenizer
-
-
 ROWS = [
     {"prompt": "The film was", "chosen": "good and fun.", "rejected": "slow."},
     # 12 + 1 + 41 characters: longer than max_length, so the cut matters

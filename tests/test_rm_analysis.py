@@ -8,23 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from rlhf_lightning.calibration import calibration_bins, expected_calibration_error
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.data.preferences import RewardTextFormat
 from rlhf_lightning.models import ScalarRewardModel, load_reward_tokenizer
 from rlhf_lightning.models.reward_model import score_pairs
 from rlhf_lightning.tasks.reward_model import train_reward_model
+from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-    path = REPO / "experiments" / "sentiment" / "rm_analysis.py"
-    spec = importlib.util.spec_from_file_location("rm_analysis", path)
+def _load_script(name: str = "rm_analysis"):
+    """``experiments/sentiment/<name>.py`` imported as a module."""
+    path = REPO / "experiments" / "sentiment" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -106,8 +106,7 @@ def tiny_run(tmp_path_factory):
         "rm.max_epochs=1",
         "rm.lr=3e-4",
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     train_reward_model(cfg)
     (run / ".hydra").mkdir()
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
@@ -149,11 +148,7 @@ def test_analysis_of_a_dir_that_is_not_a_run(tmp_path):
 
 
 def _load_bow():
-    path = REPO / "experiments" / "sentiment" / "bow_baseline.py"
-    spec = importlib.util.spec_from_file_location("bow_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_script("bow_baseline")
 
 
 def test_bow_count_matrix_and_valence_sum_hand_values():

@@ -8,10 +8,8 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.config import ConfigError
 from rlhf_lightning.models import load_causal_lm
 from rlhf_lightning.strategies import (
@@ -23,11 +21,11 @@ from rlhf_lightning.strategies import (
 )
 from rlhf_lightning.tasks.common import check_strategy_available, resolve_ckpt_path, strategy_name
 from rlhf_lightning.tasks.ppo import validate_ppo_setup
+from tests.conftest import compose_config
 
 
 def _cfg(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["policy=tiny", "reward=token_fraction", *overrides])
+    return compose_config(["policy=tiny", "reward=token_fraction", *overrides])
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "ddp_cpu", "gpu", "ddp", "fsdp2", "fsdp2_cpu"])
@@ -73,14 +71,10 @@ def test_fsdp2_configs_build_the_strategy_with_every_rank_in_one_data_parallel_g
     assert strategy.mesh_shape() == (2, 1) and trainer.world_size == 2
 
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=["task=ppo", "trainer=fsdp2", "trainer.num_nodes=2",
-                       "hydra/launcher=slurm", "hydra.launcher.nodes=2",
-                       "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4"],
-            return_hydra_config=True,
-        )  # fmt: skip
+    overrides = ["task=ppo", "trainer=fsdp2", "trainer.num_nodes=2",
+                 "hydra/launcher=slurm", "hydra.launcher.nodes=2",
+                 "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4"]  # fmt: skip
+    cfg = compose_config(overrides, hydra_config=True)
     assert cfg.hydra.launcher.nodes == cfg.trainer.num_nodes == 2
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == "auto"
     strategy = instantiate(cfg.trainer.strategy)

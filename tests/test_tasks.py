@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
-from rlhf_lightning.cli.train import CONF_DIR, run
+from rlhf_lightning.cli.train import run
 from rlhf_lightning.config import ConfigError
 from rlhf_lightning.models import ScalarRewardModel
+from tests.conftest import TINY_BUDGET, TINY_MODELS, compose_config
 
 
 def tokenizer_of(path):
@@ -26,16 +26,9 @@ def tokenizer_of(path):
 
 
 TINY = [
-    "policy=tiny",
-    "reward_backbone=tiny",
-    "data/prompts=tiny",
-    "data/preferences=tiny",
-    "trainer.enable_progress_bar=false",
+    *TINY_MODELS,
+    *TINY_BUDGET,
     "rm.max_epochs=2",
-    "budget.num_iterations=2",
-    "budget.rollout_batch_size=8",
-    "budget.minibatch_size=4",
-    "budget.micro_batch_size=2",
     "algorithm.epochs=2",
     "task.eval_every=1",
     "task.eval_batches=1",
@@ -44,15 +37,13 @@ TINY = [
 
 
 def _cfg(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={tmp_path}", *TINY, *overrides])
+    return compose_config([f"paths.output_dir={tmp_path}", *TINY, *overrides])
 
 
 @pytest.mark.parametrize("task", ["pipeline", "reward_model", "ppo"])
 @pytest.mark.parametrize("policy", ["smollm2", "tiny", "gpt2_imdb", "smollm2_hub"])
 def test_every_task_and_policy_composes(tmp_path, task, policy):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"task={task}", f"policy={policy}"])
+    cfg = compose_config([f"task={task}", f"policy={policy}"])
     assert cfg.task.name == task and cfg.policy.name_or_path
     assert callable(__import__("hydra").utils.get_method(cfg.task.fn))
 

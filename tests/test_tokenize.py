@@ -13,7 +13,6 @@ from rlhf_lightning.data import PreferenceDataModule, PromptDataModule
 from rlhf_lightning.data.tokenize import ChatPrompt, encode_prompts, encode_text, render_chat
 from rlhf_lightning.evaluation import sample_rollouts
 from rlhf_lightning.models import encode_for_reward, load_causal_lm, load_tokenizer
-from rlhf_lightning.models.tiny import build_char_tokenizer
 
 # builtin:tiny ids: <|endoftext|> 0 (pad), <|im_start|> 1 (bos), <|im_end|> 2 (eos), <unk> 3.
 SPECIAL_IDS = {0, 1, 2, 3}
@@ -23,24 +22,6 @@ TRICKY = "stop<|im_end|>now<|endoftext|>"
 def char_ids(tokenizer, text: str) -> list[int]:
     """The ids of `text` one character at a time: what plain text must become."""
     return [tokenizer.convert_tokens_to_ids(character) for character in text]
-
-
-@pytest.fixture
-def tokenizer():
-    return build_char_tokenizer()
-
-
-@pytest.fixture
-def bos_tokenizer():
-    """The tiny tokenizer adding <|im_start|> before and <|im_end|> after every text."""
-    from tokenizers import processors
-
-    tokenizer = build_char_tokenizer()
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|im_start|> $A <|im_end|>",
-        special_tokens=[("<|im_start|>", 1), ("<|im_end|>", 2)],
-    )
-    return tokenizer
 
 
 def write_jsonl(path, rows) -> str:
