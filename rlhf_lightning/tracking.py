@@ -81,8 +81,11 @@ METRIC_COLUMNS = {
 }
 METRIC_COLUMNS["pipeline"] = METRIC_COLUMNS["ppo"]
 # HParams-table metrics are logged as scalars under this prefix (``hparams/val/reward``), so
-# they never add a point to the training curves.
+# they never add a point to the training curves. TensorBoard keeps them under their own tag in a
+# sub-run of the stage's run (``tb/ppo/hparams``): a dot on the learning curve's card, no card
+# of its own; reading its events gives them the prefix (:func:`scalar_events`).
 METRIC_PREFIX = "hparams/"
+HPARAMS_RUN = "hparams"
 # In a sweep job's run dir: the directories (relative to it) it logs to in the sweep dir.
 LOG_DIRS_FILE = "log_dirs.txt"
 
@@ -369,16 +372,23 @@ def final_metrics(trainer, cfg: DictConfig, extra: Mapping[str, float | None] = 
 def _tensorboard_hparams(logger, params: dict, metrics: dict, step: int, differ: set) -> None:
     """The HParams-plugin records of one run: the experiment (its columns: ``params`` keys,
     those in ``differ`` marked as differing between runs, and ``metrics`` keys), the session
-    (``params`` values), and the ``metrics`` values as scalars."""
+    (``params`` values), and the ``metrics`` values as scalars of the stage's ``HPARAMS_RUN``
+    sub-run, under their own tags: on the learning curves' cards, never cards of their own."""
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
-    logger.log_metrics(metrics, step)
+    final = SummaryWriter(os.path.join(logger.log_dir, HPARAMS_RUN))
+    for tag, value in metrics.items():
+        final.add_scalar(tag, value, step)
+    final.close()
     experiment, session_start, session_end = hparams(params, metrics)
     plugin_data = experiment.value[0].metadata.plugin_data
     data = HParamsPluginData.FromString(plugin_data.content)
     for info in data.experiment.hparam_infos:
         info.differs = info.name in differ
+    for info in data.experiment.metric_infos:
+        info.name.group = HPARAMS_RUN
     plugin_data.content = data.SerializeToString()
     writer = logger.experiment._get_file_writer()  # as Lightning's own log_hyperparams
     for summary in (experiment, session_start, session_end):
@@ -404,10 +414,11 @@ def log_final_hparams(trainer, cfg: DictConfig, metrics: Mapping[str, float | No
     if "trainer.precision" in params:
         params["trainer.precision"] = str(trainer.precision)
     differ = swept_keys(hydra_cfg) | {"group"} if _is_multirun(hydra_cfg) else set()
-    logged = {METRIC_PREFIX + k: v for k, v in final_metrics(trainer, cfg, metrics).items()}
+    final = final_metrics(trainer, cfg, metrics)
+    logged = {METRIC_PREFIX + k: v for k, v in final.items()}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            _tensorboard_hparams(logger, params, logged, trainer.global_step, differ)
+            _tensorboard_hparams(logger, params, final, trainer.global_step, differ)
         else:
             logger.log_hyperparams(params)
             logger.log_metrics(logged, step=trainer.global_step)
@@ -499,16 +510,18 @@ def log_samples(logger, tag: str, rows: Sequence[Mapping[str, Any]], step: int) 
 
 def scalar_events(run_dir: str | Path) -> Iterator[tuple[str, int, float, float]]:
     """``(tag, step, wall_time, value)`` of every scalar in the event files of a run: those under
-    ``run_dir`` and under the directories it recorded (:func:`recorded_log_dirs`)."""
+    ``run_dir`` and under the directories it recorded (:func:`recorded_log_dirs`); the final
+    metrics of a TensorBoard ``HPARAMS_RUN`` with ``METRIC_PREFIX``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for directory in [Path(run_dir), *recorded_log_dirs(run_dir)]:
         for events in sorted(directory.rglob("events.out.tfevents.*")):
             accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
             accumulator.Reload()
+            prefix = METRIC_PREFIX if events.parent.name == HPARAMS_RUN else ""
             for tag in accumulator.Tags()["scalars"]:
                 for e in accumulator.Scalars(tag):
-                    yield tag, e.step, e.wall_time, e.value
+                    yield prefix + tag, e.step, e.wall_time, e.value
 
 
 def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:

@@ -10,19 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from rlhf_lightning.cli import compare
-from rlhf_lightning.cli.train import CONF_DIR
-from rlhf_lightning.tracking import ALWAYS_HPARAMS, run_hparams, run_name
+from rlhf_lightning.tracking import ALWAYS_HPARAMS, HPARAMS_RUN, run_hparams, run_name
+from tests.conftest import compose_config
 
 TINY_PPO = ["experiment=tiny_smoke", "task=ppo", "reward=token_fraction"]
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=True)
+    return compose_config(overrides, hydra_config=True)
 
 
 def _hparams_plugin_data(event_dir: Path, tag: str):
@@ -42,10 +40,20 @@ def _hparams_of(event_dir: Path) -> dict:
 
 def _columns_of(event_dir: Path) -> tuple[set[str], list[str]]:
     """The HParams table's columns declared in ``event_dir``: the hparams marked as differing
-    between runs, and the metrics in order."""
+    between runs, and the metrics in order (each read from the ``HPARAMS_RUN`` sub-run)."""
     experiment = _hparams_plugin_data(event_dir, "_hparams_/experiment").experiment
     differing = {info.name for info in experiment.hparam_infos if info.differs}
+    assert {info.name.group for info in experiment.metric_infos} == {HPARAMS_RUN}
     return differing, [info.name.tag for info in experiment.metric_infos]
+
+
+def _scalar_tags(event_dir: Path) -> dict[str, float]:
+    """The last value of every scalar tag written in ``event_dir`` itself (not below)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: acc.Scalars(tag)[-1].value for tag in acc.Tags()["scalars"]}
 
 
 def _csv_rows(capsys, *argv: str) -> list[dict]:
@@ -204,7 +212,12 @@ def test_final_hparams_reach_tensorboard_and_rlhf_compare(tmp_path, capsys, monk
     assert hparams["group"] == "algorithm.kl.reward.coef=0.0"
     differing, metrics = _columns_of(event_dir)
     assert differing == {"group", "algorithm.kl.reward.coef"}
-    assert metrics == ["hparams/val/reward", "hparams/val/kl"]  # task.metric first
+    assert metrics == ["val/reward", "val/kl"]  # task.metric first
+    # The final values are dots on the learning curves' cards (a sub-run), not cards of their own.
+    assert not any(tag.startswith("hparams") for tag in _scalar_tags(event_dir))
+    assert _scalar_tags(event_dir / HPARAMS_RUN) == pytest.approx(
+        {"val/reward": 0.3, "val/kl": 0.5}
+    )
 
     rows = _csv_rows(capsys, str(tmp_path))
     assert [r["run"] for r in rows] == ["a", "b"]
@@ -320,7 +333,9 @@ def test_ppo_kl_sweep_runs_are_compared_side_by_side(tmp_path, capsys):
     runs = sorted(p.parent.relative_to(tmp_path) for p in tmp_path.rglob("events.out.*"))
     assert [r.as_posix() for r in dict.fromkeys(runs)] == [
         "tb/algorithm.kl.reward.coef=0.0/ppo",
+        "tb/algorithm.kl.reward.coef=0.0/ppo/hparams",
         "tb/algorithm.kl.reward.coef=0.2/ppo",
+        "tb/algorithm.kl.reward.coef=0.2/ppo/hparams",
     ]
     for coef in (0.0, 0.2):
         (run,) = tmp_path.glob(f"*algorithm.kl.reward.coef={coef},*")
@@ -328,7 +343,7 @@ def test_ppo_kl_sweep_runs_are_compared_side_by_side(tmp_path, capsys):
         assert _hparams_of(event_dir)["algorithm.kl.reward.coef"] == coef
         differing, metrics = _columns_of(event_dir)
         assert differing == {"group", "algorithm.kl.reward.coef"}
-        assert metrics[:3] == [f"hparams/val/{m}" for m in ("reward", "kl", "response_length")]
+        assert metrics[:3] == [f"val/{m}" for m in ("reward", "kl", "response_length")]
         assert (run / "policy" / "model.safetensors").is_file()
     rows = _csv_rows(capsys, str(tmp_path), "--metrics", "val/reward,hparams/val/kl")
     assert [r["algorithm.kl.reward.coef"] for r in rows] == ["0.0", "0.2"]

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.tracking import (
+    HPARAMS_RUN,
     LOG_DIRS_FILE,
     SqliteStorageDir,
     build_logger,
@@ -64,7 +65,11 @@ def _sweep_job(sweep_dir: Path, num: int, overrides: list[str], params: dict):
 
 
 def _event_dirs(root: Path) -> list[str]:
-    return sorted({p.parent.relative_to(root).as_posix() for p in root.rglob("events.out.*")})
+    """The stages' TensorBoard runs under ``root`` (a stage's final-metrics sub-run in its own)."""
+    dirs = {p.parent for p in root.rglob("events.out.*")}
+    return sorted(
+        {(d.parent if d.name == HPARAMS_RUN else d).relative_to(root).as_posix() for d in dirs}
+    )
 
 
 # where runs log ---------------------------------------------------------------------------------
@@ -262,7 +267,9 @@ def test_a_ppo_run_with_the_csv_logger_writes_its_metrics_and_hparams(tmp_path):
     hparams = yaml.safe_load((tmp_path / "csv" / "ppo" / "hparams.yaml").read_text())
     assert hparams["algorithm.kl.reward.coef"] == 0.1 and hparams["reward"] == "token_fraction"
     # trainer.precision=auto as resolved on this machine (32-true without native bf16)
-    assert hparams["trainer.precision"] == resolve_precision("auto", "cpu") and len(hparams) < 31
+    assert hparams["trainer.precision"] == resolve_precision("auto", "cpu")
+    assert hparams["algorithm.policy_loss.clip_high"] == 0.2  # every value of the algorithm
+    assert not any(key.startswith(("rm.", "data.preferences")) for key in hparams)  # not PPO's
 
 
 def _wandb_records(run_file: Path) -> list:
@@ -326,3 +333,25 @@ def test_a_ppo_run_with_the_mlflow_logger_writes_a_local_store(tmp_path):
     assert run.data.params["reward"] == "token_fraction"
     metrics = run.data.metrics
     assert metrics["hparams/val/reward"] == pytest.approx(metrics["val/reward"])
+
+
+@pytest.mark.slow
+def test_tensorboards_cards_are_the_learning_curves(tmp_path):
+    """No ``epoch`` card (Lightning's, one value per iteration) and no one-point cards of final
+    metrics: those are dots of the stage's HParams sub-run on the curves' own cards."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _train(tmp_path, *TINY_PPO, "task.eval_every=1", "budget.num_iterations=2")
+    cards = {}
+    for run in (tmp_path / "tb" / "ppo", tmp_path / "tb" / "ppo" / HPARAMS_RUN):
+        accumulator = EventAccumulator(str(run), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        cards[run.name] = {tag: accumulator.Scalars(tag) for tag in accumulator.Tags()["scalars"]}
+    curves, final = cards["ppo"], cards[HPARAMS_RUN]
+    assert "epoch" not in curves and not any(tag.startswith("hparams") for tag in curves)
+    assert {"objective/score", "kl/sequence", "val/reward"} <= set(curves)
+    assert len(curves["objective/score"]) == 2 and len(curves["val/reward"]) == 3  # and iter. 0
+    assert (
+        set(final) <= set(curves)
+        and final["val/reward"][-1].value == curves["val/reward"][-1].value
+    )
