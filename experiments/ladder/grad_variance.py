@@ -1,4 +1,4 @@
-"""Variance of each preset's policy-gradient estimate at a fixed policy (the seed's claim that
+"""Variance of each preset's policy-gradient estimate at a fixed policy (the textbook claim that
 rewards-to-go, baselines and advantages reduce it, measured).
 
 For every preset: at the initial policy, draw ``--minibatches`` independent minibatches of

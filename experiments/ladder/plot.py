@@ -103,16 +103,15 @@ def main(argv=None) -> dict:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, r in runs.items():
+    for i, (name, r) in enumerate(runs.items()):
         its = [e["iteration"] for e in r["evals"]]
-        axes[0].plot(its, [e["val/reward"] for e in r["evals"]], marker="o", label=name)
-        axes[1].plot(its, [e.get("val/kl", 0.0) for e in r["evals"]], marker="o", label=name)
-        axes[2].plot(
-            [e.get("val/kl", 0.0) for e in r["evals"]],
-            [e["val/reward"] for e in r["evals"]],
-            marker="o",
-            label=name,
-        )
+        kl = [e.get("val/kl", 0.0) for e in r["evals"]]
+        reward = [e["val/reward"] for e in r["evals"]]
+        # Ten colours, then again dashed with squares: every preset its own line.
+        style = {"marker": "os"[i // 10 % 2], "linestyle": "-" if i < 10 else "--", "label": name}
+        axes[0].plot(its, reward, color=f"C{i % 10}", **style)
+        axes[1].plot(its, kl, color=f"C{i % 10}", **style)
+        axes[2].plot(kl, reward, color=f"C{i % 10}", **style)
     for ax, (x, y) in zip(
         axes,
         (("iteration", "held-out VADER"), ("iteration", "KL to reference (nats)"),
