@@ -416,12 +416,15 @@ def log_final_hparams(trainer, cfg: DictConfig, metrics: Mapping[str, float | No
     differ = swept_keys(hydra_cfg) | {"group"} if _is_multirun(hydra_cfg) else set()
     final = final_metrics(trainer, cfg, metrics)
     logged = {METRIC_PREFIX + k: v for k, v in final.items()}
+    # The step Lightning logs the curves at (PPO: iterations; the reward model: optimizer steps),
+    # so that a final value is a dot at the end of its curve.
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            _tensorboard_hparams(logger, params, final, trainer.global_step, differ)
+            _tensorboard_hparams(logger, params, final, step, differ)
         else:
             logger.log_hyperparams(params)
-            logger.log_metrics(logged, step=trainer.global_step)
+            logger.log_metrics(logged, step=step)
         logger.finalize("success")  # fit closed the writers: flush what was written since
     return logged
 
