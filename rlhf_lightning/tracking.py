@@ -296,7 +296,7 @@ def config_values(cfg: DictConfig, section: str) -> dict[str, Any]:
     if node is _SKIP:
         return {}
     if not isinstance(node, DictConfig):
-        return {section: _plain(node)}
+        return {section: _hparam_value(cfg, section, {}, {})}
     values: dict[str, Any] = {}
     for name in node:
         key = f"{section}.{name}"
@@ -310,10 +310,6 @@ def config_values(cfg: DictConfig, section: str) -> dict[str, Any]:
         if value is not _SKIP:
             values[key] = value
     return values
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
 
 
 def run_hparams(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> dict[str, Any]:
