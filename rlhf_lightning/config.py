@@ -352,6 +352,9 @@ class Cadence:
     """Evaluate on held-out prompts every N iterations (0: never)."""
     eval_batches: int | None = 2
     """Held-out batches per evaluation (null: all)."""
+    eval_before: bool = True
+    """Also evaluate the starting policy, before the first iteration (the run's baseline). A
+    sweep whose runs start from one policy and sample it with one seed needs that number once."""
     sample_table_every: int = 5
     """Log a table of prompts, responses and scores every N iterations (0: never)."""
     checkpoint_every: int = 1

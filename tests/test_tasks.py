@@ -120,6 +120,20 @@ def test_bad_config_fails_before_any_model_loads(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("before", [True, False])
+def test_the_starting_policy_is_evaluated_first_unless_told_not_to(tmp_path, before):
+    from rlhf_lightning.tasks.ppo import train_ppo
+
+    cfg = _cfg(
+        tmp_path, "task=ppo", "reward=token_fraction", "~logger", "budget.num_iterations=1",
+        f"task.eval_before={str(before).lower()}",
+    )  # fmt: skip
+    result = train_ppo(cfg)
+    assert ("val/reward" in result["baseline"]) is before
+    assert bool(result["baseline_samples"]) is before
+    assert "val/reward" in result["final"]
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     cfg = _cfg(tmp_path, "task=ppo", "reward=token_fraction", "ckpt_path=last")
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*last.ckpt"):

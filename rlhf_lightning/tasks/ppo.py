@@ -287,7 +287,7 @@ def train_ppo(cfg: DictConfig, stage_dir: str | None = None) -> dict:
         policy_lora=asdict(options.lora) if options.lora else None,
     )
     baseline, baseline_samples = {}, []
-    if cadence.eval_every and ckpt_path is None:
+    if cadence.eval_every and cadence.eval_before and ckpt_path is None:
         trainer.validate(module, datamodule, verbose=False)
         baseline = {k: float(v) for k, v in trainer.callback_metrics.items()}
         baseline_samples = list(module.val_samples)
