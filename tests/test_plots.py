@@ -103,3 +103,51 @@ def test_kl_sweep_plot_default_and_out(tmp_path, capsys, experiments_untouched):
     plot.main([str(other), "--out", str(tmp_path / "figures")])
     assert (tmp_path / "figures" / "reward_vs_kl.png").stat().st_size > 0
     assert not (other / "plots").exists()
+
+
+def _write_family_run(run_dir: Path, preset: str, seed: int, accuracy: dict, scores: list) -> None:
+    """A run of ``experiment=verifiable_family`` as it leaves its dir: ``val/reward`` per
+    evaluation, ``heldout.jsonl``, ``.hydra/config.yaml``."""
+    import json
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    for step, value in accuracy.items():
+        writer.add_scalar("val/reward", value, step)
+    writer.close()
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nalgorithm:\n  name: {preset}\n")
+    rows = [json.dumps({"prompt": f"q{i}", "reward": s}) for i, s in enumerate(scores)]
+    (run_dir / "heldout.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def test_family_table_groups_presets_over_seeds_against_the_start(tmp_path, experiments_untouched):
+    family = _load("verifiable/family.py")
+    # Holm: p sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04)
+    assert family.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    right = [1.0] * 8 + [0.0] * 2  # 10 problems
+    wrong = [0.0] * 10
+    for seed, final in enumerate((0.6, 0.7, 0.8)):
+        _write_family_run(tmp_path / "a" / f"{seed}", "good", seed, {4: 0.5, 8: final}, right)
+        _write_family_run(tmp_path / "b" / f"{seed}", "bad", seed, {4: 0.1, 8: 0.0}, wrong)
+    (tmp_path / "c" / ".hydra").mkdir(parents=True)  # a run that did not finish: no heldout.jsonl
+    (tmp_path / "c" / ".hydra" / "config.yaml").write_text("seed: 0\nalgorithm:\n  name: bad\n")
+    base = tmp_path / "base.jsonl"
+    base.write_text("".join(f'{{"reward": {s}}}\n' for s in [1.0] * 2 + [0.0] * 8))
+    out = tmp_path / "out"
+    summary = family.main(
+        [str(tmp_path / d) for d in "abc"] + ["--base", str(base), "--out", str(out)]
+    )
+    good, bad = summary["presets"]["good"], summary["presets"]["bad"]
+    assert good["seeds"] == bad["seeds"] == [0, 1, 2]
+    final = good["by_iteration"][8]  # mean 0.7, t(2) 0.975-quantile 4.303 x sd 0.1 / sqrt(3)
+    assert final["mean"] == pytest.approx(0.7)
+    assert final["high"] - final["mean"] == pytest.approx(4.3027 * 0.1 / 3**0.5, rel=1e-3)
+    assert good["change_from_base"]["diff"] == pytest.approx(0.6)  # 0.8 - 0.2, problem by problem
+    assert bad["change_from_base"]["diff"] == pytest.approx(-0.2)
+    (pair,) = summary["pairs"]
+    assert (pair["a"], pair["b"]) == ("good", "bad")
+    assert pair["bootstrap"]["diff"] == pytest.approx(0.8)
+    assert pair["bootstrap_p_holm"] < 0.05
+    assert (out / "family.png").is_file() and (out / "family.json").is_file()

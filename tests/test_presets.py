@@ -28,6 +28,26 @@ def test_the_ladder_experiment_sweeps_every_preset_once():
     assert sorted(ladder) == PRESETS
 
 
+def test_the_family_experiment_gives_every_preset_equal_samples_and_steps():
+    """``experiment=verifiable_family``: each preset it sweeps samples the same responses and
+    takes the same optimizer steps (the preset's own epochs are overridden), and no run
+    re-measures the starting policy."""
+    from tests.conftest import compose_config
+
+    sweep = compose_config(["experiment=verifiable_family"], hydra_config=True)
+    presets = str(sweep.hydra.sweeper.params.algorithm).split(",")
+    assert presets and set(presets) <= set(PRESETS)
+    budgets = set()
+    for preset in presets:
+        cfg = compose_config(["experiment=verifiable_family", f"algorithm={preset}"])
+        b = cfg.budget
+        budgets.add(
+            (b.num_iterations, b.rollout_batch_size, b.minibatch_size, cfg.algorithm.epochs)
+        )
+        assert cfg.task.eval_before is False and cfg.reward._target_.endswith("ReasoningGymReward")
+    assert budgets == {(8, 32, 16, 2)}  # 256 responses, 8 x 2 epochs x 2 minibatches = 32 steps
+
+
 @pytest.mark.slow
 def test_every_preset_runs_through_rlhf_train_and_raises_a_toy_reward(tmp_path):
     """One sweep over the presets (``rlhf-train -m algorithm=...``): each job learns to write

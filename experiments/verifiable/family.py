@@ -1,0 +1,195 @@
+"""The family on the verifiable task: held-out accuracy of each preset over seeds, with intervals.
+
+Reads every run under the given sweep directories (``rlhf-train experiment=verifiable_family``),
+groups them by ``algorithm.name``, and takes each run's held-out accuracy at each evaluation
+(``val/reward`` in TensorBoard) and its per-problem scores at the last one (``heldout.jsonl``).
+The starting policy's accuracy comes from ``rlhf-eval --samples`` files (``--base``, one per
+seed). Prints two markdown tables and writes ``family.png`` and ``family.json`` into ``--out``:
+
+- per preset: the seeds, the accuracy at each evaluation as the mean over seeds with its 95 %
+  t-interval, the final accuracy's interval over seeds x problems (crossed bootstrap), and the
+  change from the starting policy with its interval and p-value (crossed bootstrap over seeds x
+  problems: the same 200 problems in every run);
+- every two presets: the difference of their final accuracies, its interval and p-value, over
+  seeds (Welch) and over seeds x problems (crossed bootstrap), and the Holm-adjusted p-value of
+  the bootstrap test over all the pairs; "differ" when that adjusted p is below 0.05.
+
+    python experiments/verifiable/family.py outputs/family/lane_a outputs/family/lane_b \
+        --base outputs/family/base_seed{0,1,2}.jsonl --out outputs/family
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from rlhf_lightning.significance import (
+    crossed_bootstrap_difference,
+    crossed_bootstrap_interval,
+    t_interval,
+    welch_test,
+)
+from rlhf_lightning.tracking import eval_rows, read_scalars
+
+
+def per_problem(path: Path) -> list[float]:
+    """The ``reward`` of every row of a JSON-lines file (``heldout.jsonl``, ``rlhf-eval
+    --samples``), in file order."""
+    return [float(json.loads(line)["reward"]) for line in path.read_text().splitlines() if line]
+
+
+def runs_by_preset(paths: list[Path]) -> dict[str, list[dict]]:
+    """preset -> its runs, each ``{"seed", "evals": {iteration: accuracy}, "scores": [...]}``."""
+    presets: dict[str, list[dict]] = {}
+    for path in paths:
+        for config_file in sorted(path.rglob(".hydra/config.yaml")):
+            run_dir = config_file.parent.parent
+            config = OmegaConf.load(config_file)
+            heldout = run_dir / "heldout.jsonl"
+            if not heldout.is_file():  # a run that did not finish
+                continue
+            evals = {
+                int(row["iteration"]): row["val/reward"]
+                for row in eval_rows(read_scalars(run_dir))
+                if "val/reward" in row
+            }
+            presets.setdefault(str(config.algorithm.name), []).append(
+                {"seed": int(config.seed), "evals": evals, "scores": per_problem(heldout)}
+            )
+    return {name: sorted(runs, key=lambda r: r["seed"]) for name, runs in presets.items()}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def summarize(presets: dict[str, list[dict]], base: list[list[float]], base_seeds: str) -> dict:
+    iterations = sorted({it for runs in presets.values() for r in runs for it in r["evals"]})
+    base_means = [sum(scores) / len(scores) for scores in base]
+    rows = {}
+    for name, runs in presets.items():
+        matrix = [r["scores"] for r in runs]
+        change = crossed_bootstrap_difference(matrix, base)
+        rows[name] = {
+            "seeds": [r["seed"] for r in runs],
+            "by_iteration": {
+                it: vars(t_interval([r["evals"][it] for r in runs if it in r["evals"]]))
+                for it in iterations
+            },
+            "final_seeds_x_problems": vars(crossed_bootstrap_interval(matrix)),
+            "change_from_base": vars(change),
+        }
+    names = list(presets)
+    pairs = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            final_a = [r["evals"][iterations[-1]] for r in presets[a]]
+            final_b = [r["evals"][iterations[-1]] for r in presets[b]]
+            boot = crossed_bootstrap_difference(
+                [r["scores"] for r in presets[a]], [r["scores"] for r in presets[b]]
+            )
+            welch = welch_test(final_a, final_b)
+            pairs.append({"a": a, "b": b, "welch": vars(welch), "bootstrap": vars(boot)})
+    for pair, adjusted in zip(pairs, holm([p["bootstrap"]["p"] for p in pairs]), strict=True):
+        pair["bootstrap_p_holm"] = adjusted
+    return {
+        "base": {"seeds": vars(t_interval(base_means)), "seeds_x_problems": vars(
+            crossed_bootstrap_interval(base))},
+        "base_seeds": base_seeds,
+        "presets": rows,
+        "pairs": pairs,
+    }  # fmt: skip
+
+
+def markdown(summary: dict) -> str:
+    presets = summary["presets"]
+    iterations = sorted({int(it) for row in presets.values() for it in row["by_iteration"]})
+    base = summary["base"]
+    head = ["preset", "seeds", *(f"iteration {it} (seeds)" for it in iterations)]
+    head += ["final (seeds x problems)", "change from start [95%]", "p"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    start = [f"starting policy ({interval_of(base['seeds'])} over seeds)", summary["base_seeds"]]
+    start += ["-" for _ in iterations] + [interval_of(base["seeds_x_problems"]), "-", "-"]
+    lines.append("| " + " | ".join(start) + " |")
+    for name, row in presets.items():
+        cells = [name, " ".join(map(str, row["seeds"]))]
+        cells += [interval_of(row["by_iteration"][it]) for it in iterations]
+        change = row["change_from_base"]
+        cells += [interval_of(row["final_seeds_x_problems"]), difference(change)]
+        cells.append(f"{change['p']:.3g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    head = ["a", "b", "a - b (seeds, Welch)", "p", "a - b (seeds x problems)", "p", "Holm p"]
+    lines += ["", "| " + " | ".join([*head, "differ"]) + " |", "|" + "---|" * 8]
+    for pair in summary["pairs"]:
+        w, b, adjusted = pair["welch"], pair["bootstrap"], pair["bootstrap_p_holm"]
+        cells = [pair["a"], pair["b"], difference(w), f"{w['p']:.3g}", difference(b)]
+        cells += [f"{b['p']:.3g}", f"{adjusted:.3g}", "yes" if adjusted < 0.05 else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def interval_of(i: dict) -> str:
+    return f"{i['mean']:.3f} [{i['low']:.3f}, {i['high']:.3f}]"
+
+
+def difference(d: dict) -> str:
+    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base = summary["base"]["seeds"]
+    names = list(summary["presets"])
+    for k, (name, row) in enumerate(summary["presets"].items()):
+        shift = (k - (len(names) - 1) / 2) * 0.12  # side by side at each iteration
+        points = [(0, base), *((int(it), v) for it, v in row["by_iteration"].items())]
+        xs = [it + shift for it, _ in points]
+        means = [v["mean"] for _, v in points]
+        below = [v["mean"] - v["low"] for _, v in points]
+        errors = [below, [v["high"] - v["mean"] for _, v in points]]
+        ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=name)
+    ax.set_xlabel("iteration (4 optimizer steps, 32 sampled responses each)")
+    ax.set_ylabel("held-out accuracy (200 problems)")
+    ax.set_title("chain_sum, SmolLM2-135M: mean over seeds, 95% t-interval")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweeps", nargs="+", type=Path, help="sweep directories")
+    parser.add_argument(
+        "--base",
+        nargs="+",
+        type=Path,
+        required=True,
+        help="rlhf-eval --samples files of the starting policy, one per seed",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="directory for the png and json")
+    args = parser.parse_args(argv)  # fmt: skip
+    base = [per_problem(p) for p in args.base]
+    summary = summarize(runs_by_preset(args.sweeps), base, " ".join(p.stem for p in args.base))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "family.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, args.out / "family.png")
+    print(markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
