@@ -149,5 +149,6 @@ def test_family_table_groups_presets_over_seeds_against_the_start(tmp_path, expe
     (pair,) = summary["pairs"]
     assert (pair["a"], pair["b"]) == ("good", "bad")
     assert pair["bootstrap"]["diff"] == pytest.approx(0.8)
-    assert pair["bootstrap_p_holm"] < 0.05
+    assert pair["bootstrap_p_holm"] < 0.05 and pair["welch_p_holm"] < 0.05
+    assert family.verdict(pair) == "yes"
     assert (out / "family.png").is_file() and (out / "family.json").is_file()
