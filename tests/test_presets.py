@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_lightning.cli.train import CONF_DIR
-from rlhf_lightning.tracking import read_scalars
+from rlhf_lightning.scalars import read_scalars
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from rlhf_lightning.cli import compare
-from rlhf_lightning.tracking import ALWAYS_HPARAMS, HPARAMS_RUN, run_hparams, run_name
+from rlhf_lightning.hparams import ALWAYS_HPARAMS, HPARAMS_RUN, run_hparams
+from rlhf_lightning.tracking import run_name
 from tests.conftest import compose_config
 
 TINY_PPO = ["experiment=tiny_smoke", "task=ppo", "reward=token_fraction"]
@@ -177,7 +178,8 @@ def _fake_sweep_job(sweep_dir: Path, job: str, kl_coef: float, rewards: list[flo
     import lightning as L
     from hydra.core.hydra_config import HydraConfig
 
-    from rlhf_lightning.tracking import build_logger, log_final_hparams
+    from rlhf_lightning.hparams import log_final_hparams
+    from rlhf_lightning.tracking import build_logger
 
     overrides = ["task=ppo", "policy=tiny", f"algorithm.kl.reward.coef={kl_coef}"]
     cfg = _compose(*overrides)

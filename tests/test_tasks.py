@@ -80,7 +80,7 @@ def test_tiny_pipeline_runs_end_to_end_and_exports(tmp_path):
     args = build_parser().parse_args([str(tmp_path / "policy"), "--max-new-tokens", "5"])
     assert generation_config_from(args, str(tmp_path / "policy")).max_new_tokens == 5
     # Each stage is its own TensorBoard run (steps start at 0 in each, val/ metrics not mixed).
-    from rlhf_lightning.tracking import read_scalars
+    from rlhf_lightning.scalars import read_scalars
 
     rm_scalars, ppo_scalars = (read_scalars(tmp_path / "tb" / s) for s in ("reward_model", "ppo"))
     assert "val/accuracy" in rm_scalars and "val/reward" not in rm_scalars

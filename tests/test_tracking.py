@@ -17,15 +17,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 
 from rlhf_lightning.cli.train import CONF_DIR
-from rlhf_lightning.tracking import (
-    HPARAMS_RUN,
-    LOG_DIRS_FILE,
-    SqliteStorageDir,
-    build_logger,
-    log_samples,
-    markdown_table,
-    read_scalars,
-)
+from rlhf_lightning.hparams import HPARAMS_RUN
+from rlhf_lightning.samples import log_samples, markdown_table
+from rlhf_lightning.scalars import read_scalars
+from rlhf_lightning.tracking import LOG_DIRS_FILE, SqliteStorageDir, build_logger
 
 TINY_PPO = ["experiment=tiny_smoke", "task=ppo", "reward=token_fraction"]
 ROWS = [

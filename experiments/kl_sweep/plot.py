@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from rlhf_lightning.tracking import eval_rows, read_scalars  # noqa: E402
+from rlhf_lightning.scalars import eval_rows, read_scalars  # noqa: E402
 
 
 def find_run_dirs(paths: list[Path]) -> list[Path]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from presets import ladder_presets
 
-from rlhf_lightning.tracking import eval_rows, read_scalars
+from rlhf_lightning.scalars import eval_rows, read_scalars
 
 ORDER = ladder_presets()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rlhf_lightning.tracking import eval_rows, read_scalars
+from rlhf_lightning.scalars import eval_rows, read_scalars
 
 
 def runs_under(paths: list[Path]) -> list[Path]:

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rlhf_lightning.tracking import EVAL_METRICS, eval_rows, read_scalars  # noqa: E402
+from rlhf_lightning.scalars import EVAL_METRICS, eval_rows, read_scalars  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

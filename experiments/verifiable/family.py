@@ -28,13 +28,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from rlhf_lightning.scalars import eval_rows, read_scalars
 from rlhf_lightning.significance import (
     crossed_bootstrap_difference,
     crossed_bootstrap_interval,
     t_interval,
     welch_test,
 )
-from rlhf_lightning.tracking import eval_rows, read_scalars
 
 
 def per_problem(path: Path) -> list[float]:

@@ -3,7 +3,7 @@
 A run is a directory with ``.hydra/overrides.yaml`` (what Hydra writes for every job). Each
 metric's value is the last one the run logged to TensorBoard (highest step, then latest write),
 in its run dir or, for a sweep's job, in the sweep dir's ``tb/<swept values>/``
-(``rlhf_lightning.tracking.scalar_events``).
+(``rlhf_lightning.scalars.scalar_events``).
 
 Three tables (``--format md`` prints every one that applies; ``--format csv`` the one named by
 ``--table``):
@@ -40,6 +40,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from rlhf_lightning.scalars import scalar_events
 from rlhf_lightning.significance import (
     Difference,
     Interval,
@@ -48,7 +49,7 @@ from rlhf_lightning.significance import (
     t_interval,
     welch_test,
 )
-from rlhf_lightning.tracking import SEED_KEY, group_name, scalar_events
+from rlhf_lightning.tracking import SEED_KEY, group_name
 
 
 @dataclass

@@ -64,9 +64,9 @@ from rlhf_lightning.rollout.generation import (
     sampling_copy,
     select_rows,
 )
+from rlhf_lightning.samples import log_samples
 from rlhf_lightning.stats import Stats, agreed_error, all_ranks_sum, any_rank, world_size
 from rlhf_lightning.strategies import gathered_weights, global_grad_norm, is_sharded, shard_policy
-from rlhf_lightning.tracking import log_samples
 
 EVAL_SEED = 1234
 
@@ -584,7 +584,7 @@ class PPOModule(L.LightningModule):
 
     def log_samples(self, tag, prompts, responses, scores, kl, gold=None) -> None:
         """The first 8 samples (prompt, response, score, KL[, gold]) to every logger: a table
-        where the logger has one, else JSON lines (``tracking.log_samples``)."""
+        where the logger has one, else JSON lines (``samples.log_samples``)."""
         columns = {"prompt": prompts, "response": responses, "score": scores, "kl": kl}
         if gold is not None:
             columns["gold"] = gold

@@ -29,6 +29,7 @@ from rlhf_lightning.config import (
     rl_config_from,
 )
 from rlhf_lightning.data.tokenize import has_chat_template
+from rlhf_lightning.hparams import log_final_hparams
 from rlhf_lightning.models import load_reward_tokenizer
 from rlhf_lightning.models.adapters import (
     AdaptersDisabled,
@@ -61,7 +62,6 @@ from rlhf_lightning.tasks.common import (
     strategy_name,
     task_metric,
 )
-from rlhf_lightning.tracking import log_final_hparams
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from rlhf_lightning.config import ConfigError, rm_config_from
+from rlhf_lightning.hparams import log_final_hparams
 from rlhf_lightning.models import ScalarRewardModel, load_tokenizer
 from rlhf_lightning.models._util import honour_umask
 from rlhf_lightning.models.loading import check_cache_writable
@@ -45,7 +46,6 @@ from rlhf_lightning.tasks.common import (
     run_dir,
     task_metric,
 )
-from rlhf_lightning.tracking import log_final_hparams
 
 log = logging.getLogger(__name__)
 
