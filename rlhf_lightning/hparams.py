@@ -70,7 +70,7 @@ METRIC_COLUMNS["pipeline"] = METRIC_COLUMNS["ppo"]
 # HParams-table metrics are logged as scalars under this prefix (``hparams/val/reward``), so
 # they never add a point to the training curves. TensorBoard keeps them under their own tag in a
 # sub-run of the stage's run (``tb/ppo/hparams``): a dot on the learning curve's card, no card
-# of its own; reading its events gives them the prefix (:func:`scalar_events`).
+# of its own; reading its events gives them the prefix (`rlhf_lightning.scalars.scalar_events`).
 METRIC_PREFIX = "hparams/"
 HPARAMS_RUN = "hparams"
 _SKIP = object()
