@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,9 @@ def test_family_table_groups_presets_over_seeds_against_the_start(tmp_path, expe
     family = _load("verifiable/family.py")
     # Holm: p sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04)
     assert family.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = family.holm([0.01, math.nan, 0.04, 0.03])  # no test (one seed): not counted
+    assert math.isnan(adjusted[1])
+    assert [adjusted[i] for i in (0, 2, 3)] == pytest.approx([0.03, 0.06, 0.06])
     right = [1.0] * 8 + [0.0] * 2  # 10 problems
     wrong = [0.0] * 10
     for seed, final in enumerate((0.6, 0.7, 0.8)):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -65,11 +66,13 @@ def runs_by_preset(paths: list[Path]) -> dict[str, list[dict]]:
 
 
 def holm(p_values: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values, in the order given."""
-    order = sorted(range(len(p_values)), key=p_values.__getitem__)
-    adjusted, running = [0.0] * len(p_values), 0.0
+    """Holm-Bonferroni adjusted p-values, in the order given; a NaN (no test: one seed) stays NaN
+    and does not count among the tests."""
+    tested = [i for i, p in enumerate(p_values) if not math.isnan(p)]
+    order = sorted(tested, key=p_values.__getitem__)
+    adjusted, running = [math.nan] * len(p_values), 0.0
     for rank, index in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        running = max(running, min(1.0, (len(order) - rank) * p_values[index]))
         adjusted[index] = running
     return adjusted
 
