@@ -131,7 +131,7 @@ def markdown(summary: dict) -> str:
         cells += [interval_of(row["by_iteration"][it]) for it in iterations]
         change = row["change_from_base"]
         cells += [interval_of(row["final_seeds_x_problems"]), difference(change)]
-        cells.append(f"{change['p']:.3g}")
+        cells.append(p_text(change["p"]))
         lines.append("| " + " | ".join(cells) + " |")
     head = ["a", "b", "a - b (seeds)", "Welch p (Holm)", "a - b (seeds x problems)"]
     head += ["bootstrap p (Holm)", "differ"]
@@ -139,7 +139,8 @@ def markdown(summary: dict) -> str:
     for pair in summary["pairs"]:
         w, b = pair["welch"], pair["bootstrap"]
         cells = [pair["a"], pair["b"], difference(w), f"{w['p']:.3g} ({pair['welch_p_holm']:.3g})"]
-        cells += [difference(b), f"{b['p']:.3g} ({pair['bootstrap_p_holm']:.3g})", verdict(pair)]
+        cells += [difference(b), f"{p_text(b['p'])} ({p_text(pair['bootstrap_p_holm'])})"]
+        cells.append(verdict(pair))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -153,6 +154,11 @@ def verdict(pair: dict) -> str:
     when the test over seeds x problems does and the one over seeds does not; else "no"."""
     welch, boot = pair["welch_p_holm"] < 0.05, pair["bootstrap_p_holm"] < 0.05
     return "yes" if welch and boot else "bootstrap only" if boot else "no"
+
+
+def p_text(p: float) -> str:
+    """A p-value; a bootstrap's 0 as below one in its 2000 resamples."""
+    return "< 0.0005" if p == 0 else f"{p:.3g}"
 
 
 def difference(d: dict) -> str:
