@@ -44,16 +44,7 @@ from rlhf_lightning.data.tokenize import encode_prompts
 from rlhf_lightning.kl import sequence_kl
 from rlhf_lightning.models import load_causal_lm, load_tokenizer
 from rlhf_lightning.models.adapters import inject_lora, merged_copy
-from rlhf_lightning.rewards import (
-    CallableReward,
-    ClassifierReward,
-    LearnedReward,
-    ReasoningGymReward,
-    RewardSource,
-    TokenFractionReward,
-    VaderReward,
-)
-from rlhf_lightning.rewards.verifiers import EXTRACTORS
+from rlhf_lightning.rewards import RewardSource
 from rlhf_lightning.rollout.experience import response_logprobs
 from rlhf_lightning.rollout.generation import Rollout, resolve_stop_token_ids, sample_responses
 
@@ -61,14 +52,6 @@ CHECKPOINT_SUFFIX = ".ckpt"
 # Metrics that get a bootstrap interval over prompts besides their standard error.
 INTERVAL_METRICS = ("reward", "reference_reward", "gold_score", "reference_gold_score", "win_rate")
 POLICY_LM_PREFIX = "policy.lm."
-REWARD_SPEC_FORMS = (
-    "vader",
-    "learned:DIR",
-    "classifier:NAME_OR_DIR[:LABEL]",
-    "token_fraction:C",
-    "python:pkg.mod:fn",
-    "reasoning_gym[:first_line|last_number|answer_tag]",
-)
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -200,33 +183,6 @@ def read_prompts(path: str) -> list[str]:
     """The prompts of `read_prompt_rows` (a ``.jsonl`` file's ``prompt`` fields, or the non-empty
     lines of a text file)."""
     return read_prompt_rows(path)[0]
-
-
-def reward_from_spec(spec: str) -> RewardSource:
-    """A reward source from a short spec; the forms are listed in ``REWARD_SPEC_FORMS``.
-
-    ``vader``; ``learned:DIR`` (a saved reward model); ``classifier:NAME_OR_DIR[:LABEL]`` (the
-    logit of LABEL, default POSITIVE); ``token_fraction:C``; ``python:pkg.mod:fn``;
-    ``reasoning_gym[:EXTRACT]`` (the verifier of a reasoning-gym prompt's problem, the answer
-    read by ``EXTRACT``, default ``first_line``).
-    """
-    kind, _, arg = spec.partition(":")
-    if kind == "vader" and not arg:
-        return VaderReward()
-    if kind == "learned" and arg:
-        return LearnedReward(arg)
-    if kind == "classifier" and arg:
-        name, _, label = arg.rpartition(":")
-        if name in ("", "builtin"):  # no label given (or it was the builtin: prefix)
-            return ClassifierReward(arg)
-        return ClassifierReward(name, label=label)
-    if kind == "token_fraction" and arg:
-        return TokenFractionReward(arg)
-    if kind == "python" and arg:
-        return CallableReward(arg)
-    if kind == "reasoning_gym" and arg in ("", *EXTRACTORS):
-        return ReasoningGymReward(EXTRACTORS[arg or "first_line"])
-    raise ValueError(f"bad reward spec {spec!r}; use one of: {', '.join(REWARD_SPEC_FORMS)}")
 
 
 # -------------------------------------------------------------------------------- generation

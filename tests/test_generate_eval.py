@@ -10,6 +10,7 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from rlhf_lightning.cli import evaluate as eval_cli
 from rlhf_lightning.cli import generate as generate_cli
+from rlhf_lightning.cli.evaluate import reward_from_config
 from rlhf_lightning.config import GenerationConfig
 from rlhf_lightning.evaluation import (
     bootstrap_ci,
@@ -20,7 +21,6 @@ from rlhf_lightning.evaluation import (
     policy_reference_kl,
     read_prompt_rows,
     read_prompts,
-    reward_from_spec,
     sample_rollouts,
     std_error,
     win_rate,
@@ -310,16 +310,33 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
         load_policy_for_inference(str(tmp_path / "nope") + "/")
 
 
-# ---------------------------------------------------------------------------- reward specs
-def test_reward_from_spec(tmp_path):
-    assert isinstance(reward_from_spec("vader"), VaderReward)
-    assert reward_from_spec("token_fraction:e").target == "e"
-    python = reward_from_spec("python:tests.test_generate_eval:length_reward")
+# -------------------------------------------------------------------------- reward configs
+def test_rewards_are_the_configs_of_conf_reward_with_overrides():
+    from rlhf_lightning.rewards.verifiers import ReasoningGymReward, last_number
+
+    assert isinstance(reward_from_config(["vader"]), VaderReward)
+    assert reward_from_config(["token_fraction", "target=e"]).target == "e"
+    python = reward_from_config(["python", "fn=tests.test_generate_eval:length_reward"])
     assert isinstance(python, CallableReward)
     assert python(["p", "q"], ["ab", ""]).tolist() == [2.0, 0.0]
-    for bad in ("vaderx", "learned:", "token_fraction:", "nonsense:x", "vader:x"):
-        with pytest.raises(ValueError, match=r"bad reward spec.*learned:DIR.*python:pkg"):
-            reward_from_spec(bad)
+    extract = "extract._target_=rlhf_lightning.rewards.verifiers.last_number"
+    verifier = reward_from_config(["reasoning_gym", extract, "partial_credit=true"])
+    assert isinstance(verifier, ReasoningGymReward) and verifier.partial_credit
+    assert verifier.extract.func is last_number
+    bad = {
+        ("vaderx",): "--reward vaderx: no config 'vaderx' in conf/reward/; one of: .*vader",
+        ("learned",): "--reward learned: path is required",
+        ("vader", "bogus=1"): "--reward vader bogus=1: .*bogus",
+        (
+            "token_fraction",
+            "target=ee",
+        ): "--reward token_fraction target=ee: target: must be a single character",
+    }
+    for spec, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            reward_from_config(list(spec))
+    with pytest.raises(ValueError, match="--gold python fn=no.such:fn: cannot import"):
+        reward_from_config(["python", "fn=no.such:fn"], "--gold")
 
 
 def test_classifier_spec_with_and_without_label(tmp_path, tiny_model_dir):
@@ -329,9 +346,10 @@ def test_classifier_spec_with_and_without_label(tmp_path, tiny_model_dir):
     config.id2label, config.label2id = {0: "NEG", 1: "POS"}, {"NEG": 0, "POS": 1}
     LlamaForSequenceClassification(config).save_pretrained(tmp_path)
     load_tokenizer(tiny_model_dir).save_pretrained(tmp_path)
-    assert reward_from_spec(f"classifier:{tmp_path}:POS").label_id == 1
+    spec = ["classifier_imdb", f"name_or_path={tmp_path}"]
+    assert reward_from_config([*spec, "label=POS"]).label_id == 1
     with pytest.raises(ValueError, match="label 'POSITIVE' is not a class"):
-        reward_from_spec(f"classifier:{tmp_path}")
+        reward_from_config(spec)
 
 
 def test_read_prompts(tmp_path):
@@ -395,7 +413,15 @@ def test_rlhf_generate_usage_errors(tiny_model_dir, tmp_path, capsys):
 def test_rlhf_eval_end_to_end(tiny_model_dir, other_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
     argv = [str(tiny_model_dir), "--prompts", "shipped:sentiment/data/tiny_prompts.jsonl"]
-    argv += ["--reference", str(other_dir), "--reward", "token_fraction:e", "--gold", "vader"]
+    argv += [
+        "--reference",
+        str(other_dir),
+        "--reward",
+        "token_fraction",
+        "target=e",
+        "--gold",
+        "vader",
+    ]
     argv += ["--num-prompts", "5", "--max-new-tokens", "5", "--batch-size", "2"]
     samples_file = tmp_path / "samples.jsonl"
     eval_cli.main([*argv, "--output", str(out), "--samples", str(samples_file)])
@@ -440,7 +466,7 @@ def test_rlhf_eval_gives_the_prompt_columns_to_the_rewards(tiny_model_dir, tmp_p
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "eval.json"
     argv = [str(tiny_model_dir), "--prompts", str(prompts), "--reference", str(tiny_model_dir)]
-    argv += ["--reward", "python:tests.test_generate_eval:answer_reward", "--gold", "vader"]
+    argv += ["--reward", "python", "fn=tests.test_generate_eval:answer_reward", "--gold", "vader"]
     argv += ["--num-prompts", "4", "--max-new-tokens", "3", "--output", str(out)]
     eval_cli.main(argv)
     metrics = json.loads(out.read_text())["metrics"]
@@ -456,7 +482,7 @@ def test_rlhf_eval_gives_the_prompt_columns_to_the_rewards(tiny_model_dir, tmp_p
 def test_rlhf_eval_without_a_reference(tiny_model_dir, tmp_path):
     out, samples_file = tmp_path / "eval.json", tmp_path / "samples.jsonl"
     argv = [str(tiny_model_dir), "--prompts", "shipped:sentiment/data/tiny_prompts.jsonl"]
-    argv += ["--reference", "none", "--reward", "token_fraction:e", "--num-prompts", "6"]
+    argv += ["--reference", "none", "--reward", "token_fraction", "target=e", "--num-prompts", "6"]
     argv += ["--max-new-tokens", "4", "--output", str(out), "--samples", str(samples_file)]
     eval_cli.main(argv)
     metrics = json.loads(out.read_text())["metrics"]
@@ -522,7 +548,11 @@ def test_rlhf_eval_errors(tiny_model_dir, tmp_path, capsys):
     base = [str(tiny_model_dir), "--prompts", "shipped:sentiment/data/tiny_prompts.jsonl"]
     with pytest.raises(SystemExit) as exit_info:
         eval_cli.main([*base, "--reference", str(tiny_model_dir), "--reward", "bogus"])
-    assert exit_info.value.code == 2 and "bad reward spec" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2
+        and "--reward bogus: no config 'bogus' in conf/reward/; one of: classifier_imdb" in err
+    )
     with pytest.raises(SystemExit):
         eval_cli.main(base)
     assert "--reference MODEL is required" in capsys.readouterr().err
@@ -537,5 +567,5 @@ def test_rlhf_eval_errors(tiny_model_dir, tmp_path, capsys):
         eval_cli.main([str(tiny_model_dir), "--reference", "none", "--data", "no_such_config"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "--data no_such_config: In 'config': Could not find 'data/prompts/no_such_config'" in err
+    assert "--data no_such_config: no config 'no_such_config' in conf/data/prompts/; one of:" in err
     assert "Loading weights" not in err  # before any model loads

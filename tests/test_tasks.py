@@ -98,7 +98,7 @@ def test_tiny_pipeline_runs_end_to_end_and_exports(tmp_path):
     evaluate.main([
         str(tmp_path / "policy"), "--reference", "builtin:tiny",
         "--prompts", "shipped:sentiment/data/tiny_prompts.jsonl", "--num-prompts", "8",
-        "--reward", f"learned:{tmp_path / 'reward_model'}", "--gold", "vader",
+        "--reward", "learned", f"path={tmp_path / 'reward_model'}", "--gold", "vader",
         "--max-new-tokens", "6", "--output", str(report),
     ])  # fmt: skip
     metrics = json.loads(report.read_text())["metrics"]

@@ -23,8 +23,9 @@ rank 0's, and ``memory_per_rank`` lists each rank's parameter, gradient and opti
 
 Example (tiny model, 1 thread)::
 
-    python experiments/benchmarks/bench_ppo.py --policy builtin:tiny --reward token_fraction:e \
-        --batch 8 --minibatch 4 --epochs 4 --new-tokens 48 --iterations 3 --warmup 1 --threads 1
+    python experiments/benchmarks/bench_ppo.py --policy builtin:tiny \
+        --reward token_fraction target=e --batch 8 --minibatch 4 --epochs 4 --new-tokens 48 \
+        --iterations 3 --warmup 1 --threads 1
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--algorithm", default="ppo", help="an algorithm preset (conf/algorithm/)")
     p.add_argument(
         "--reward",
-        default="vader",
-        help="vader | learned:DIR (a saved ScalarRewardModel) | token_fraction:CHAR",
+        nargs="+",
+        default=["vader"],
+        metavar="ARG",
+        help="CONFIG [KEY=VALUE ...] of conf/reward/, as rlhf-eval takes it: vader | learned "
+        "path=DIR (a saved ScalarRewardModel) | token_fraction target=CHAR",
     )
     p.add_argument(
         "--critic",
@@ -128,6 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_save_arguments(p)
     args = p.parse_args(argv)
     args.micro = args.micro or args.minibatch
+    args.reward_config, args.reward = args.reward, " ".join(args.reward)  # the report's cell
     if args.iterations < 1 or args.warmup < 0:
         p.error("--iterations must be >= 1 and --warmup >= 0")
     if args.strategy == "single" and args.devices != 1:
@@ -167,10 +172,10 @@ def main(argv=None) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from rlhf_lightning.cli.evaluate import reward_from_config
     from rlhf_lightning.cli.train import CONF_DIR
     from rlhf_lightning.config import rl_config_from
     from rlhf_lightning.data import PromptDataModule
-    from rlhf_lightning.evaluation import reward_from_spec
     from rlhf_lightning.models import load_tokenizer
     from rlhf_lightning.modules.ppo import PPOModule
     from rlhf_lightning.tasks.ppo import build_policy, export_policy
@@ -238,7 +243,7 @@ def main(argv=None) -> dict:
         on_bad_row="skip",
     )
     datamodule.setup("fit")
-    reward = reward_from_spec(args.reward)  # the rlhf-eval spec: vader, learned:DIR, ...
+    reward = reward_from_config(args.reward_config)
     policy_options = {
         "lora": {"r": args.lora, "alpha": 2.0 * args.lora} if args.lora else None,
         "gradient_checkpointing": args.gradient_checkpointing,

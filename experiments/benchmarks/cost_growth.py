@@ -63,7 +63,7 @@ def bench(out: Path, name: str, policy: str, args: argparse.Namespace, **sizes) 
         batch, tokens, iterations = sizes["batch"], sizes["tokens"], sizes["iterations"]
         command = [
             sys.executable, str(HERE / "bench_ppo.py"), "--policy", policy,
-            "--reward", "token_fraction:e", "--batch", str(batch),
+            "--reward", "token_fraction", "target=e", "--batch", str(batch),
             "--minibatch", str(batch // 2), "--micro", str(min(8, batch // 2)),
             "--epochs", "2", "--new-tokens", str(tokens), "--stop-token", "none",
             "--iterations", str(iterations), "--warmup", "1", "--threads", str(args.threads),

@@ -29,7 +29,7 @@ if [[ $DEVICE == cuda ]]; then
           --batch 64 --minibatch 16 --micro 16 --epochs 4 --new-tokens 48 --stop-token none
           --warmup 1 --iterations 4 --matmul-size 8192 --matmul-reps 10)
 else
-  COMMON=(--policy builtin:tiny --reward token_fraction:e --device cpu --precision 32-true
+  COMMON=(--policy builtin:tiny --reward token_fraction target=e --device cpu --precision 32-true
           --batch 8 --minibatch 4 --epochs 2 --new-tokens 8 --warmup 1 --iterations 2
           --threads 1 --matmul-size 256)
 fi

@@ -1,6 +1,6 @@
 """Save an *untrained* reward model (backbone + fresh 1-logit head) for timing runs only.
 
-bench_ppo.py with ``--reward learned:DIR --critic DIR`` then runs the same four models as TRL's
+bench_ppo.py with ``--reward learned path=DIR --critic DIR`` then runs the same four models as TRL's
 PPO (policy, reference, value model, reward model, all on the policy's backbone), so the two
 frameworks do comparable work. Its scores mean nothing: use it to time, not to train.
 

@@ -36,7 +36,7 @@ MODEL_DIR=$(python -c 'from rlhf_lightning.models import resolve_model_source as
 
 W="--batch 8 --minibatch 4 --micro 4 --epochs 4 --new-tokens 48 --stop-token none
    --precision $PRECISION --device cpu --threads 2 --iterations $ITERATIONS"
-OURS="python $HERE/bench_ppo.py --policy builtin:smollm2 $W --reward learned:$TIMING_RM"
+OURS="python $HERE/bench_ppo.py --policy builtin:smollm2 $W --reward learned path=$TIMING_RM"
 COPY="--sampling-dtype bfloat16"
 COMPILE="--compile --warmup 2"  # iterations 1-2 compile (no-grad and training graphs, then dynamic shapes)
 

@@ -4,13 +4,18 @@ Example::
 
     rlhf-eval outputs/ppo/run/checkpoints/last.ckpt \\
         --prompts shipped:sentiment/data/prompts_eval.jsonl \\
-        --reward learned:outputs/rm/run/reward_model --gold vader --output eval.json
+        --reward learned path=outputs/rm/run/reward_model --gold vader --output eval.json
 
 The reference defaults to the checkpoint's base policy (``policy_source``, or ``--base``); for any
 other POLICY it must be given with ``--reference`` (``none``: the policy alone). Prints a table of
 the metrics of `rlhf_lightning.evaluation.evaluate_policy` (value, standard error over prompts,
 and the bootstrap interval of the rewards, gold scores and win rate) and, with ``--output``,
 writes them as JSON together with the settings.
+
+``--reward``, ``--gold`` and ``--judge`` name a config of ``conf/reward/`` and overrides of its
+keys, as ``rlhf-train reward=<CONFIG> reward.<KEY>=<VALUE>`` would: ``vader``, ``learned
+path=DIR``, ``token_fraction target=e``, ``classifier_imdb name_or_path=DIR label=POS``,
+``python fn=pkg.module:function``, ``reasoning_gym``.
 
 The held-out prompts of a generated task (a prompt config, e.g. reasoning-gym's) are made by its
 data module, exactly as in training; the verifier's score is the accuracy::
@@ -36,20 +41,21 @@ from rlhf_lightning.cli.generate import (
 from rlhf_lightning.data.tokenize import ChatPrompt
 from rlhf_lightning.evaluation import (
     CHECKPOINT_SUFFIX,
-    REWARD_SPEC_FORMS,
     checkpoint_policy_source,
     evaluate_policy,
     load_policy_for_inference,
     read_prompt_rows,
-    reward_from_spec,
 )
+from rlhf_lightning.rewards import RewardSource, build_reward
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf-eval",
         description="Evaluate a policy against a reference policy on a prompt set.",
-        epilog=f"reward SPEC forms: {', '.join(REWARD_SPEC_FORMS)}",
+        epilog="REWARD: CONFIG [KEY=VALUE ...], a config of conf/reward/ (vader, learned, "
+        "token_fraction, classifier_imdb, python, reasoning_gym) and overrides of its keys, "
+        "e.g. --reward learned path=DIR",
     )
     parser.add_argument("policy", metavar="POLICY", help="exported dir, .ckpt, builtin, hub id")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -70,9 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference model (default: the base policy of a .ckpt POLICY); 'none': evaluate "
         "the policy alone (no KL, win rate or reference scores)",
     )
-    parser.add_argument("--reward", default="vader", help="reward SPEC (default: vader)")
-    parser.add_argument("--gold", help="gold reward SPEC, reported as gold_score")
-    parser.add_argument("--judge", help="SPEC that judges the win rate (default: --reward)")
+    parser.add_argument(
+        "--reward", nargs="+", default=["vader"], metavar="ARG", help="REWARD (default: vader)"
+    )
+    parser.add_argument("--gold", nargs="+", metavar="ARG", help="REWARD reported as gold_score")
+    parser.add_argument(
+        "--judge", nargs="+", metavar="ARG", help="REWARD judging the win rate (default: --reward)"
+    )
     parser.add_argument("--num-prompts", type=int, help="use only the first N prompts")
     parser.add_argument(
         "--confidence", type=float, default=0.95, help="level of the win-rate bootstrap interval"
@@ -110,25 +120,60 @@ def default_reference(args: argparse.Namespace) -> str:
     )
 
 
-def compose_prompt_config(spec: list[str]):
-    """The ``data.prompts`` config of ``spec = [CONFIG, KEY=VALUE, ...]`` (a config of
-    conf/data/prompts/ and overrides of its keys), composed as rlhf-train composes it. Raises
-    ValueError for a config or override that does not compose."""
+def compose_group(group: str, spec: list[str], flag: str):
+    """The config of the config group ``group`` (``data/prompts``, ``reward``) for ``spec =
+    [CONFIG, KEY=VALUE, ...]``: a config of conf/<group>/ and overrides of its keys, composed as
+    rlhf-train composes it. Raises ValueError, naming ``flag``, for a config or override that
+    does not compose."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from rlhf_lightning.cli.train import CONF_DIR
 
+    key = group.replace("/", ".")
     name, *overrides = spec
-    # "key=v", "+key=v", "~key" of data.prompts (the prefix after Hydra's + or ~)
-    keyed = [f"{o[: len(o) - len(o.lstrip('+~'))]}data.prompts.{o.lstrip('+~')}" for o in overrides]
+    known = sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+    if name not in known:
+        raise ValueError(f"{flag} {' '.join(spec)}: no config {name!r} in conf/{group}/; one of: "
+                         f"{', '.join(known)}")  # fmt: skip
+    # "key=v", "+key=v", "~key" of the group (the prefix after Hydra's + or ~)
+    keyed = [f"{o[: len(o) - len(o.lstrip('+~'))]}{key}.{o.lstrip('+~')}" for o in overrides]
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", [f"data/prompts={name}", *keyed])
+            # task=ppo: the main job's task (pipeline) sets the reward to its own reward model
+            cfg = compose("config", ["task=ppo", f"{group}={name}", *keyed])
     except (HydraException, OmegaConfBaseException) as error:
-        raise ValueError(f"--data {' '.join(spec)}: {str(error).splitlines()[0]}") from None
-    return cfg.data.prompts
+        raise ValueError(f"{flag} {' '.join(spec)}: {str(error).splitlines()[0]}") from None
+    return OmegaConf.select(cfg, key)
+
+
+def compose_prompt_config(spec: list[str]):
+    """The ``data.prompts`` config of ``spec = [CONFIG, KEY=VALUE, ...]`` (``--data``)."""
+    return compose_group("data/prompts", spec, "--data")
+
+
+def reward_from_config(spec: list[str], flag: str = "--reward") -> RewardSource:
+    """The reward of ``spec = [CONFIG, KEY=VALUE, ...]``: a config of conf/reward/ with its
+    overrides, built as rlhf-train builds ``reward``. Raises ValueError naming ``flag`` for a
+    config that does not compose, lacks a required key or cannot be built."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose_group("reward", spec, flag)
+    missing = sorted(key.removeprefix("reward.") for key in OmegaConf.missing_keys(cfg))
+    if missing:
+        given = " ".join(spec)
+        raise ValueError(
+            f"{flag} {given}: {missing[0]} is required ({flag} {given} {missing[0]}=...)"
+        )
+    try:
+        return build_reward(instantiate(cfg))
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        raise ValueError(f"{flag} {' '.join(spec)}: {cause}") from None
 
 
 def held_out_prompts(prompt_cfg, tokenizer, chat_template: bool):
@@ -151,9 +196,9 @@ def run(args: argparse.Namespace) -> dict:
         prompts, columns = read_prompt_rows(args.prompts)
     else:
         prompt_cfg = compose_prompt_config(args.data)
-    reward = reward_from_spec(args.reward)
-    gold = reward_from_spec(args.gold) if args.gold else None
-    judge = reward_from_spec(args.judge) if args.judge else None
+    reward = reward_from_config(args.reward)
+    gold = reward_from_config(args.gold, "--gold") if args.gold else None
+    judge = reward_from_config(args.judge, "--judge") if args.judge else None
     reference = default_reference(args)
 
     device = resolve_device(args.device)
