@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Time per iteration and peak memory: rlhf_lightning vs TRL 1.12 in one script run, interleaved.
 #
-# The setup: SmolLM2-135M policy, the same SmolLM2 reward model (a 1-logit head, since
+# The reward-model workload: SmolLM2-135M policy, the same SmolLM2 reward model (a 1-logit head, since
 # TRL feeds it the policy's token ids), batch 8, minibatch 4, micro-batch 4, 4 epochs, 48-token
 # responses that never stop early; each framework with its own value model (TRL: a separate
 # SmolLM2; ours: the default value head on the policy trunk). Each round runs every variant once,
