@@ -156,3 +156,57 @@ def test_family_table_groups_presets_over_seeds_against_the_start(tmp_path, expe
     assert pair["bootstrap_p_holm"] < 0.05 and pair["welch_p_holm"] < 0.05
     assert family.verdict(pair) == "yes"
     assert (out / "family.png").is_file() and (out / "family.json").is_file()
+
+
+def _write_side_by_side(out: Path, seed: int, ours: dict, trl: dict) -> None:
+    """What run_side_by_side.sh leaves for one seed: each framework's accuracy at iterations 4
+    and 8 (``ours``/``trl``: iteration -> accuracy over 10 problems), 10 s per iteration for
+    ours and 12 s for TRL (4 optimizer steps of 3 s), peak RSS 4.0 / 4.4 GB."""
+    import json
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = out / f"ours_s{seed}"
+    writer = SummaryWriter(str(run / "tb"))
+    for iteration in range(1, 9):
+        writer.add_scalar("time/iteration", 10.0, iteration - 1)
+    for iteration, accuracy in ours.items():
+        writer.add_scalar("val/reward", accuracy, iteration)
+    writer.close()
+    last = [{"prompt": f"q{i}", "reward": float(i < 10 * ours[8])} for i in range(10)]
+    (run / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in last))
+    run = out / f"trl_s{seed}"
+    run.mkdir()
+    steps = [3.0 * (k + 1) for k in range(32)]
+    result = {"steps_per_iteration": 4, "step_wall_s": steps}
+    (run / "result.json").write_text(json.dumps(result))
+    for iteration, accuracy in trl.items():
+        rows = [{"prompt": f"q{i}", "reward": float(i < 10 * accuracy)} for i in range(10)]
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        (run / f"heldout_step{4 * iteration}.jsonl").write_text(text)
+    for name, kbytes in (("ours", 4_000_000_000 // 1024), ("trl", 4_400_000_000 // 1024)):
+        (out / f"{name}_s{seed}.time").write_text(
+            f"\tMaximum resident set size (kbytes): {kbytes}\n"
+        )
+
+
+def test_side_by_side_times_each_framework_to_the_target_on_its_own_clock(tmp_path):
+    side = _load("verifiable/side_by_side.py")
+    ours = [{4: 0.2, 8: 0.3}, {4: 0.1, 8: 0.2}, {4: 0.1, 8: 0.1}]  # seed 2 never reaches 0.2
+    trl = [{4: 0.1, 8: 0.2}, {4: 0.1, 8: 0.2}, {4: 0.3, 8: 0.3}]
+    for seed in range(3):
+        _write_side_by_side(tmp_path, seed, ours[seed], trl[seed])
+    summary = side.main([str(tmp_path), "--target", "0.2"])
+    a, b = summary["frameworks"]["rlhf_lightning"], summary["frameworks"]["trl"]
+    assert a["time_to_target_s"] == [40.0, 80.0, None]
+    assert a["time_to_target"]["n"] == 2 and a["time_to_target"]["mean"] == pytest.approx(60.0)
+    assert b["time_to_target_s"] == pytest.approx([96.0, 96.0, 48.0])
+    assert a["train_s_per_iteration"]["mean"] == pytest.approx(10.0)
+    assert b["train_s_per_iteration"]["mean"] == pytest.approx(12.0)
+    assert a["peak_rss_gb"]["mean"] == pytest.approx(4.0, abs=1e-5)
+    assert a["accuracy"][8]["mean"] == pytest.approx(0.2)
+    assert b["final_seeds_x_problems"]["mean"] == pytest.approx(0.7 / 3)
+    diff = summary["rlhf_lightning_minus_trl"]
+    assert diff["accuracy_bootstrap"]["diff"] == pytest.approx(0.2 - 0.7 / 3)
+    assert diff["train_s_welch"]["diff"] == pytest.approx(80.0 - 96.0)
+    assert diff["peak_rss_welch"]["diff"] == pytest.approx(-0.4, abs=1e-5)

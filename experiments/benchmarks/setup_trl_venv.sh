@@ -19,7 +19,7 @@ python3 -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
 "$VENV/bin/pip" install --quiet "torch==${TORCH_VERSION}"
 "$VENV/bin/pip" install --quiet "trl==${TRL_VERSION}" "transformers==${TRANSFORMERS_VERSION}" \
-    accelerate datasets vaderSentiment  # vaderSentiment: bench_trl.py --reward vader
+    accelerate datasets vaderSentiment reasoning-gym  # bench_trl.py --reward vader; trl_grpo.py
 "$VENV/bin/pip" check
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, trl
