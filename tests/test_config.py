@@ -269,3 +269,34 @@ BAD_RM = [
 def test_bad_rm_setting_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"invalid config: {key.replace('.', '[.]')}: "):
         rm_config_from(overrides)
+
+
+@pytest.mark.parametrize(
+    "dataclass_name, yaml_file, under",
+    [
+        ("GenerationConfig", "generation/default.yaml", None),
+        ("Budget", "budget/default.yaml", None),
+        ("Cadence", "task/ppo.yaml", "task"),
+        ("RMConfig", "rm/bradley_terry.yaml", None),
+        ("LoRAConfig", "peft/lora.yaml", None),
+        ("PolicyOptions", "policy/smollm2.yaml", None),
+    ],
+)
+def test_config_defaults_in_code_agree_with_the_yaml(dataclass_name, yaml_file, under):
+    """Where a config dataclass has a default and its group's default YAML sets the same key,
+    the two are one value: a default changed in one home and not the other fails here."""
+    from dataclasses import MISSING, fields
+
+    from omegaconf import OmegaConf
+
+    import rlhf_lightning.config as config
+
+    node = OmegaConf.load(CONF_DIR / yaml_file)
+    node = node[under] if under else node
+    compared = 0
+    for f in fields(getattr(config, dataclass_name)):
+        if f.default is MISSING or f.name not in node:
+            continue
+        assert node[f.name] == f.default, f"{yaml_file}: {f.name}={node[f.name]} vs {f.default}"
+        compared += 1
+    assert compared >= 1
