@@ -210,3 +210,33 @@ def test_side_by_side_times_each_framework_to_the_target_on_its_own_clock(tmp_pa
     assert diff["accuracy_bootstrap"]["diff"] == pytest.approx(0.2 - 0.7 / 3)
     assert diff["train_s_welch"]["diff"] == pytest.approx(80.0 - 96.0)
     assert diff["peak_rss_welch"]["diff"] == pytest.approx(-0.4, abs=1e-5)
+
+
+def test_verifier_pairs_put_a_better_answer_against_a_worse_one_of_the_same_problem(
+    tmp_path, tiny_model_dir
+):
+    import json
+    import random
+
+    make_pairs = _load("verifiable/make_pairs.py")
+    answers, scores = ["7", "8", "7", " 9"], [1.0, 0.0, 1.0, 0.0]
+    many = make_pairs.pairs_of("Q", answers, scores, 5, random.Random(0))
+    assert sorted((p["chosen"], p["rejected"]) for p in many) == [("7", " 9"), ("7", "8")]
+    (one,) = make_pairs.pairs_of("Q", answers, scores, 1, random.Random(0))
+    assert one["prompt"] == "Q" and one["chosen"] == "7"
+    assert make_pairs.pairs_of("Q", ["1", "2"], [0.0, 0.0], 5, random.Random(0)) == []
+
+    out = tmp_path / "pairs"
+    argv = ["--policy", str(tiny_model_dir), "--problems", "4", "--samples", "3"]
+    argv += ["--data", "reasoning_gym_chain_sum", "train_size=6", "eval_size=4", "shots=1"]
+    argv += ["--reward", "token_fraction", "target=e", "--stop-token", "eos"]
+    summary = make_pairs.main([*argv, "--max-new-tokens", "6", "--out", str(out)])
+    assert summary["problems"] == 4 and summary["answers"] == 12
+    rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["pairs"] == summary["problems_with_a_pair"] >= 1
+
+    def fraction(text: str) -> float:
+        return text.count("e") / len(text) if text else 0.0
+
+    assert all(fraction(r["chosen"]) > fraction(r["rejected"]) for r in rows)
+    assert all(r["prompt"].endswith("A:") for r in rows)
