@@ -15,7 +15,8 @@ to the target is the training time up to the first evaluation whose accuracy rea
 ``--target`` (chosen from the starting policy's accuracy before any run); a seed that never
 reaches it has none. Every mean carries its 95 % t-interval over seeds; the accuracy at equal
 steps also its crossed bootstrap over seeds x problems, and the difference of the two
-frameworks Welch's test over seeds and the crossed bootstrap's::
+frameworks Welch's test over seeds at every evaluation and, at the last, the crossed
+bootstrap's::
 
     python experiments/verifiable/side_by_side.py outputs/side_by_side --target 0.17
 """
@@ -132,7 +133,15 @@ def summarize(out: Path, target: float) -> dict:
             for run in runs.values()
         ]
 
+    def at(runs: dict, iteration: int) -> list[float]:
+        return [run["accuracy"][iteration] for run in runs.values()]
+
     comparison = {
+        f"accuracy_iteration_{it}_welch": vars(welch_test(at(a, it), at(b, it)))
+        for it in sorted(a[min(a)]["accuracy"])
+        if it != last
+    }
+    comparison |= {
         "accuracy_welch": vars(welch_test(values(a, "accuracy"), values(b, "accuracy"))),
         "accuracy_bootstrap": vars(
             crossed_bootstrap_difference(values(a, "scores"), values(b, "scores"))
