@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench_common
-from bench_common import RSSSampler  # noqa: E402
+from bench_common import RSSSampler, max_rss_bytes  # noqa: E402
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
@@ -211,7 +210,7 @@ def main(argv=None) -> dict:
         "step_wall_s": clock.steps,
         "steps_per_iteration": steps_per_iteration,
         "reward_by_step": rewards,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": max_rss_bytes(),
         "peak_rss_timed_bytes": peak_timed,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
