@@ -5,7 +5,7 @@ one ``ConfigError`` line naming that key, or the value is listed in ``ACCEPTED``
 it is legal. The test walks the config, so a key is covered the day it is added: a new key whose
 values pass unchecked fails here until it gets a check (or its value is listed, with the
 reason). ``rlhf-train`` prints a ``ConfigError`` as that one line and exits with status 2
-(tests/test_user_errors.py runs the command)."""
+(tests/cli/test_user_errors.py runs the command)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ ACCEPTED: dict[str, tuple[tuple, str]] = {
     "generation.stop_token": (
         ("banana",),
         "one token or not depending on the tokenizer: checked once it loads, before any model "
-        "(tests/test_user_errors.py)",
+        "(tests/cli/test_user_errors.py)",
     ),
     "generation.temperature": ((1.5,), "any temperature > 0"),
     "generation.top_k": ((0,), ZERO),

@@ -101,7 +101,7 @@ def _aggregated_module(aggregation: str):
 def _module_and_experience(aggregation: str):
     """The same module and experience on every process (seeded; made before any process group
     exists, so the advantages are whitened over these 8 rows alone)."""
-    from tests.test_ppo import _experience
+    from tests.modules.test_ppo import _experience
 
     torch.manual_seed(0)
     module = _aggregated_module(aggregation)

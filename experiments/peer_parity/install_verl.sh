@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs verl's core algorithms, the peer of tests/test_peer_parity_verl.py, into the active
-# Python environment: it only adds packages, every one already installed keeps its version
-# (torch's CPU build included).
+# Installs verl's core algorithms, the peer of tests/experiments/test_peer_parity_verl.py, into
+# the active Python environment: it only adds packages, every one already installed keeps its
+# version (torch's CPU build included).
 #
 #   bash experiments/peer_parity/install_verl.sh
 #

@@ -18,7 +18,7 @@ from rlhf_lightning.models.reward_model import score_pairs
 from rlhf_lightning.tasks.reward_model import train_reward_model
 from tests.conftest import compose_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_script(name: str = "rm_analysis"):

@@ -15,7 +15,7 @@ from rlhf_lightning.models import load_tokenizer
 from rlhf_lightning.rewards import build_reward
 from tests.conftest import compose_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "experiments" / "arithmetic" / "data"
 
 

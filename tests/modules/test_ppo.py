@@ -193,7 +193,7 @@ def test_kl_coefficient_zero_gives_only_the_score_at_the_last_real_token():
     torch.testing.assert_close(exp.rewards, expected)
     # With a reference that differs and a coefficient, every real token gets -0.5 * KL_t (k1,
     # from a naive full forward of both models); padding still gets nothing.
-    from tests.test_ppo_update import naive_logprobs
+    from tests.modules.test_ppo_update import naive_logprobs
 
     perturb_reference(module)
     set_kl_coef(module, 0.5)

@@ -113,7 +113,7 @@ def test_ratio_weighted_losses_on_stale_samples(row):
 
 
 def test_the_audit_covers_every_preset():
-    shipped = {p.stem for p in (Path(__file__).parents[1] / "conf" / "algorithm").glob("*.yaml")}
+    shipped = {p.stem for p in (Path(__file__).parents[2] / "conf" / "algorithm").glob("*.yaml")}
     assert set(PRESETS) == shipped
 
 

@@ -16,7 +16,7 @@ from rlhf_lightning.models import ScalarRewardModel, load_tokenizer
 from rlhf_lightning.models.reward_model import METADATA_FILE, UnscorableRewardModelError
 from rlhf_lightning.models.tiny import build_char_tokenizer
 from rlhf_lightning.rewards import LearnedReward
-from tests.test_tokenize import char_ids, write_jsonl
+from tests.data.test_tokenize import char_ids, write_jsonl
 
 ROWS = [
     {"prompt": "The film was", "chosen": "good and fun.", "rejected": "slow."},

@@ -13,7 +13,7 @@ from rlhf_lightning.data import DataValidationError, PromptDataModule
 from rlhf_lightning.data.tokenize import render_chat
 from rlhf_lightning.rewards import CallableReward
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_jsonl(path: Path, rows: list) -> str:

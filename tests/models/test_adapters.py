@@ -110,7 +110,7 @@ def test_ppo_with_lora_moves_the_policy_and_never_the_reference():
 
 
 def _tiny_cfg(tmp_path, *overrides):
-    from tests.test_tasks import TINY
+    from tests.tasks.test_tasks import TINY
 
     return compose_config([f"paths.output_dir={tmp_path}", *TINY, "task=ppo",
                            "reward=token_fraction", "~logger", "task.eval_every=0",

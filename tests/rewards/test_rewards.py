@@ -30,7 +30,7 @@ from rlhf_lightning.rewards import (
     build_reward,
 )
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "reward"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "reward"
 
 
 def my_reward(prompts: list[str], responses: list[str]) -> list[float]:
@@ -79,7 +79,11 @@ def test_reward_configs_instantiate():
 def test_callable_reward_from_function_and_import_paths():
     prompts, responses = ["ab", "a"], ["abcd", ""]
     expected = torch.tensor([2.0, -1.0])
-    for fn in (my_reward, "tests.test_rewards:my_reward", "tests.test_rewards.my_reward"):
+    for fn in (
+        my_reward,
+        "tests.rewards.test_rewards:my_reward",
+        "tests.rewards.test_rewards.my_reward",
+    ):
         reward = CallableReward(fn)
         assert reward.name == "my_reward"
         scores = reward(prompts, responses)
@@ -88,7 +92,9 @@ def test_callable_reward_from_function_and_import_paths():
 
 
 def test_hydra_target_partial_selects_user_function():
-    config = OmegaConf.create({"_target_": "tests.test_rewards.my_reward", "_partial_": True})
+    config = OmegaConf.create(
+        {"_target_": "tests.rewards.test_rewards.my_reward", "_partial_": True}
+    )
     reward = build_reward(instantiate(config))
     assert isinstance(reward, CallableReward)
     torch.testing.assert_close(reward(["x"], ["xyz"]), torch.tensor([2.0]))
@@ -97,7 +103,7 @@ def test_hydra_target_partial_selects_user_function():
 def test_build_reward():
     source = TokenFractionReward("a")
     assert build_reward(source) is source
-    assert isinstance(build_reward("tests.test_rewards:my_reward"), CallableReward)
+    assert isinstance(build_reward("tests.rewards.test_rewards:my_reward"), CallableReward)
     with pytest.raises(TypeError, match="cannot use a int as a reward"):
         build_reward(3)
 
@@ -170,7 +176,9 @@ class Scorer:
 )
 def test_bad_reward_functions_give_one_reward_error(fn, message):
     reward = CallableReward(fn)
-    with pytest.raises(RewardError, match=r"^reward tests\.test_rewards\.\S*" + message) as raised:
+    with pytest.raises(
+        RewardError, match=r"^reward tests\.rewards\.test_rewards\.\S*" + message
+    ) as raised:
         reward(["p", "q", "r", "s"], ["a", "b", "c", "d"])
     assert isinstance(raised.value, UserError)
     if fn is divides_by_zero:  # the original exception stays chained for debugging
@@ -182,7 +190,9 @@ def test_reward_source_subclass_errors_name_its_class():
         def score(self, prompts, responses):
             return {"a": 1.0}
 
-    with pytest.raises(RewardError, match=r"reward tests\.test_rewards\..*Broken returned a dict"):
+    with pytest.raises(
+        RewardError, match=r"reward tests\.rewards\.test_rewards\..*Broken returned a dict"
+    ):
         Broken()(["p"], ["r"])
 
 
@@ -195,9 +205,9 @@ def test_bad_callables_give_clear_errors():
     with pytest.raises(ImportError, match="cannot import 'no_such_module'"):
         CallableReward("no_such_module:fn")
     with pytest.raises(ImportError, match="has no attribute 'missing'"):
-        CallableReward("tests.test_rewards:missing")
+        CallableReward("tests.rewards.test_rewards:missing")
     with pytest.raises(TypeError, match="not a callable"):
-        CallableReward("tests.test_rewards:CONF_DIR")
+        CallableReward("tests.rewards.test_rewards:CONF_DIR")
     with pytest.raises(ValueError, match="expected 'pkg.module:function'"):
         CallableReward("nodots")
 
@@ -245,8 +255,8 @@ def test_callable_reward_gets_the_columns_its_signature_names():
 
 def test_a_parameter_no_column_fills_is_one_reward_error():
     expected = (
-        r"^reward tests\.test_rewards\.exact_match takes 'answer', which no column of the prompt "
-        r"data fills \(columns given: 'source'\)"
+        r"^reward tests\.rewards\.test_rewards\.exact_match takes 'answer', which no column of "
+        r"the prompt data fills \(columns given: 'source'\)"
     )
     with pytest.raises(RewardError, match=expected):
         CallableReward(exact_match)(["p"], ["r"], source=["x"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from adam_eps_damping import step_sizes  # noqa: E402

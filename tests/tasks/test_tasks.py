@@ -162,7 +162,7 @@ def test_ppo_under_ddp_with_two_cpu_processes(tmp_path):
     each rank dumps its weights and the responses it scored (tests/ddp_helpers.py)."""
     from tests.ddp_helpers import load_dump
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(root)}
     cmd = [
         sys.executable,
