@@ -3,10 +3,15 @@ per proxy reward model (Gao et al. 2022, "Scaling Laws for Reward Model Overopti
 
 Reads every run under the given directories (a run is a directory with ``.hydra/config.yaml``
 and TensorBoard events), takes one point per held-out evaluation (``val/reward``: the proxy,
-``val/gold_score``: VADER, ``val/kl``: KL to the reference in nats per response), labels each run
-by the directory name of its proxy (``reward.path``'s parent, e.g. ``rm_100``), and writes
-``gold_proxy_vs_sqrt_kl.png`` into ``--out`` (default ``plots/`` inside the first directory).
-Prints a markdown table of every point and, per proxy, where the gold score peaks.
+``val/gold_score``: the gold, ``val/kl``: KL to the reference in nats per response), and labels
+each run by the directory name of its proxy (``reward.path``'s parent, e.g. ``rm_100``). Runs of
+one proxy that differ by seed make one curve: at each evaluation the mean over seeds with its
+95% t-interval (horizontal bars: sqrt KL, vertical: the score). Per proxy, the evaluation where
+the mean gold is highest, and how far each seed's gold fell from there to its last evaluation
+(the turn is shown when the fall's interval lies above 0).
+
+Writes ``gold_proxy_vs_sqrt_kl.png`` and ``overopt.json`` into ``--out`` (default ``plots/``
+inside the first directory) and prints a markdown table of every evaluation::
 
     python experiments/overopt/plot.py outputs/overopt/sweep --out outputs/overopt/plots
 """
@@ -14,12 +19,17 @@ Prints a markdown table of every point and, per proxy, where the gold score peak
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from rlhf_lightning.scalars import eval_rows, read_scalars
+from rlhf_lightning.significance import Interval, t_interval
+
+NEEDED = {"val/reward", "val/gold_score", "val/kl"}
 
 
 def runs_under(paths: list[Path]) -> list[Path]:
@@ -32,37 +42,93 @@ def proxy_label(run_dir: Path) -> str:
     return Path(str(path)).parent.name if path else run_dir.name
 
 
-def curves(paths: list[Path]) -> dict[str, list[dict]]:
-    """Proxy label -> eval points (iteration, proxy, gold, kl, sqrt_kl), in iteration order."""
-    out = {}
+def run_points(run_dir: Path) -> list[dict]:
+    """One run's evaluations: iteration, proxy, gold, kl, sqrt_kl, in iteration order."""
+    return [
+        {
+            "iteration": row["iteration"],
+            "proxy": row["val/reward"],
+            "gold": row["val/gold_score"],
+            "kl": row["val/kl"],
+            "sqrt_kl": math.sqrt(max(row["val/kl"], 0.0)),
+        }
+        for row in eval_rows(read_scalars(run_dir))
+        if set(row) >= NEEDED
+    ]
+
+
+def runs_by_proxy(paths: list[Path]) -> dict[str, list[list[dict]]]:
+    """Proxy label -> its runs (one per seed), each a list of evaluation points."""
+    out: dict[str, list[list[dict]]] = {}
     for run_dir in runs_under(paths):
-        points = [
-            {
-                "iteration": row["iteration"],
-                "proxy": row["val/reward"],
-                "gold": row["val/gold_score"],
-                "kl": row["val/kl"],
-                "sqrt_kl": math.sqrt(max(row["val/kl"], 0.0)),
-            }
-            for row in eval_rows(read_scalars(run_dir))
-            if {"val/reward", "val/gold_score", "val/kl"} <= set(row)
-        ]
-        out[proxy_label(run_dir)] = points
+        points = run_points(run_dir)
+        if points:
+            out.setdefault(proxy_label(run_dir), []).append(points)
     return out
 
 
-def gold_peak(points: list[dict]) -> dict:
-    """The point of highest gold score, and how far the last point fell below it."""
-    best = max(points, key=lambda p: p["gold"])
-    return {**best, "fall_after_peak": best["gold"] - points[-1]["gold"]}
+def mean_curve(runs: list[list[dict]]) -> list[dict]:
+    """At each iteration every run evaluated: the number of runs and the t-interval over them
+    of ``proxy``, ``gold`` and ``sqrt_kl``."""
+    by_iteration = [{pt["iteration"]: pt for pt in run} for run in runs]
+    shared = sorted(set.intersection(*(set(d) for d in by_iteration)))
+    return [
+        {
+            "iteration": it,
+            "seeds": len(runs),
+            **{
+                key: t_interval([d[it][key] for d in by_iteration])
+                for key in ("proxy", "gold", "sqrt_kl")
+            },
+        }
+        for it in shared
+    ]
+
+
+def gold_turn(runs: list[list[dict]]) -> dict:
+    """Where the mean gold peaks, and the fall from there to the last evaluation: each seed's
+    ``gold[peak] - gold[last]``, with its t-interval over seeds (nan bounds for one seed)."""
+    curve = mean_curve(runs)
+    peak = max(curve, key=lambda c: c["gold"].mean)
+    last = curve[-1]["iteration"]
+    falls = []
+    for run in runs:
+        gold = {pt["iteration"]: pt["gold"] for pt in run}
+        falls.append(gold[peak["iteration"]] - gold[last])
+    fall = t_interval(falls)
+    return {
+        "peak_iteration": peak["iteration"],
+        "peak_gold": peak["gold"],
+        "peak_sqrt_kl": peak["sqrt_kl"],
+        "last_iteration": last,
+        "fall": fall,
+        "turned": fall.low > 0,  # nan (one seed) compares False
+    }
+
+
+def _fmt(i: Interval) -> str:
+    if math.isnan(i.low):
+        return f"{i.mean:.3f}"
+    return f"{i.mean:.3f} [{i.low:.3f}, {i.high:.3f}]"
+
+
+def _jsonable(value):
+    if isinstance(value, Interval):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", type=Path, nargs="+")
     p.add_argument("--out", type=Path, default=None, help="default: FIRST_PATH/plots")
+    p.add_argument("--gold-name", default="gold score", help="the gold's name on the axis")
     args = p.parse_args(argv)
-    data = curves(args.paths)
+    data = runs_by_proxy(args.paths)
     if not data:
         raise SystemExit(f"{args.paths}: no runs with evaluations")
     import matplotlib
@@ -71,20 +137,30 @@ def main(argv=None) -> dict:
     import matplotlib.pyplot as plt
 
     fig, (ax_gold, ax_proxy) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    print("| proxy | iteration | sqrt KL | proxy reward | gold (VADER) |")
-    print("|---|---|---|---|---|")
-    peaks = {}
-    for label, points in sorted(data.items()):
-        xs = [pt["sqrt_kl"] for pt in points]
-        ax_gold.plot(xs, [pt["gold"] for pt in points], marker="o", label=label)
-        ax_proxy.plot(xs, [pt["proxy"] for pt in points], marker="o", label=label)
-        for pt in points:
-            print(
-                f"| {label} | {pt['iteration']} | {pt['sqrt_kl']:.2f} | {pt['proxy']:.3f} "
-                f"| {pt['gold']:.3f} |"
+    print("| proxy | iteration | seeds | sqrt KL | proxy reward | gold |")
+    print("|---|---|---|---|---|---|")
+    curves, turns = {}, {}
+    for label, runs in sorted(data.items()):
+        curve = curves[label] = mean_curve(runs)
+        xs = [c["sqrt_kl"] for c in curve]
+        for ax, key in ((ax_gold, "gold"), (ax_proxy, "proxy")):
+            ys = [c[key] for c in curve]
+            ax.errorbar(
+                [x.mean for x in xs],
+                [y.mean for y in ys],
+                xerr=[[x.mean - x.low for x in xs], [x.high - x.mean for x in xs]],
+                yerr=[[y.mean - y.low for y in ys], [y.high - y.mean for y in ys]],
+                marker="o",
+                capsize=3,
+                label=f"{label} ({len(runs)} seeds)",
             )
-        peaks[label] = gold_peak(points)
-    for ax, name in ((ax_gold, "gold score (VADER)"), (ax_proxy, "proxy reward (learned)")):
+        for c in curve:
+            print(
+                f"| {label} | {c['iteration']} | {c['seeds']} | {_fmt(c['sqrt_kl'])} "
+                f"| {_fmt(c['proxy'])} | {_fmt(c['gold'])} |"
+            )
+        turns[label] = gold_turn(runs)
+    for ax, name in ((ax_gold, args.gold_name), (ax_proxy, "proxy reward (learned)")):
         ax.set_xlabel("sqrt(KL to the reference), nats^0.5")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -94,13 +170,16 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "gold_proxy_vs_sqrt_kl.png", dpi=120)
     print()
-    for label, peak in sorted(peaks.items()):
+    for label, turn in sorted(turns.items()):
         print(
-            f"{label}: gold peaks at {peak['gold']:.3f} (iteration {peak['iteration']}, "
-            f"sqrt KL {peak['sqrt_kl']:.2f}); the last point is {peak['fall_after_peak']:.3f} "
-            "below the peak"
+            f"{label}: mean gold peaks at {_fmt(turn['peak_gold'])} (iteration "
+            f"{turn['peak_iteration']}, sqrt KL {turn['peak_sqrt_kl'].mean:.2f}); by iteration "
+            f"{turn['last_iteration']} it fell {_fmt(turn['fall'])}: "
+            + ("a turn" if turn["turned"] else "no turn the seeds support")
         )
-    return {"curves": data, "peaks": peaks}
+    result = {"curves": curves, "turns": turns}
+    (out / "overopt.json").write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+    return result
 
 
 if __name__ == "__main__":

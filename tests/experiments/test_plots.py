@@ -240,3 +240,83 @@ def test_verifier_pairs_put_a_better_answer_against_a_worse_one_of_the_same_prob
 
     assert all(fraction(r["chosen"]) > fraction(r["rejected"]) for r in rows)
     assert all(r["prompt"].endswith("A:") for r in rows)
+
+
+def _write_overopt_run(run_dir: Path, proxy: str, seed: int, evals: dict) -> None:
+    """A run of an over-optimisation sweep: iteration -> (proxy reward, gold, KL)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    for step, (reward, gold, kl) in evals.items():
+        writer.add_scalar("val/reward", reward, step)
+        writer.add_scalar("val/gold_score", gold, step)
+        writer.add_scalar("val/kl", kl, step)
+    writer.close()
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        f"seed: {seed}\nreward:\n  path: /proxies/{proxy}/reward_model\n"
+    )
+
+
+def test_overopt_plot_averages_seeds_of_a_proxy_and_tests_the_turn(
+    tmp_path, capsys, experiments_untouched
+):
+    # rm_a: gold rises then falls in every seed; rm_b: in one seed it rises, in the other it falls
+    golds_a = {0: (0.10, 0.30, 0.20), 1: (0.10, 0.40, 0.25), 2: (0.10, 0.35, 0.15)}
+    for seed, (g0, g1, g2) in golds_a.items():
+        evals = {0: (0.0, g0, 0.0), 2: (1.0, g1, 1.0 + seed), 4: (2.0, g2, 4.0)}
+        _write_overopt_run(tmp_path / "sweep" / f"a{seed}", "rm_a", seed, evals)
+    _write_overopt_run(
+        tmp_path / "sweep" / "b0", "rm_b", 0, {0: (0, 0.1, 0), 2: (1, 0.2, 1), 4: (2, 0.3, 4)}
+    )
+    _write_overopt_run(
+        tmp_path / "sweep" / "b1", "rm_b", 1, {0: (0, 0.1, 0), 2: (1, 0.3, 1), 4: (2, 0.1, 4)}
+    )
+    plot = _load("overopt/plot.py")
+
+    result = plot.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "plots")])
+    assert (tmp_path / "plots" / "gold_proxy_vs_sqrt_kl.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "overopt.json").stat().st_size > 0
+
+    curve_a = result["curves"]["rm_a"]
+    assert [c["iteration"] for c in curve_a] == [0, 2, 4]
+    assert curve_a[1]["seeds"] == 3
+    assert curve_a[1]["gold"].mean == pytest.approx(0.35)
+    # t(0.975, 2) = 4.3027; sd of (0.30, 0.40, 0.35) = 0.05
+    assert curve_a[1]["gold"].high - 0.35 == pytest.approx(4.3027 * 0.05 / math.sqrt(3), rel=1e-4)
+    sqrt_kls = [math.sqrt(1.0), math.sqrt(2.0), math.sqrt(3.0)]
+    assert curve_a[1]["sqrt_kl"].mean == pytest.approx(sum(sqrt_kls) / 3)
+
+    turn_a = result["turns"]["rm_a"]
+    assert turn_a["peak_iteration"] == 2 and turn_a["last_iteration"] == 4
+    # falls per seed: 0.10, 0.15, 0.20 -> mean 0.15, sd 0.05
+    assert turn_a["fall"].mean == pytest.approx(0.15)
+    assert turn_a["fall"].low == pytest.approx(0.15 - 4.3027 * 0.05 / math.sqrt(3), rel=1e-4)
+    assert turn_a["turned"]
+    turn_b = result["turns"]["rm_b"]
+    assert turn_b["peak_iteration"] == 2 and turn_b["fall"].mean == pytest.approx(0.05)
+    assert not turn_b["turned"]  # falls -0.1 and +0.2: the interval spans 0
+    out = capsys.readouterr().out
+    assert "rm_a: mean gold peaks" in out and "a turn" in out and "no turn the seeds support" in out
+
+
+def test_proxy_check_counts_ordered_pairs_within_each_problem():
+    check = _load("verifiable/proxy_check.py")
+    prompts = ["A", "A", "A", "B", "B", "B", "C", "C"]
+    gold = [1, 0, 0, 1, 1, 0, 0, 0]
+    proxy = [0.5, 0.2, 0.5, 0.1, 0.3, 0.2, 0.9, 0.0]
+    res = check.pair_accuracy(prompts, gold, proxy)
+    # A: 0.5 > 0.2, 0.5 = 0.5 (a half); B: 0.1 < 0.2, 0.3 > 0.2; C has no correct answer
+    assert (res["problems"], res["pairs"]) == (2, 4)
+    assert res["pair_accuracy"] == pytest.approx(2.5 / 4)
+    assert 0.5 <= res["low"] <= 0.625 <= res["high"] <= 0.75  # resampled: 0.75, 0.625 or 0.5
+    # pooled: each of the 3 correct answers against each of the 5 wrong ones: 3.5 + 1 + 3
+    assert res["auc"] == pytest.approx(7.5 / 15)
+
+    rows = [
+        {"prompt": "A", "response": " 1", "reward": 1.0},
+        {"prompt": "A", "response": " 1", "reward": 1.0},
+        {"prompt": "A", "response": " 2", "reward": 0.0},
+        {"prompt": "B", "response": " 1", "reward": 0.0},
+    ]
+    assert check.distinct_answers(rows) == [rows[0], rows[2], rows[3]]
