@@ -12,6 +12,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from rlhf_lightning.cli.train import CONF_DIR
 from rlhf_lightning.config import ConfigError, rm_config_from
 from rlhf_lightning.preflight import (
     RM_METRICS,
@@ -27,6 +28,13 @@ from tests.conftest import compose_config
 
 def _cfg(*overrides: str):
     return compose_config(["paths.output_dir=/tmp/unused", "policy=tiny", *overrides])
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+)
+def test_every_experiment_config_composes_and_passes(experiment):
+    preflight(compose_config(["paths.output_dir=/tmp/unused", f"experiment={experiment}"]))
 
 
 def _trainer(**values):
