@@ -510,7 +510,7 @@ def test_rlhf_eval_without_a_reference(tiny_model_dir, tmp_path):
 
 def test_rlhf_eval_scores_the_held_out_problems_of_a_prompt_config(tiny_model_dir, tmp_path):
     """--data: the data module's held-out prompts and columns; the verifier's accuracy."""
-    from rlhf_lightning.data import ReasoningGymPrompts
+    from tests.data.test_reasoning_gym import chain_sum
 
     out, samples_file = tmp_path / "eval.json", tmp_path / "samples.jsonl"
     argv = [str(tiny_model_dir), "--reference", "none", "--reward", "reasoning_gym"]
@@ -520,21 +520,17 @@ def test_rlhf_eval_scores_the_held_out_problems_of_a_prompt_config(tiny_model_di
     eval_cli.main(argv)
     metrics = json.loads(out.read_text())["metrics"]
     rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
-    tok = load_tokenizer(tiny_model_dir)
-    module = ReasoningGymPrompts(
-        "chain_sum",
-        tok,
+    module = chain_sum(  # conf/data/prompts/reasoning_gym_chain_sum.yaml with the overrides
+        load_tokenizer(tiny_model_dir),
         max_prompt_length=400,
         batch_size=1,
         eval_batch_size=1,
-        seed=0,
         train_size=4,
         eval_size=12,
-        train_seed=1,
         eval_seed=1000000,
         difficulty={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1},
+        shots=3,
     )
-    module.setup()
     assert [row["prompt"] for row in rows] == [item["prompt"] for item in module.eval_items]
     right = [
         float(row["response"].strip().split("\n")[0].strip() == item["columns"]["answer"])
