@@ -10,7 +10,12 @@ and reports per proxy:
   fraction the proxy orders correctly (a tie counts one half): the held-out analogue of the
   pairs it was trained on, with a 95% bootstrap interval over problems;
 - ``auc``: the same over all (correct, wrong) pairs regardless of problem: whether it tells a
-  correct answer from a wrong one without the problem to compare against.
+  correct answer from a wrong one without the problem to compare against;
+- with ``--candidates LOW HIGH``: every integer answer from LOW to HIGH scored on each of the
+  first ``--candidate-prompts`` problems; the answers with the highest mean score, and the answer
+  the proxy scores highest on each problem (``favourites``: answer -> problems). A proxy that
+  learned the arithmetic would favour each problem's own answer; one that learned a prior over
+  numbers favours the same answer everywhere.
 
     python experiments/verifiable/proxy_check.py outputs/family/base_seed*.jsonl \\
         --proxy outputs/overopt_verifiable/rm_64/reward_model --out proxies.json
@@ -71,11 +76,31 @@ def pair_accuracy(
     return out
 
 
+def favourite_answers(reward, prompts: list[str], low: int, high: int) -> dict:
+    """Every integer answer in [low, high] scored on every prompt: the six best by mean score,
+    and how many prompts each answer tops."""
+    answers = [f" {n}" for n in range(low, high + 1)]
+    scores = reward(
+        [p for p in prompts for _ in answers], [a for _ in prompts for a in answers]
+    ).view(len(prompts), len(answers))
+    mean = scores.mean(0)
+    favourites: dict[str, int] = {}
+    for index in scores.argmax(1).tolist():
+        favourites[answers[index]] = favourites.get(answers[index], 0) + 1
+    best = mean.argsort(descending=True)[:6].tolist()
+    return {
+        "best_mean": {answers[i]: mean[i].item() for i in best},
+        "favourites": dict(sorted(favourites.items(), key=lambda kv: -kv[1])),
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("answers", type=Path, nargs="+", help="JSONL of prompt, response, reward")
     p.add_argument("--proxy", type=Path, action="append", required=True, help="a reward model")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--candidates", type=int, nargs=2, metavar=("LOW", "HIGH"), default=None)
+    p.add_argument("--candidate-prompts", type=int, default=50)
     args = p.parse_args(argv)
     from rlhf_lightning.cli.evaluate import reward_from_config
 
@@ -95,6 +120,16 @@ def main(argv=None) -> dict:
             f"| {path} | {res['problems']} | {res['pairs']} | {res['pair_accuracy']:.3f} "
             f"[{res['low']:.3f}, {res['high']:.3f}] | {res['auc']:.3f} |"
         )
+        if args.candidates:
+            problems = list(dict.fromkeys(prompts))[: args.candidate_prompts]
+            res["answers"] = favourite_answers(reward, problems, *args.candidates)
+    for path, res in results["proxies"].items():
+        if "answers" in res:
+            best = ", ".join(
+                f"{a.strip()} ({v:.2f})" for a, v in res["answers"]["best_mean"].items()
+            )
+            tops = ", ".join(f"{a.strip()}: {n}" for a, n in res["answers"]["favourites"].items())
+            print(f"{path}: highest mean score {best}; tops the problems {tops}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

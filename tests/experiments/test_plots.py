@@ -320,3 +320,20 @@ def test_proxy_check_counts_ordered_pairs_within_each_problem():
         {"prompt": "B", "response": " 1", "reward": 0.0},
     ]
     assert check.distinct_answers(rows) == [rows[0], rows[2], rows[3]]
+
+
+def test_proxy_check_names_the_answers_a_proxy_favours():
+    import torch
+
+    check = _load("verifiable/proxy_check.py")
+
+    def reward(prompts, responses):  # the problem "x" favours 1, every other problem 3
+        target = [1 if p == "x" else 3 for p in prompts]
+        return torch.tensor([-abs(int(r) - t) for r, t in zip(responses, target)], dtype=float)
+
+    res = check.favourite_answers(reward, ["x", "y", "z"], -2, 5)
+    assert res["favourites"] == {" 3": 2, " 1": 1}
+    # mean over the three problems: 3 -> -2/3, 2 -> -1, 1 -> -4/3, 4 -> -5/3 ...
+    assert list(res["best_mean"])[:3] == [" 3", " 2", " 1"]
+    assert res["best_mean"][" 3"] == pytest.approx(-2 / 3)
+    assert len(res["best_mean"]) == 6
