@@ -7,8 +7,8 @@ and TensorBoard events), takes one point per held-out evaluation (``val/reward``
 each run by the directory name of its proxy (``reward.path``'s parent, e.g. ``rm_100``). Runs of
 one proxy that differ by seed make one curve: at each evaluation the mean over seeds with its
 95% t-interval (horizontal bars: sqrt KL, vertical: the score). Per proxy, the evaluation where
-the mean gold is highest, and how far each seed's gold fell from there to its last evaluation
-(the turn is shown when the fall's interval lies above 0).
+the mean gold is highest, how far each seed's gold rose from the first evaluation to there and
+fell from there to the last; a turn when the intervals of both lie above 0.
 
 Writes ``gold_proxy_vs_sqrt_kl.png`` and ``overopt.json`` into ``--out`` (default ``plots/``
 inside the first directory) and prints a markdown table of every evaluation::
@@ -86,24 +86,43 @@ def mean_curve(runs: list[list[dict]]) -> list[dict]:
 
 
 def gold_turn(runs: list[list[dict]]) -> dict:
-    """Where the mean gold peaks, and the fall from there to the last evaluation: each seed's
-    ``gold[peak] - gold[last]``, with its t-interval over seeds (nan bounds for one seed)."""
+    """Where the mean gold peaks, each seed's rise from the first evaluation to that peak and
+    its fall from the peak to the last evaluation, with t-intervals over seeds (nan bounds for
+    one seed). A turn: both the rise and the fall are above 0 beyond the seeds' spread. The peak
+    is picked on the same runs, so both intervals lean towards finding one."""
     curve = mean_curve(runs)
     peak = max(curve, key=lambda c: c["gold"].mean)
-    last = curve[-1]["iteration"]
-    falls = []
+    first, last = curve[0]["iteration"], curve[-1]["iteration"]
+    rises, falls = [], []
     for run in runs:
         gold = {pt["iteration"]: pt["gold"] for pt in run}
+        rises.append(gold[peak["iteration"]] - gold[first])
         falls.append(gold[peak["iteration"]] - gold[last])
-    fall = t_interval(falls)
+    rise, fall = t_interval(rises), t_interval(falls)
     return {
         "peak_iteration": peak["iteration"],
         "peak_gold": peak["gold"],
         "peak_sqrt_kl": peak["sqrt_kl"],
+        "first_iteration": first,
         "last_iteration": last,
+        "rise": rise,
         "fall": fall,
-        "turned": fall.low > 0,  # nan (one seed) compares False
+        "turned": rise.low > 0 and fall.low > 0,  # nan (one seed) compares False
     }
+
+
+def turn_sentence(label: str, turn: dict) -> str:
+    if turn["peak_iteration"] == turn["first_iteration"]:
+        return (
+            f"{label}: the mean gold never rises above its start ({_fmt(turn['peak_gold'])}); "
+            f"by iteration {turn['last_iteration']} it is {_fmt(turn['fall'])} lower"
+        )
+    verdict = "a turn" if turn["turned"] else "no turn the seeds support"
+    return (
+        f"{label}: the mean gold rises {_fmt(turn['rise'])} to {_fmt(turn['peak_gold'])} at "
+        f"iteration {turn['peak_iteration']} (sqrt KL {turn['peak_sqrt_kl'].mean:.2f}), then "
+        f"falls {_fmt(turn['fall'])} by iteration {turn['last_iteration']}: {verdict}"
+    )
 
 
 def _fmt(i: Interval) -> str:
@@ -171,12 +190,7 @@ def main(argv=None) -> dict:
     fig.savefig(out / "gold_proxy_vs_sqrt_kl.png", dpi=120)
     print()
     for label, turn in sorted(turns.items()):
-        print(
-            f"{label}: mean gold peaks at {_fmt(turn['peak_gold'])} (iteration "
-            f"{turn['peak_iteration']}, sqrt KL {turn['peak_sqrt_kl'].mean:.2f}); by iteration "
-            f"{turn['last_iteration']} it fell {_fmt(turn['fall'])}: "
-            + ("a turn" if turn["turned"] else "no turn the seeds support")
-        )
+        print(turn_sentence(label, turn))
     result = {"curves": curves, "turns": turns}
     (out / "overopt.json").write_text(json.dumps(_jsonable(result), indent=1) + "\n")
     return result

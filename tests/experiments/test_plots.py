@@ -272,6 +272,9 @@ def test_overopt_plot_averages_seeds_of_a_proxy_and_tests_the_turn(
     _write_overopt_run(
         tmp_path / "sweep" / "b1", "rm_b", 1, {0: (0, 0.1, 0), 2: (1, 0.3, 1), 4: (2, 0.1, 4)}
     )
+    for seed, last in ((0, 0.11), (1, 0.09)):  # rm_c: gold only falls
+        evals = {0: (0, 0.3, 0), 2: (1, 0.2, 1), 4: (2, last, 4)}
+        _write_overopt_run(tmp_path / "sweep" / f"c{seed}", "rm_c", seed, evals)
     plot = _load("overopt/plot.py")
 
     result = plot.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "plots")])
@@ -289,15 +292,21 @@ def test_overopt_plot_averages_seeds_of_a_proxy_and_tests_the_turn(
 
     turn_a = result["turns"]["rm_a"]
     assert turn_a["peak_iteration"] == 2 and turn_a["last_iteration"] == 4
-    # falls per seed: 0.10, 0.15, 0.20 -> mean 0.15, sd 0.05
+    # rises per seed: 0.20, 0.30, 0.25; falls: 0.10, 0.15, 0.20 -> means 0.25, 0.15, sd 0.05
+    assert turn_a["rise"].mean == pytest.approx(0.25)
     assert turn_a["fall"].mean == pytest.approx(0.15)
     assert turn_a["fall"].low == pytest.approx(0.15 - 4.3027 * 0.05 / math.sqrt(3), rel=1e-4)
     assert turn_a["turned"]
     turn_b = result["turns"]["rm_b"]
     assert turn_b["peak_iteration"] == 2 and turn_b["fall"].mean == pytest.approx(0.05)
     assert not turn_b["turned"]  # falls -0.1 and +0.2: the interval spans 0
+    turn_c = result["turns"]["rm_c"]
+    assert turn_c["peak_iteration"] == 0 and turn_c["fall"].mean == pytest.approx(0.2)
+    assert not turn_c["turned"]  # it falls beyond the noise, but never rose
     out = capsys.readouterr().out
-    assert "rm_a: mean gold peaks" in out and "a turn" in out and "no turn the seeds support" in out
+    assert "rm_a: the mean gold rises" in out and ": a turn" in out
+    assert "rm_b: the mean gold rises" in out and "no turn the seeds support" in out
+    assert "rm_c: the mean gold never rises above its start" in out
 
 
 def test_proxy_check_counts_ordered_pairs_within_each_problem():
