@@ -37,6 +37,14 @@ def test_every_experiment_config_composes_and_passes(experiment):
     preflight(compose_config(["paths.output_dir=/tmp/unused", f"experiment={experiment}"]))
 
 
+def test_overopt_verifiable_trains_on_the_proxy_and_judges_by_the_verifier():
+    cfg = compose_config(["paths.output_dir=/tmp/unused", "experiment=overopt_verifiable"])
+    assert cfg.reward._target_ == "rlhf_lightning.rewards.LearnedReward"
+    assert cfg.gold_reward._target_ == "rlhf_lightning.rewards.ReasoningGymReward"
+    assert cfg.algorithm.kl.loss.coef == 0.0 and cfg.algorithm.kl.reward is None
+    assert cfg.algorithm.name == "grpo"
+
+
 def _trainer(**values):
     return OmegaConf.create({"accelerator": "cpu", "devices": 1, "num_nodes": 1, **values})
 

@@ -6,9 +6,12 @@ and TensorBoard events), takes one point per held-out evaluation (``val/reward``
 ``val/gold_score``: the gold, ``val/kl``: KL to the reference in nats per response), and labels
 each run by the directory name of its proxy (``reward.path``'s parent, e.g. ``rm_100``). Runs of
 one proxy that differ by seed make one curve: at each evaluation the mean over seeds with its
-95% t-interval (horizontal bars: sqrt KL, vertical: the score). Per proxy, the evaluation where
-the mean gold is highest, how far each seed's gold rose from the first evaluation to there and
-fell from there to the last; a turn when the intervals of both lie above 0.
+95% t-interval (horizontal bars: sqrt KL, vertical: the score). The intervals are over seeds
+only: every run is evaluated on the same held-out prompts, so they speak for those prompts. A
+run with fewer evaluations than the longest run of its proxy (unfinished, or crashed) is left out
+and named. Per proxy, the evaluation where the mean gold is highest, how far each seed's gold
+rose from the first evaluation to there and fell from there to the last; a turn when the
+intervals of both lie above 0 (one seed has no interval, so it never shows one).
 
 Writes ``gold_proxy_vs_sqrt_kl.png`` and ``overopt.json`` into ``--out`` (default ``plots/``
 inside the first directory) and prints a markdown table of every evaluation::
@@ -29,7 +32,7 @@ from omegaconf import OmegaConf
 from rlhf_lightning.scalars import eval_rows, read_scalars
 from rlhf_lightning.significance import Interval, t_interval
 
-NEEDED = {"val/reward", "val/gold_score", "val/kl"}
+EVAL_TAGS = {"val/reward", "val/gold_score", "val/kl"}
 
 
 def runs_under(paths: list[Path]) -> list[Path]:
@@ -53,18 +56,25 @@ def run_points(run_dir: Path) -> list[dict]:
             "sqrt_kl": math.sqrt(max(row["val/kl"], 0.0)),
         }
         for row in eval_rows(read_scalars(run_dir))
-        if set(row) >= NEEDED
+        if set(row) >= EVAL_TAGS
     ]
 
 
-def runs_by_proxy(paths: list[Path]) -> dict[str, list[list[dict]]]:
-    """Proxy label -> its runs (one per seed), each a list of evaluation points."""
-    out: dict[str, list[list[dict]]] = {}
+def runs_by_proxy(paths: list[Path]) -> dict[str, dict[Path, list[dict]]]:
+    """Proxy label -> its runs (one per seed): run dir -> evaluation points."""
+    out: dict[str, dict[Path, list[dict]]] = {}
     for run_dir in runs_under(paths):
         points = run_points(run_dir)
         if points:
-            out.setdefault(proxy_label(run_dir), []).append(points)
+            out.setdefault(proxy_label(run_dir), {})[run_dir] = points
     return out
+
+
+def complete_runs(runs: dict[Path, list[dict]]) -> tuple[list[list[dict]], list[Path]]:
+    """The runs with as many evaluations as the longest run of the proxy, and the others."""
+    longest = max(len(points) for points in runs.values())
+    kept = [points for points in runs.values() if len(points) == longest]
+    return kept, [run_dir for run_dir, points in runs.items() if len(points) < longest]
 
 
 def mean_curve(runs: list[list[dict]]) -> list[dict]:
@@ -85,12 +95,12 @@ def mean_curve(runs: list[list[dict]]) -> list[dict]:
     ]
 
 
-def gold_turn(runs: list[list[dict]]) -> dict:
+def gold_turn(runs: list[list[dict]], curve: list[dict]) -> dict:
     """Where the mean gold peaks, each seed's rise from the first evaluation to that peak and
     its fall from the peak to the last evaluation, with t-intervals over seeds (nan bounds for
     one seed). A turn: both the rise and the fall are above 0 beyond the seeds' spread. The peak
-    is picked on the same runs, so both intervals lean towards finding one."""
-    curve = mean_curve(runs)
+    is picked on the same runs, so both intervals lean towards finding one. ``curve``: the
+    runs' ``mean_curve``."""
     peak = max(curve, key=lambda c: c["gold"].mean)
     first, last = curve[0]["iteration"], curve[-1]["iteration"]
     rises, falls = [], []
@@ -112,16 +122,24 @@ def gold_turn(runs: list[list[dict]]) -> dict:
 
 
 def turn_sentence(label: str, turn: dict) -> str:
+    seeds = turn["fall"].n
     if turn["peak_iteration"] == turn["first_iteration"]:
         return (
             f"{label}: the mean gold never rises above its start ({_fmt(turn['peak_gold'])}); "
             f"by iteration {turn['last_iteration']} it is {_fmt(turn['fall'])} lower"
         )
-    verdict = "a turn" if turn["turned"] else "no turn the seeds support"
-    return (
+    rise = (
         f"{label}: the mean gold rises {_fmt(turn['rise'])} to {_fmt(turn['peak_gold'])} at "
-        f"iteration {turn['peak_iteration']} (sqrt KL {turn['peak_sqrt_kl'].mean:.2f}), then "
-        f"falls {_fmt(turn['fall'])} by iteration {turn['last_iteration']}: {verdict}"
+        f"iteration {turn['peak_iteration']} (sqrt KL {turn['peak_sqrt_kl'].mean:.2f})"
+    )
+    if turn["peak_iteration"] == turn["last_iteration"]:
+        return f"{rise}, its last evaluation: no fall"
+    if seeds < 2:
+        verdict = "one seed, no interval"
+    else:
+        verdict = "a turn" if turn["turned"] else "no turn the seeds support"
+    return (
+        f"{rise}, then falls {_fmt(turn['fall'])} by iteration {turn['last_iteration']}: {verdict}"
     )
 
 
@@ -132,12 +150,15 @@ def _fmt(i: Interval) -> str:
 
 
 def _jsonable(value):
+    """Intervals as dicts, nan as null (strict JSON)."""
     if isinstance(value, Interval):
-        return asdict(value)
+        return _jsonable(asdict(value))
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
     return value
 
 
@@ -158,8 +179,10 @@ def main(argv=None) -> dict:
     fig, (ax_gold, ax_proxy) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     print("| proxy | iteration | seeds | sqrt KL | proxy reward | gold |")
     print("|---|---|---|---|---|---|")
-    curves, turns = {}, {}
-    for label, runs in sorted(data.items()):
+    curves, turns, left_out = {}, {}, []
+    for label, all_runs in sorted(data.items()):
+        runs, short = complete_runs(all_runs)
+        left_out += [str(run_dir) for run_dir in short]
         curve = curves[label] = mean_curve(runs)
         xs = [c["sqrt_kl"] for c in curve]
         for ax, key in ((ax_gold, "gold"), (ax_proxy, "proxy")):
@@ -178,7 +201,7 @@ def main(argv=None) -> dict:
                 f"| {label} | {c['iteration']} | {c['seeds']} | {_fmt(c['sqrt_kl'])} "
                 f"| {_fmt(c['proxy'])} | {_fmt(c['gold'])} |"
             )
-        turns[label] = gold_turn(runs)
+        turns[label] = gold_turn(runs, curve)
     for ax, name in ((ax_gold, args.gold_name), (ax_proxy, "proxy reward (learned)")):
         ax.set_xlabel("sqrt(KL to the reference), nats^0.5")
         ax.set_ylabel(name)
@@ -191,8 +214,11 @@ def main(argv=None) -> dict:
     print()
     for label, turn in sorted(turns.items()):
         print(turn_sentence(label, turn))
-    result = {"curves": curves, "turns": turns}
-    (out / "overopt.json").write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+    for run_dir in left_out:
+        print(f"left out (fewer evaluations than the other runs of its proxy): {run_dir}")
+    result = {"curves": curves, "turns": turns, "left_out": left_out}
+    text = json.dumps(_jsonable(result), indent=1, allow_nan=False)
+    (out / "overopt.json").write_text(text + "\n")
     return result
 
 

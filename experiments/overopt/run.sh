@@ -29,4 +29,4 @@ if [ ! -d "$OUT/sweep" ]; then
     reward.path="$OUT/rm_100/reward_model,$OUT/rm_400/reward_model,$OUT/rm_all/reward_model" \
     >"$OUT/sweep.log" 2>&1
 fi
-python "$HERE/plot.py" "$OUT/sweep" --out "$OUT/plots"
+python "$HERE/plot.py" "$OUT/sweep" --out "$OUT/plots" --gold-name "gold score (VADER)"

@@ -113,22 +113,25 @@ def main(argv=None) -> dict:
     print("| proxy | problems | pairs | pair accuracy [95%] | AUC |")
     print("|---|---|---|---|---|")
     for path in args.proxy:
-        reward = reward_from_config(["learned", f"path={path}"], "--proxy")
+        reward = reward_from_config(["learned", f"path='{path}'"], "--proxy")  # quoted: any dir
         proxy = reward(prompts, [row["response"] for row in rows]).tolist()
         res = results["proxies"][str(path)] = pair_accuracy(prompts, gold, proxy)
-        print(
-            f"| {path} | {res['problems']} | {res['pairs']} | {res['pair_accuracy']:.3f} "
-            f"[{res['low']:.3f}, {res['high']:.3f}] | {res['auc']:.3f} |"
+        accuracy = (
+            f"{res['pair_accuracy']:.3f} [{res['low']:.3f}, {res['high']:.3f}]"
+            if "pair_accuracy" in res
+            else "n/a (no problem has a correct and a wrong answer)"
         )
+        auc = f"{res['auc']:.3f}" if "auc" in res else "n/a"
+        print(f"| {path} | {res['problems']} | {res['pairs']} | {accuracy} | {auc} |")
         if args.candidates:
             problems = list(dict.fromkeys(prompts))[: args.candidate_prompts]
-            res["answers"] = favourite_answers(reward, problems, *args.candidates)
+            res["candidates"] = favourite_answers(reward, problems, *args.candidates)
     for path, res in results["proxies"].items():
-        if "answers" in res:
-            best = ", ".join(
-                f"{a.strip()} ({v:.2f})" for a, v in res["answers"]["best_mean"].items()
-            )
-            tops = ", ".join(f"{a.strip()}: {n}" for a, n in res["answers"]["favourites"].items())
+        if "candidates" in res:
+            best = res["candidates"]["best_mean"].items()
+            best = ", ".join(f"{a.strip()} ({v:.2f})" for a, v in best)
+            tops = res["candidates"]["favourites"].items()
+            tops = ", ".join(f"{a.strip()}: {n}" for a, n in tops)
             print(f"{path}: highest mean score {best}; tops the problems {tops}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

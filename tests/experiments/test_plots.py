@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -275,6 +276,16 @@ def test_overopt_plot_averages_seeds_of_a_proxy_and_tests_the_turn(
     for seed, last in ((0, 0.11), (1, 0.09)):  # rm_c: gold only falls
         evals = {0: (0, 0.3, 0), 2: (1, 0.2, 1), 4: (2, last, 4)}
         _write_overopt_run(tmp_path / "sweep" / f"c{seed}", "rm_c", seed, evals)
+    for seed, last in ((0, 0.5), (1, 0.6)):  # rm_d: gold highest at the end
+        evals = {0: (0, 0.1, 0), 2: (1, 0.3, 1), 4: (2, last, 4)}
+        _write_overopt_run(tmp_path / "sweep" / f"d{seed}", "rm_d", seed, evals)
+    _write_overopt_run(
+        tmp_path / "sweep" / "e0", "rm_e", 0, {0: (0, 0.1, 0), 2: (1, 0.3, 1), 4: (2, 0.2, 4)}
+    )
+    # an unfinished rm_a run (a fourth seed): left out, not cutting the others short
+    _write_overopt_run(
+        tmp_path / "sweep" / "a3", "rm_a", 3, {0: (0.0, 0.1, 0.0), 2: (1.0, 0.9, 1.0)}
+    )
     plot = _load("overopt/plot.py")
 
     result = plot.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "plots")])
@@ -307,24 +318,37 @@ def test_overopt_plot_averages_seeds_of_a_proxy_and_tests_the_turn(
     assert "rm_a: the mean gold rises" in out and ": a turn" in out
     assert "rm_b: the mean gold rises" in out and "no turn the seeds support" in out
     assert "rm_c: the mean gold never rises above its start" in out
+    assert "rm_d: the mean gold rises" in out and "its last evaluation: no fall" in out
+    assert "rm_e: the mean gold rises" in out and "one seed, no interval" in out
+    assert result["left_out"] == [str(tmp_path / "sweep" / "a3")]
+    assert f"left out (fewer evaluations than the other runs of its proxy): {tmp_path}" in out
+
+    def no_nan(name):
+        raise ValueError(name)
+
+    saved = json.loads((tmp_path / "plots" / "overopt.json").read_text(), parse_constant=no_nan)
+    assert saved["turns"]["rm_e"]["fall"]["low"] is None  # one seed: no bound
 
 
 def test_proxy_check_counts_ordered_pairs_within_each_problem():
     check = _load("verifiable/proxy_check.py")
-    prompts = ["A", "A", "A", "B", "B", "B", "C", "C"]
-    gold = [1, 0, 0, 1, 1, 0, 0, 0]
-    proxy = [0.5, 0.2, 0.5, 0.1, 0.3, 0.2, 0.9, 0.0]
+    prompts = ["A", "A", "A", "B", "B", "B", "B", "C", "C"]
+    gold = [1, 0, 0, 1, 1, 0, 0, 0, 0]
+    proxy = [0.5, 0.2, 0.5, 0.1, 0.15, 0.2, 0.12, 0.9, 0.0]
     res = check.pair_accuracy(prompts, gold, proxy)
-    # A: 0.5 > 0.2, 0.5 = 0.5 (a half); B: 0.1 < 0.2, 0.3 > 0.2; C has no correct answer
-    assert (res["problems"], res["pairs"]) == (2, 4)
-    assert res["pair_accuracy"] == pytest.approx(2.5 / 4)
-    assert 0.5 <= res["low"] <= 0.625 <= res["high"] <= 0.75  # resampled: 0.75, 0.625 or 0.5
-    # pooled: each of the 3 correct answers against each of the 5 wrong ones: 3.5 + 1 + 3
-    assert res["auc"] == pytest.approx(7.5 / 15)
+    # A: 0.5 > 0.2, 0.5 = 0.5 (a half): 1.5 of 2 pairs; B: of 0.1 and 0.15 against 0.2 and 0.12
+    # only 0.15 > 0.12: 1 of 4; C has no correct answer. Pooled over pairs 2.5 / 6 (the mean of
+    # the problems' 0.75 and 0.25 would be 0.5).
+    assert (res["problems"], res["pairs"]) == (2, 6)
+    assert res["pair_accuracy"] == pytest.approx(2.5 / 6)
+    # resampled problems: BB 0.25 and AA 0.75 (a quarter of the draws each), AB 2.5 / 6
+    assert res["low"] == pytest.approx(0.25) and res["high"] == pytest.approx(0.75)
+    # pooled: each of the 3 correct answers against each of the 6 wrong ones: 4.5 + 1 + 2
+    assert res["auc"] == pytest.approx(7.5 / 18)
 
     rows = [
         {"prompt": "A", "response": " 1", "reward": 1.0},
-        {"prompt": "A", "response": " 1", "reward": 1.0},
+        {"prompt": "A", "response": " 1", "reward": 0.0},  # the same answer again: the first counts
         {"prompt": "A", "response": " 2", "reward": 0.0},
         {"prompt": "B", "response": " 1", "reward": 0.0},
     ]
@@ -341,7 +365,7 @@ def test_proxy_check_names_the_answers_a_proxy_favours():
         return torch.tensor([-abs(int(r) - t) for r, t in zip(responses, target)], dtype=float)
 
     res = check.favourite_answers(reward, ["x", "y", "z"], -2, 5)
-    assert res["favourites"] == {" 3": 2, " 1": 1}
+    assert list(res["favourites"].items()) == [(" 3", 2), (" 1", 1)]  # most problems first
     # mean over the three problems: 3 -> -2/3, 2 -> -1, 1 -> -4/3, 4 -> -5/3 ...
     assert list(res["best_mean"])[:3] == [" 3", " 2", " 1"]
     assert res["best_mean"][" 3"] == pytest.approx(-2 / 3)
