@@ -27,14 +27,20 @@ def scalar_events(run_dir: str | Path) -> Iterator[tuple[str, int, float, float]
 
 
 def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of a run (:func:`scalar_events`): tag -> sorted (step, value).
+    """Every scalar of a run (:func:`scalar_events`): tag -> (step, value) sorted by step, one
+    value a step: the one written last (a resumed run that logs a step again wins).
 
     Used by the plotting scripts in ``experiments/``.
     """
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for tag, step, _, value in scalar_events(run_dir):
-        scalars.setdefault(tag, []).append((step, value))
-    return {tag: sorted(points) for tag, points in scalars.items()}
+    latest: dict[str, dict[int, tuple[float, float]]] = {}  # tag -> step -> (wall_time, value)
+    for tag, step, wall_time, value in scalar_events(run_dir):
+        steps = latest.setdefault(tag, {})
+        if step not in steps or wall_time >= steps[step][0]:
+            steps[step] = (wall_time, value)
+    return {
+        tag: [(step, value) for step, (_, value) in sorted(steps.items())]
+        for tag, steps in latest.items()
+    }
 
 
 EVAL_METRICS = ("val/reward", "val/gold_score", "val/kl", "val/response_length")
