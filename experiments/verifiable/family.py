@@ -14,7 +14,10 @@ seed). Prints two markdown tables and writes ``family.png`` and ``family.json`` 
   seeds (Welch) and over seeds x problems (crossed bootstrap), each p-value also Holm-adjusted
   over all the pairs; "differ" is "yes" when both adjusted p-values are below 0.05, "bootstrap
   only" when only the test over seeds x problems is (with 3 seeds, resampling seeds understates
-  their spread).
+  their spread). The table lists the pairs that differ by either test and counts the rest
+  (``--all-pairs``: every pair); the json holds every pair.
+
+Presets appear in the ladder's order (``LADDER``), any other after them in the order found.
 
     python experiments/verifiable/family.py outputs/family/lane_a outputs/family/lane_b \
         --base outputs/family/base_seed{0,1,2}.jsonl --out outputs/family
@@ -35,6 +38,23 @@ from rlhf_lightning.significance import (
     crossed_bootstrap_interval,
     t_interval,
     welch_test,
+)
+
+RESAMPLES = 20_000  # the bootstrap p-values' resolution, 2 / RESAMPLES: Holm over 78 pairs needs it
+LADDER = (
+    "reinforce",
+    "reinforce_rtg",
+    "reinforce_baseline",
+    "a2c",
+    "ppo",
+    "rloo",
+    "grpo",
+    "dr_grpo",
+    "reinforce_pp",
+    "reinforce_pp_baseline",
+    "gspo",
+    "cispo",
+    "dapo",
 )
 
 
@@ -62,7 +82,8 @@ def runs_by_preset(paths: list[Path]) -> dict[str, list[dict]]:
             presets.setdefault(str(config.algorithm.name), []).append(
                 {"seed": int(config.seed), "evals": evals, "scores": per_problem(heldout)}
             )
-    return {name: sorted(runs, key=lambda r: r["seed"]) for name, runs in presets.items()}
+    order = sorted(presets, key=lambda name: LADDER.index(name) if name in LADDER else len(LADDER))
+    return {name: sorted(presets[name], key=lambda r: r["seed"]) for name in order}
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -83,14 +104,16 @@ def summarize(presets: dict[str, list[dict]], base: list[list[float]], base_seed
     rows = {}
     for name, runs in presets.items():
         matrix = [r["scores"] for r in runs]
-        change = crossed_bootstrap_difference(matrix, base)
+        change = crossed_bootstrap_difference(matrix, base, num_resamples=RESAMPLES)
         rows[name] = {
             "seeds": [r["seed"] for r in runs],
             "by_iteration": {
                 it: vars(t_interval([r["evals"][it] for r in runs if it in r["evals"]]))
                 for it in iterations
             },
-            "final_seeds_x_problems": vars(crossed_bootstrap_interval(matrix)),
+            "final_seeds_x_problems": vars(
+                crossed_bootstrap_interval(matrix, num_resamples=RESAMPLES)
+            ),
             "change_from_base": vars(change),
         }
     names = list(presets)
@@ -100,7 +123,9 @@ def summarize(presets: dict[str, list[dict]], base: list[list[float]], base_seed
             final_a = [r["evals"][iterations[-1]] for r in presets[a]]
             final_b = [r["evals"][iterations[-1]] for r in presets[b]]
             boot = crossed_bootstrap_difference(
-                [r["scores"] for r in presets[a]], [r["scores"] for r in presets[b]]
+                [r["scores"] for r in presets[a]],
+                [r["scores"] for r in presets[b]],
+                num_resamples=RESAMPLES,
             )
             welch = welch_test(final_a, final_b)
             pairs.append({"a": a, "b": b, "welch": vars(welch), "bootstrap": vars(boot)})
@@ -109,14 +134,14 @@ def summarize(presets: dict[str, list[dict]], base: list[list[float]], base_seed
             pair[f"{test}_p_holm"] = adjusted
     return {
         "base": {"seeds": vars(t_interval(base_means)), "seeds_x_problems": vars(
-            crossed_bootstrap_interval(base))},
+            crossed_bootstrap_interval(base, num_resamples=RESAMPLES))},
         "base_seeds": base_seeds,
         "presets": rows,
         "pairs": pairs,
     }  # fmt: skip
 
 
-def markdown(summary: dict) -> str:
+def markdown(summary: dict, all_pairs: bool = False) -> str:
     presets = summary["presets"]
     iterations = sorted({int(it) for row in presets.values() for it in row["by_iteration"]})
     base = summary["base"]
@@ -136,12 +161,16 @@ def markdown(summary: dict) -> str:
     head = ["a", "b", "a - b (seeds)", "Welch p (Holm)", "a - b (seeds x problems)"]
     head += ["bootstrap p (Holm)", "differ"]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for pair in summary["pairs"]:
+    listed = [p for p in summary["pairs"] if all_pairs or verdict(p) != "no"]
+    for pair in listed:
         w, b = pair["welch"], pair["bootstrap"]
         cells = [pair["a"], pair["b"], difference(w), f"{w['p']:.3g} ({pair['welch_p_holm']:.3g})"]
         cells += [difference(b), f"{p_text(b['p'])} ({p_text(pair['bootstrap_p_holm'])})"]
         cells.append(verdict(pair))
         lines.append("| " + " | ".join(cells) + " |")
+    rest = len(summary["pairs"]) - len(listed)
+    if rest:
+        lines += ["", f"The other {rest} pairs: no Holm-adjusted p below 0.05 in either test."]
     return "\n".join(lines) + "\n"
 
 
@@ -157,8 +186,8 @@ def verdict(pair: dict) -> str:
 
 
 def p_text(p: float) -> str:
-    """A p-value; a bootstrap's 0 as below one in its 2000 resamples."""
-    return "< 0.0005" if p == 0 else f"{p:.3g}"
+    """A p-value; a bootstrap's 0 as below its resolution, 2 / ``RESAMPLES``."""
+    return f"< {2 / RESAMPLES:.2g}" if p == 0 else f"{p:.3g}"
 
 
 def difference(d: dict) -> str:
@@ -166,28 +195,38 @@ def difference(d: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
+    """One row per preset (the ladder from the top): its held-out accuracy at each evaluation,
+    the mean over seeds with its 95 % t-interval, beside the starting policy's band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    presets = summary["presets"]
+    iterations = sorted({int(it) for row in presets.values() for it in row["by_iteration"]})
+    fig, ax = plt.subplots(figsize=(7, 1.5 + 0.4 * len(presets)))
     base = summary["base"]["seeds"]
-    names = list(summary["presets"])
-    for k, (name, row) in enumerate(summary["presets"].items()):
-        shift = (k - (len(names) - 1) / 2) * 0.12  # side by side at each iteration
-        points = [(0, base), *((int(it), v) for it, v in row["by_iteration"].items())]
-        xs = [it + shift for it, _ in points]
-        means = [v["mean"] for _, v in points]
-        below = [v["mean"] - v["low"] for _, v in points]
-        errors = [below, [v["high"] - v["mean"] for _, v in points]]
-        ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=name)
-    ax.set_xlabel("iteration (4 optimizer steps, 32 sampled responses each)")
-    ax.set_ylabel("held-out accuracy (200 problems)")
-    ax.set_title("chain_sum, SmolLM2-135M: mean over seeds, 95% t-interval")
-    ax.legend()
+    ax.axvspan(base["low"], base["high"], color="0.85", label="starting policy (95%)")
+    ax.axvline(base["mean"], color="0.5", lw=1)
+    for k, it in enumerate(iterations):
+        shift = (k - (len(iterations) - 1) / 2) * 0.25
+        ys, means, errors = [], [], [[], []]
+        for y, row in enumerate(presets.values()):
+            v = row["by_iteration"].get(it) or row["by_iteration"].get(str(it))
+            if v is None:
+                continue
+            ys.append(y + shift)
+            means.append(v["mean"])
+            errors[0].append(v["mean"] - v["low"])
+            errors[1].append(v["high"] - v["mean"])
+        ax.errorbar(means, ys, xerr=errors, fmt="o", capsize=3, label=f"iteration {it}")
+    ax.set_yticks(range(len(presets)), list(presets))
+    ax.invert_yaxis()
+    ax.set_xlabel("held-out accuracy (200 problems), mean over seeds, 95% t-interval")
+    ax.set_title("chain_sum, SmolLM2-135M; an iteration: 4 steps, 32 responses")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.5 / len(presets)), ncol=3, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def main(argv=None) -> dict:
@@ -201,13 +240,14 @@ def main(argv=None) -> dict:
         help="rlhf-eval --samples files of the starting policy, one per seed",
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for the png and json")
+    parser.add_argument("--all-pairs", action="store_true", help="list every pair in the table")
     args = parser.parse_args(argv)  # fmt: skip
     base = [per_problem(p) for p in args.base]
     summary = summarize(runs_by_preset(args.sweeps), base, " ".join(p.stem for p in args.base))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "family.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, args.out / "family.png")
-    print(markdown(summary))
+    print(markdown(summary, args.all_pairs))
     return summary
 
 

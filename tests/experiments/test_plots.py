@@ -159,6 +159,29 @@ def test_family_table_groups_presets_over_seeds_against_the_start(tmp_path, expe
     assert (out / "family.png").is_file() and (out / "family.json").is_file()
 
 
+def test_family_orders_presets_by_the_ladder_and_lists_the_pairs_that_differ(
+    tmp_path, experiments_untouched
+):
+    family = _load("verifiable/family.py")
+    right, wrong = [1.0] * 8 + [0.0] * 2, [0.0] * 10
+    # found in this order (directory names sort first by name): other, grpo, reinforce
+    for seed in range(3):
+        _write_family_run(tmp_path / f"a{seed}", "other", seed, {8: 0.1}, wrong)
+        _write_family_run(tmp_path / f"b{seed}", "grpo", seed, {8: 0.1 + 0.01 * seed}, wrong)
+        _write_family_run(tmp_path / f"c{seed}", "reinforce", seed, {8: 0.7 + 0.1 * seed}, right)
+    presets = family.runs_by_preset([tmp_path])
+    assert list(presets) == ["reinforce", "grpo", "other"]  # the ladder, then the rest
+    summary = family.summarize(presets, [wrong], "base")
+    assert [(p["a"], p["b"]) for p in summary["pairs"]] == [
+        ("reinforce", "grpo"), ("reinforce", "other"), ("grpo", "other")
+    ]  # fmt: skip
+    table = family.markdown(summary)
+    listed = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| reinf")]
+    assert listed[1:] == [["| reinforce", "grpo"], ["| reinforce", "other"]]  # [0]: its row
+    assert "The other 1 pairs" in table
+    assert "| grpo | other |" in family.markdown(summary, all_pairs=True)
+
+
 def _write_side_by_side(out: Path, seed: int, ours: dict, trl: dict) -> None:
     """What run_side_by_side.sh leaves for one seed: each framework's accuracy at iterations 4
     and 8 (``ours``/``trl``: iteration -> accuracy over 10 problems), 10 s per iteration for
