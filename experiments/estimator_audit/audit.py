@@ -254,8 +254,9 @@ def preset_rows(problem: Problem = SEQUENCES, group: int = 3, steps: int = 2) ->
         "reinforce_pp": "biased (whitening, aggregation)",
         "reinforce_pp_baseline": "biased (whitening, aggregation)",
         # At ratio 1 the geometric-mean sequence ratio and CISPO's clipped weight are 1: the
-        # plain policy gradient, so on-policy they are grpo's advantage, KL and aggregation.
-        "gspo": "as grpo at ratio 1: biased (std, length, per-state KL)",
+        # plain policy gradient, so on-policy they are grpo's advantage and aggregation (gspo
+        # without grpo's KL loss, as its paper).
+        "gspo": "as grpo at ratio 1, no KL: biased (std, length, no KL)",
         "cispo": "as grpo at ratio 1, token mean: biased (std, length, per-state KL)",
         # Dynamic sampling happens before experience making, outside what the audit runs.
         "dapo": "no KL; the length penalty reshapes R; std, token mean: biased",

@@ -224,7 +224,9 @@ def plot(summary: dict, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("held-out accuracy (200 problems), mean over seeds, 95% t-interval")
     ax.set_title("chain_sum, SmolLM2-135M; an iteration: 4 steps, 32 responses")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.5 / len(presets)), ncol=3, frameon=False)
+    ax.legend(
+        loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.5 / len(presets)), ncol=3, frameon=False
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
