@@ -64,8 +64,12 @@ def per_problem(path: Path) -> list[float]:
     return [float(json.loads(line)["reward"]) for line in path.read_text().splitlines() if line]
 
 
-def runs_by_preset(paths: list[Path]) -> dict[str, list[dict]]:
-    """preset -> its runs, each ``{"seed", "evals": {iteration: accuracy}, "scores": [...]}``."""
+def runs_by_preset(
+    paths: list[Path], rename: dict[str, str] | None = None
+) -> dict[str, list[dict]]:
+    """preset -> its runs, each ``{"seed", "evals": {iteration: accuracy}, "scores": [...]}``; a
+    run's preset is its ``algorithm.name``, or what ``rename`` maps that name to."""
+    rename = rename or {}
     presets: dict[str, list[dict]] = {}
     for path in paths:
         for config_file in sorted(path.rglob(".hydra/config.yaml")):
@@ -79,7 +83,8 @@ def runs_by_preset(paths: list[Path]) -> dict[str, list[dict]]:
                 for row in eval_rows(read_scalars(run_dir))
                 if "val/reward" in row
             }
-            presets.setdefault(str(config.algorithm.name), []).append(
+            name = str(config.algorithm.name)
+            presets.setdefault(rename.get(name, name), []).append(
                 {"seed": int(config.seed), "evals": evals, "scores": per_problem(heldout)}
             )
     order = sorted(presets, key=lambda name: LADDER.index(name) if name in LADDER else len(LADDER))
@@ -243,9 +248,18 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for the png and json")
     parser.add_argument("--all-pairs", action="store_true", help="list every pair in the table")
+    parser.add_argument(
+        "--rename",
+        nargs="+",
+        default=[],
+        metavar="NAME=LABEL",
+        help="show the runs of algorithm.name NAME as LABEL (names swap at once: a=b b=a)",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     base = [per_problem(p) for p in args.base]
-    summary = summarize(runs_by_preset(args.sweeps), base, " ".join(p.stem for p in args.base))
+    rename = dict(pair.split("=", 1) for pair in args.rename)
+    runs = runs_by_preset(args.sweeps, rename)
+    summary = summarize(runs, base, " ".join(p.stem for p in args.base))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "family.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, args.out / "family.png")

@@ -180,6 +180,9 @@ def test_family_orders_presets_by_the_ladder_and_lists_the_pairs_that_differ(
     assert listed[1:] == [["| reinforce", "grpo"], ["| reinforce", "other"]]  # [0]: its row
     assert "The other 1 pairs" in table
     assert "| grpo | other |" in family.markdown(summary, all_pairs=True)
+    swapped = family.runs_by_preset([tmp_path], {"grpo": "other", "other": "grpo"})
+    assert [r["evals"][8] for r in swapped["other"]] == pytest.approx([0.1, 0.11, 0.12])
+    assert [r["evals"][8] for r in swapped["grpo"]] == pytest.approx([0.1] * 3)
 
 
 def _write_side_by_side(out: Path, seed: int, ours: dict, trl: dict) -> None:
