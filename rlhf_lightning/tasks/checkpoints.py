@@ -33,7 +33,9 @@ KINDS = {
 }
 # The settings that change what a checkpoint means, as the user writes them: resuming with other
 # values is refused unless ckpt_force=true. (Training longer, budget.num_iterations or
-# rm.max_epochs, is allowed.)
+# rm.max_epochs, is allowed.) A section (``data.prompts``) stands for each of its values but
+# those named in ``RESUME_FREE`` (how data is read, not which; the batch size is the budget's);
+# every key must be in the config.
 RESUME_SETTINGS = {
     "ppo": (
         "policy.name_or_path",
@@ -43,27 +45,42 @@ RESUME_SETTINGS = {
         "algorithm.samples_per_prompt",
         "budget.rollout_batch_size",
         "budget.minibatch_size",
-        "data.prompts.path",
+        "data.prompts",
         "seed",
     ),
     "reward_model": (
         "reward_backbone.name_or_path",
-        "data.preferences.path",
+        "data.preferences",
         "data.preferences.batch_size",
         "rm.accumulate_grad_batches",
         "seed",
     ),
 }
+RESUME_FREE = frozenset({"eval_batch_size", "num_workers", "batch_size", "seed"})
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+_ABSENT = object()
 
 
 def run_settings(cfg: DictConfig, kind: str) -> dict[str, Any]:
-    """``{key: value}`` of the ``RESUME_SETTINGS`` of ``kind`` in ``cfg`` (plain values)."""
+    """``{key: value}`` of the ``RESUME_SETTINGS`` of ``kind`` in ``cfg`` (plain values); a
+    section's values under their own keys (``data.prompts.generator``), one level deep.
+    Raises `KeyError` for a setting the config lacks (a renamed key must not drop out)."""
     settings = {}
     for key in RESUME_SETTINGS[kind]:
-        value = OmegaConf.select(cfg, key)
-        settings[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            raise KeyError(f"RESUME_SETTINGS[{kind!r}] names {key}, which the config lacks")
+        if isinstance(value, DictConfig):
+            for name, item in value.items():
+                if name not in RESUME_FREE:
+                    settings[f"{key}.{name}"] = _plain(item)
+        else:
+            settings[key] = _plain(value)
     return settings
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def settings_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

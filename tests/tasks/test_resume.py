@@ -21,7 +21,12 @@ from rlhf_lightning.models.loading import CacheError
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.modules.reward_model import RewardModelModule
 from rlhf_lightning.tasks import pipeline
-from rlhf_lightning.tasks.checkpoints import RECORD_KEY, ResumeCheckpoint
+from rlhf_lightning.tasks.checkpoints import (
+    RECORD_KEY,
+    RESUME_SETTINGS,
+    ResumeCheckpoint,
+    run_settings,
+)
 from rlhf_lightning.tasks.ppo import train_ppo
 from rlhf_lightning.tasks.reward_model import train_reward_model
 from tests.conftest import TINY_BUDGET, TINY_MODELS, compose_config
@@ -248,6 +253,45 @@ def test_changed_settings_are_refused_by_key_unless_forced(ppo_run, tmp_path, no
         train_ppo(_cfg(tmp_path, *PPO, f"ckpt_path={ckpt}", "budget.num_iterations=5"))
     with pytest.raises(AssertionError, match="a model was loaded"):
         train_ppo(_cfg(tmp_path, *PPO, f"ckpt_path={ckpt}", *changed, "ckpt_force=true"))
+
+
+def test_other_prompts_are_refused_by_their_own_keys(ppo_run, tmp_path, no_model_loads):
+    """The prompt section is checked value by value: another file, or the same file read
+    otherwise (prompt length), is another dataset; its eval batch size is not."""
+    ckpt = ppo_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointError) as error:
+        train_ppo(_cfg(tmp_path, *PPO, f"ckpt_path={ckpt}", "data/prompts=sentiment", "seed=42"))
+    assert "data.prompts.path: shipped:sentiment/data/tiny_prompts.jsonl in the checkpoint, " \
+        "shipped:sentiment/data/prompts_train.jsonl now" in str(error.value)  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"data\.prompts\.max_prompt_length: 32 .*, 24 now"):
+        train_ppo(_cfg(tmp_path, *PPO, f"ckpt_path={ckpt}", "data.prompts.max_prompt_length=24"))
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        train_ppo(_cfg(tmp_path, *PPO, f"ckpt_path={ckpt}", "data.prompts.eval_batch_size=3"))
+
+
+@pytest.mark.parametrize("kind", ["ppo", "reward_model"])
+def test_every_resume_setting_is_a_key_of_the_config(kind, monkeypatch):
+    """A setting renamed in conf/ but not in RESUME_SETTINGS would drop out of the check: each
+    resolves in every shipped prompt or preference config, in its task's and the pipeline's
+    config, and a missing one is an error, not a silent None. A reasoning-gym task is checked
+    by its generator's settings (it has no file)."""
+    section = "prompts" if kind == "ppo" else "preferences"
+    for data in sorted((Path(__file__).parents[2] / "conf" / "data" / section).glob("*.yaml")):
+        for task in (kind, "pipeline"):
+            settings = run_settings(
+                compose_config([f"task={task}", f"data/{section}={data.stem}"]), kind
+            )
+            assert RESUME_SETTINGS[kind][0] in settings and f"data.{section}._target_" in settings
+            assert not {f"data.{section}.eval_batch_size", f"data.{section}.num_workers"} & set(
+                settings
+            )
+    chain_sum = run_settings(compose_config(["data/prompts=reasoning_gym_chain_sum"]), "ppo")
+    assert chain_sum["data.prompts.generator"] == "chain_sum"
+    assert chain_sum["data.prompts.difficulty"]["max_terms"] == 3
+    cfg = compose_config([f"task={kind}"])
+    monkeypatch.setitem(RESUME_SETTINGS, kind, (*RESUME_SETTINGS[kind], "algorithm.no_such_key"))
+    with pytest.raises(KeyError, match="algorithm.no_such_key"):
+        run_settings(cfg, kind)
 
 
 def test_reward_model_settings_are_checked_too(rm_run, tmp_path, no_model_loads):
