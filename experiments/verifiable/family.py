@@ -17,7 +17,8 @@ seed). Prints two markdown tables and writes ``family.png`` and ``family.json`` 
   their spread). The table lists the pairs that differ by either test and counts the rest
   (``--all-pairs``: every pair); the json holds every pair.
 
-Presets appear in the ladder's order (``LADDER``), any other after them in the order found.
+Presets appear in the ladder's order (``LADDER``, the order ``experiment=verifiable_family``
+sweeps them), any other after them in the order found.
 
     python experiments/verifiable/family.py outputs/family/lane_a outputs/family/lane_b \
         --base outputs/family/base_seed{0,1,2}.jsonl --out outputs/family
@@ -41,21 +42,9 @@ from rlhf_lightning.significance import (
 )
 
 RESAMPLES = 20_000  # the bootstrap p-values' resolution, 2 / RESAMPLES: Holm over 78 pairs needs it
-LADDER = (
-    "reinforce",
-    "reinforce_rtg",
-    "reinforce_baseline",
-    "a2c",
-    "ppo",
-    "rloo",
-    "grpo",
-    "dr_grpo",
-    "reinforce_pp",
-    "reinforce_pp_baseline",
-    "gspo",
-    "cispo",
-    "dapo",
-)
+FAMILY = Path(__file__).resolve().parents[2] / "conf" / "experiment" / "verifiable_family.yaml"
+# The presets in the order the family experiment sweeps them: the ladder, REINFORCE to DAPO.
+LADDER = tuple(str(OmegaConf.load(FAMILY).hydra.sweeper.params.algorithm).split(","))
 
 
 def per_problem(path: Path) -> list[float]:
