@@ -17,9 +17,9 @@ loss), and combines them::
 - ``w`` is 0 in the value warm-up (the policy does not move), else 1.
 
 The metrics come back as a :class:`~rlhf_lightning.stats.Stats`: token means (``policy/*``,
-``value/clipfrac``) and each term under ``loss/<name>``, weighted by the micro-batch's share of
-the minibatch's denominator, so that the logged value is the mean over minibatches of each
-minibatch's whole term.
+``value/clipfrac``) and each term under ``optim/loss_<name>``, weighted by the micro-batch's
+share of the minibatch's denominator, so that the logged value is the mean over minibatches of
+each minibatch's whole term.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class Objective:
         terms["total"] = loss
         share = alg.loss_aggregation.units(mask) / denominator
         for name, value in terms.items():
-            stats.add(f"loss/{name}", value.detach(), share)
+            stats.add(f"optim/loss_{name}", value.detach(), share)
         tokens = mask.sum()
         stats.add("policy/entropy", entropy.detach().sum(), tokens)
         if not warmup:

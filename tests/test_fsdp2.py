@@ -154,7 +154,7 @@ def _assert_same_update(run: dict, single: dict) -> None:
     )
     assert run["metrics"]["optim/clipped_frac"] == 1.0
     for name in (
-        "loss/total",
+        "optim/loss_total",
         "kl/sequence",
         "objective/score",
         "rollout/advantage_std",

@@ -333,7 +333,8 @@ def test_a_ppo_run_with_the_mlflow_logger_writes_a_local_store(tmp_path):
 @pytest.mark.slow
 def test_tensorboards_cards_are_the_learning_curves(tmp_path):
     """No ``epoch`` card (Lightning's, one value per iteration) and no one-point cards of final
-    metrics: those are dots of the stage's HParams sub-run on the curves' own cards."""
+    metrics: those are dots of the stage's HParams sub-run on the curves' own cards. The KL and
+    the score come first: the loss terms and learning rates are ``optim/*``, after them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _train(tmp_path, *TINY_PPO, "task.eval_every=1", "budget.num_iterations=2")
@@ -346,6 +347,9 @@ def test_tensorboards_cards_are_the_learning_curves(tmp_path):
     assert "epoch" not in curves and not any(tag.startswith("hparams") for tag in curves)
     assert {"objective/score", "kl/sequence", "val/reward"} <= set(curves)
     assert len(curves["objective/score"]) == 2 and len(curves["val/reward"]) == 3  # and iter. 0
+    # TensorBoard orders the groups by name: the first two are the KL and the score.
+    groups = sorted({tag.split("/")[0] for tag in curves})
+    assert groups[:2] == ["kl", "objective"], groups
     assert set(final) <= set(curves)
     # The final value is a dot at the end of its curve: the same step and value.
     last, dot = curves["val/reward"][-1], final["val/reward"][-1]

@@ -15,7 +15,7 @@ prompts per epoch (``RolloutSampler``), and :meth:`training_step` on it reads to
    one optimizer and LR-scheduler step per minibatch; the epoch loop stops early when the
    approx KL exceeds ``target_kl``;
 5. **KL controller update** and **log** -- everything, namespaced (``objective/``, ``kl/``,
-   ``policy/``, ``value/``, ``loss/``, ``optim/``, ``lr/``, ``rollout/``, ``time/``, ``perf/``),
+   ``policy/``, ``value/``, ``optim/``, ``rollout/``, ``time/``, ``perf/``),
    reduced exactly over all ranks (:class:`~rlhf_lightning.stats.Stats`).
 
 The choices are components of ``cfg.algorithm`` (see ``conf/algorithm/``): the advantage
@@ -475,7 +475,7 @@ class PPOModule(L.LightningModule):
         )
         metrics["perf/nonfinite_skips"] = float(self.nonfinite_skips)
         for group in self.optimizers().param_groups:
-            metrics[f"lr/{group['name']}"] = group["lr"]
+            metrics[f"optim/lr_{group['name']}"] = group["lr"]
         metrics["value/warmup"] = float(iteration < self.cfg.algorithm.value_warmup_iterations)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(exp))
         every = self.cfg.cadence.sample_table_every

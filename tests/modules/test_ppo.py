@@ -305,7 +305,14 @@ def test_same_seed_gives_same_metrics_and_resume_matches_uninterrupted_run(tmp_p
     resumed_module = _adaptive_kl_module(cfg)
     _, resumed = fit(resumed_module, max_epochs=3, tmp_path=tmp_path, ckpt_path=ckpt)
     assert len(resumed) == 1
-    keys = ("objective/score", "kl/sequence", "loss/policy", "loss/value", "lr/policy", "kl/coef")
+    keys = (
+        "objective/score",
+        "kl/sequence",
+        "optim/loss_policy",
+        "optim/loss_value",
+        "optim/lr_policy",
+        "kl/coef",
+    )
     for key in keys:
         assert resumed[0][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
     assert resumed_module.cfg.algorithm.kl.reward.coef == pytest.approx(
@@ -486,7 +493,7 @@ def test_sampler_logprobs_give_the_same_update_as_recomputing_them(preset, criti
     assert "experience" in calls_r and "experience" not in calls_s
     for name, value in recomputed.items():
         torch.testing.assert_close(sampled[name], value, rtol=1e-4, atol=1e-6, msg=name)
-    for key in ("objective/score", "kl/sequence", "loss/policy"):
+    for key in ("objective/score", "kl/sequence", "optim/loss_policy"):
         assert history_s[0][key] == pytest.approx(history_r[0][key], rel=1e-4, abs=1e-6), key
 
 

@@ -185,7 +185,11 @@ def test_score_clip_clamps_the_scores_after_the_missing_eos_penalty():
 
 # ------------------------------------------------------------------------- loss terms
 def _terms(stats: Stats) -> dict[str, float]:
-    return {k.removeprefix("loss/"): v for k, v in stats.reduce().items() if k.startswith("loss/")}
+    return {
+        k.removeprefix("optim/loss_"): v
+        for k, v in stats.reduce().items()
+        if k.startswith("optim/loss_")
+    }
 
 
 def test_a_minibatch_of_one_sequence_under_a_sequence_mean_is_that_sequence_s_loss():
@@ -311,7 +315,7 @@ def _mean_entropy(module, exp) -> float:
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_a_step_on_the_entropy_bonus_alone_raises_the_entropy(temperature):
     """Advantages 0 and no value model or KL: the loss is -ent_coef * entropy, and a gradient
-    step on it raises the entropy; loss/entropy is the mean entropy of softmax(logits / T)."""
+    step on it raises the entropy; optim/loss_entropy is the mean entropy of softmax(logits / T)."""
     cfg = tiny_config("reinforce", algorithm__ent_coef=1.0, generation__temperature=temperature)
     module = tiny_ppo_module(cfg)
     with torch.no_grad():  # a sharper policy than the random one, whose entropy is near log V
@@ -595,7 +599,8 @@ class StepLearningRates(L.Callback):
 
 def test_learning_rate_groups_and_warmup_schedule():
     """The policy's lr is algorithm.optimizer.lr and the value head's algorithm.value_model.lr,
-    logged as lr/policy and lr/value; warmup_ratio 0.5 of 8 steps ramps both over 4 steps."""
+    logged as optim/lr_policy and optim/lr_value; warmup_ratio 0.5 of 8 steps ramps both over 4
+    steps."""
     cfg = tiny_config(
         budget__num_iterations=1,
         algorithm__epochs=4,
@@ -609,8 +614,8 @@ def test_learning_rate_groups_and_warmup_schedule():
     ramp = [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
     assert [step["policy"] for step in lrs.steps] == pytest.approx([1e-3 * m for m in ramp])
     assert [step["value"] for step in lrs.steps] == pytest.approx([5e-3 * m for m in ramp])
-    assert history[0]["lr/policy"] == pytest.approx(1e-3)
-    assert history[0]["lr/value"] == pytest.approx(5e-3)
+    assert history[0]["optim/lr_policy"] == pytest.approx(1e-3)
+    assert history[0]["optim/lr_value"] == pytest.approx(5e-3)
     groups = {group["name"]: group["params"] for group in trainer.optimizers[0].param_groups}
     assert {id(p) for p in groups["policy"]} == {id(p) for p in module.policy.lm.parameters()}
     head = module.policy.value_head.parameters()

@@ -35,8 +35,8 @@ MAIN_JOB_PPO = [
 #   algorithm=ppo_cpu algorithm.num_iterations=2 algorithm.eval_every=1 (final metrics)
 RECORDED_MAIN = {
     "objective/score": 0.006122109014540911,
-    "loss/policy": -0.0017007875721901655,
-    "loss/value": 3.471143645583652e-05,
+    "optim/loss_policy": -0.0017007875721901655,
+    "optim/loss_value": 3.471143645583652e-05,
     "kl/sequence": -0.001360967755317688,
     "policy/ratio_max": 1.0019067525863647,
     "optim/grad_norm": 0.5785170197486877,
@@ -49,8 +49,8 @@ RECORDED_MAIN = {
 #   algorithm.kl.reward.coef=0.1: the policy moves, so iterations 2-3 depend on every update before
 RECORDED_MOVING = {
     "objective/score": 0.006054687313735485,
-    "loss/policy": 0.012980924919247627,
-    "loss/value": 0.000841483473777771,
+    "optim/loss_policy": 0.012980924919247627,
+    "optim/loss_value": 0.000841483473777771,
     "kl/sequence": 0.23429740965366364,
     "policy/ratio_max": 1.125262975692749,
     "optim/grad_norm": 0.6013920307159424,
