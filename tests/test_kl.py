@@ -252,3 +252,29 @@ def test_sequence_kl_sums_the_real_tokens_log_ratio_and_ignores_padding():
     ref = torch.tensor([[-1.5, -1.0, 0.0], [-0.25, -1.0, -1.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert sequence_kl(logprobs, ref, mask).tolist() == pytest.approx([0.5 - 1.0, -0.25])
+
+
+def test_a_kl_term_clamps_its_estimate():
+    from rlhf_lightning.kl import KLTerm
+
+    term = KLTerm(kl_estimator("k1"), FixedKLController(0.1), clamp=2.0)
+    estimate = term.estimate(torch.tensor([5.0, -5.0, 1.0]), torch.zeros(3))
+    assert estimate.tolist() == [2.0, -2.0, 1.0]
+
+
+def test_the_penalty_state_round_trips_and_refuses_other_sites_by_name():
+    """Each site's controller state is restored; a state saved with other sites (a run resumed
+    with the KL moved from the rewards to the loss) is refused, naming both."""
+    from rlhf_lightning.kl import KLPenalty, KLTerm
+
+    def penalty(*sites):
+        terms = {s: KLTerm(kl_estimator("k1"), AdaptiveKLController(0.2, 6.0, 100)) for s in sites}
+        return KLPenalty(**terms)
+
+    trained = penalty("reward", "loss")
+    trained.update(9.0, n_steps=50)
+    fresh = penalty("reward", "loss")
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.reward_coef == fresh.loss_coef == trained.reward_coef != 0.2
+    with pytest.raises(KeyError, match=r"sites \['loss', 'reward'\], this run \['loss'\]"):
+        penalty("loss").load_state_dict(trained.state_dict())

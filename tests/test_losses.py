@@ -331,6 +331,7 @@ def test_policy_loss_components_apply_their_settings():
         (lambda: SequenceMeanTokenSum(normalizer=0.0), "normalizer", "must be > 0, got 0.0"),
         (lambda: _losses().GSPO(clip_low=0.0), "clip_low", "must be > 0, got 0.0"),
         (lambda: _losses().GSPO(clip_high=-1e-4), "clip_high", "must be > 0, got -0.0001"),
+        (lambda: _losses().GSPO(clip_high=0.0), "clip_high", "must be > 0, got 0.0"),
         (lambda: _losses().CISPO(clip_low=0.0), "clip_low", "must be in (0, 1], got 0.0"),
         (lambda: _losses().CISPO(clip_low=1.5), "clip_low", "must be in (0, 1], got 1.5"),
         (lambda: _losses().CISPO(clip_high=0.0), "clip_high", "must be > 0, got 0.0"),
@@ -353,6 +354,8 @@ def test_loss_components_accept_values_just_inside_their_bounds():
         _losses().cispo_policy_loss(*(torch.zeros(1, 1),) * 3, torch.ones(1, 1), 1.5, 0.2)
     with pytest.raises(ValueError, match="clip_low and clip_high must be > 0, got 0.2, 0"):
         _losses().gspo_policy_loss(*(torch.zeros(1, 1),) * 3, torch.ones(1, 1), 0.2, 0)
+    with pytest.raises(ValueError, match="clip_low and clip_high must be > 0, got 0, 0.2"):
+        _losses().gspo_policy_loss(*(torch.zeros(1, 1),) * 3, torch.ones(1, 1), 0, 0.2)
 
 
 def _losses():
@@ -695,6 +698,24 @@ def test_sequence_masked_is_drops_whole_sequences_on_the_product_or_geometric_me
     weights, cut = SequenceMaskedIS(low=0.5, high=1.8, geometric=True)(old, sampler, SEQ_IS_MASK)
     assert weights.tolist() == [[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]]
     assert cut[1].tolist() == [True, True, False] and not cut[3].any()
+    # Products equal to the upper bound (rows 1 and 3: 4) are kept too.
+    weights, cut = SequenceMaskedIS(low=0.5, high=4.0)(old, sampler, SEQ_IS_MASK)
+    assert weights.tolist() == [[1, 1, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]]
+    assert not cut.any()
+
+
+def test_sequence_log_ratio_sums_or_averages_each_rows_real_tokens():
+    """Rows of 2, 1 and 0 real tokens: the sum of log(pi_old / pi_sampler), or its mean (the
+    one-token row's own log-ratio, 0 for the empty row)."""
+    from rlhf_lightning.losses import sequence_log_ratio
+
+    old = torch.tensor([[0.5, -1.5], [0.75, math.nan], [math.nan, math.nan]])
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0]], dtype=torch.bool)
+    sampler = torch.zeros(3, 2)
+    keep, total = sequence_log_ratio(old, sampler, mask)
+    assert keep.tolist() == mask.tolist() and total.tolist() == [-1.0, 0.75, 0.0]
+    _, mean = sequence_log_ratio(old, sampler, mask, geometric=True)
+    assert mean.tolist() == [-0.5, 0.75, 0.0]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -734,3 +755,4 @@ def test_sequence_corrections_validate_their_settings_by_field():
             make()
         assert (caught.value.field, caught.value.reason) == (field, reason)
     SequenceMaskedIS(low=0.0, high=1.0001, geometric=True)
+    assert SequenceTruncatedIS(cap=1e-6).cap == 1e-6
