@@ -112,14 +112,14 @@ def test_vanilla_policy_gradient_is_minus_advantage_times_the_ratio():
 def test_sequence_ratio_policy_gradient_weights_every_token_by_the_sequence_ratio():
     """Two rows: token ratios (1.5, 0.5) and (1.1, 0.5): rho = 0.75 and 0.55; the value is
     -A * rho and the gradient -A * rho * grad logp."""
-    from rlhf_lightning.losses import sequence_ratio_policy_gradient_loss
+    from rlhf_lightning.losses import SequenceRatioPolicyGradient
 
     old = torch.tensor([[-1.0, -2.0, math.nan], [-0.5, -3.0, -1.0]])
     ratios = torch.tensor([[1.5, 0.5, 1.0], [1.1, 0.5, 1.0]])
     logprobs = (old.nan_to_num() + ratios.log()).requires_grad_()
     advantages = torch.tensor([[2.0, -1.0, math.inf], [1.0, 2.0, 3.0]])
     mask = torch.tensor([[True, True, False], [True, True, False]])
-    result = sequence_ratio_policy_gradient_loss(logprobs, old, advantages, mask)
+    result = SequenceRatioPolicyGradient()(logprobs, old, advantages, mask)  # conf's component
     per_token, diag = result.loss, result
     rho = torch.tensor([[0.75], [0.55]])
     expected = torch.where(mask, -advantages.nan_to_num(posinf=0.0) * rho, 0.0)
